@@ -1,0 +1,25 @@
+"""blrdeploy: block low-rank (BLAST, Monarch) transformer layers, from dense weights to fast GPU kernels."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .budget import BudgetChoice, choose_blocks_and_rank
+from .factorize import FitResult, blast_factorize, lowrank_svd, monarch_project
+from .modules import BlastLinear, LowRankLinear, MonarchLinear
+
+try:
+    __version__ = version("blrdeploy")
+except PackageNotFoundError:  # running from a checkout without an install
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BlastLinear",
+    "MonarchLinear",
+    "LowRankLinear",
+    "BudgetChoice",
+    "choose_blocks_and_rank",
+    "FitResult",
+    "blast_factorize",
+    "monarch_project",
+    "lowrank_svd",
+    "__version__",
+]

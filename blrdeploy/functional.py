@@ -1,0 +1,73 @@
+"""The PyTorch reference of each structure (DESIGN §3): forward and dense form, one function pair per structure.
+
+These are the seam the Triton kernels plug into: a module's forward calls exactly one of ``blast_linear``,
+``monarch_linear``, ``lowrank_linear``. They accept any leading dims and compute in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _flatten(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features in its last dim, the layer expects {in_features}")
+    return x.reshape(-1, in_features)
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def blast_linear(
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p)."""
+    b_in, q, _ = V.shape
+    xf = _flatten(x, b_in * q)
+    z = torch.einsum("njq,jqr->njr", xf.view(-1, b_in, q), V)  # V stage
+    w = torch.einsum("njr,ijr->nir", z, S)  # S stage: per-rank mixing across blocks
+    y = torch.einsum("nir,ipr->nip", w, U)  # U stage
+    return _finish(y.reshape(xf.shape[0], -1), x, bias)
+
+
+def blast_to_dense(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    b_out, p, _ = U.shape
+    b_in, q, _ = V.shape
+    return torch.einsum("ipr,ijr,jqr->ipjq", U, S, V).reshape(b_out * p, b_in * q)
+
+
+def monarch_linear(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """w1 (b, R, in/b), w2 (b, out/b, R); output rows interleaved: y[s*b + l] comes from block l."""
+    b, R, in_blk = w1.shape
+    xf = _flatten(x, b * in_blk)
+    n = xf.shape[0]
+    h = torch.einsum("nkp,kqp->nkq", xf.view(n, b, in_blk), w1).reshape(n, b * R)
+    h = h.view(n, R, b).transpose(1, 2)  # flat index f -> (f % b, f // b)
+    o = torch.einsum("nlr,lsr->nls", h, w2)
+    return _finish(o.transpose(1, 2).reshape(n, -1), x, bias)
+
+
+def monarch_to_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    # Block (l, k) of the row-interleaved matrix is sum_t w2[l, :, k*m+t] (x) w1[k, t*b+l, :], m = R/b.
+    b, R, in_blk = w1.shape
+    out_blk = w2.shape[1]
+    m = R // b
+    left = w2.reshape(b, out_blk, b, m)  # [l, s, k, t]
+    right = w1.reshape(b, m, b, in_blk)  # [k, t, l, p]
+    blocks = torch.einsum("lskt,ktlp->slkp", left, right)
+    return blocks.reshape(out_blk * b, b * in_blk)
+
+
+def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """U (out, r), V (in, r): y = (x @ V) @ U.T."""
+    xf = _flatten(x, V.shape[0])
+    return _finish((xf @ V) @ U.T, x, bias)
+
+
+def lowrank_to_dense(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    return U @ V.T

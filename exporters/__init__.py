@@ -1,0 +1,1 @@
+"""ONNX export and per-device bundles (installed as ``blrdeploy.exporters``)."""

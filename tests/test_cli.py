@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from blrdeploy import __version__
+from blrdeploy.cli import app
+
+runner = CliRunner()
+
+
+def test_version_and_help():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    result = runner.invoke(app, ["factorize", "--help"])
+    assert result.exit_code == 0 and "--params-ratio" in result.output
+
+
+def test_python_dash_m_equals_script(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "blrdeploy", "--version"], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert out.stdout.strip() == f"blrdeploy {__version__}"
+
+
+def test_factorize_demo_json():
+    result = runner.invoke(app, ["factorize", "--shape", "96x64", "--steps", "40", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["shape"] == [96, 64]
+    assert [r["structure"] for r in data["results"]] == ["blast", "monarch", "lowrank"]
+    for r in data["results"]:
+        assert 0 < r["relative_error"] < 1 and 0.3 < r["ratio"] < 0.7
+
+
+def test_factorize_table_from_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"layer.weight": torch.randn(48, 32), "other": torch.randn(3)}, str(path))
+    result = runner.invoke(
+        app, ["factorize", "--weights", str(path), "--tensor", "layer.weight", "--structure", "lowrank"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "lowrank" in result.output and "SQNR" in result.output
+
+
+def test_factorize_transposed_conv1d_weight(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"c_fc.weight": torch.randn(32, 48)}, path)  # Conv1D stores (in, out)
+    args = ["factorize", "--weights", str(path), "--tensor", "c_fc.weight", "--transpose", "--json"]
+    result = runner.invoke(app, [*args, "--structure", "monarch"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["shape"] == [48, 32]
+
+
+def test_factorize_bad_inputs(tmp_path):
+    good = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(8, 8), "v": torch.randn(8)}, str(good))
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(good.read_bytes()[:40])
+    nan = tmp_path / "nan.safetensors"
+    save_file({"a": torch.full((8, 8), float("nan"))}, str(nan))
+    cases = [
+        (["--weights", str(tmp_path / "missing.safetensors"), "--tensor", "a"], "no such file"),
+        (["--weights", str(corrupt), "--tensor", "a"], "cannot read"),
+        (["--weights", str(good)], "name one with --tensor"),
+        (["--weights", str(good), "--tensor", "b"], "no tensor 'b'"),
+        (["--weights", str(good), "--tensor", "v"], "a 2-D weight is needed"),
+        (["--weights", str(nan), "--tensor", "a"], "NaN/Inf"),
+        (["--params-ratio", "1.5"], r"params ratio must be in (0, 1)"),
+        (["--structure", "tt"], "unknown structure 'tt'"),
+        (["--shape", "12by8"], "--shape must look like OUTxIN"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["factorize", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
