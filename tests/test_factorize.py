@@ -168,3 +168,18 @@ def test_blast_fits_on_gpu():
     layer = BlastLinear.from_dense(W, 4, 8, seed=0)
     assert layer.U.is_cuda
     assert layer.fit_result.relative_error < 1e-4  # float32 arithmetic
+
+
+def test_cg_s_step_matches_cholesky(monkeypatch):
+    """The large-rank S solver (CG) reaches what the exact one does, on a planted and a Gaussian matrix."""
+    from blrdeploy import factorize as fz
+
+    planted = planted_blast(192, 256, 4, 8, 1)
+    gauss = torch.randn(128, 192, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    exact = [
+        BlastLinear.from_dense(W, 4, r, steps=150).fit_result.relative_error for W, r in ((planted, 8), (gauss, 32))
+    ]
+    monkeypatch.setattr(fz, "CHOLESKY_MAX_RANK", 0)
+    cg = [BlastLinear.from_dense(W, 4, r, steps=150).fit_result.relative_error for W, r in ((planted, 8), (gauss, 32))]
+    assert cg[0] < 1e-5, cg
+    assert abs(cg[1] - exact[1]) < 0.01 * exact[1], (cg, exact)
