@@ -3,6 +3,8 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .budget import BudgetChoice, choose_blocks_and_rank
+from .checkpoint import CheckpointError, load, save
+from .convert import ConvertConfig, convert
 from .factorize import FitResult, blast_factorize, lowrank_svd, monarch_project
 from .modules import BlastLinear, LowRankLinear, MonarchLinear
 
@@ -12,6 +14,11 @@ except PackageNotFoundError:  # running from a checkout without an install
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "convert",
+    "ConvertConfig",
+    "load",
+    "save",
+    "CheckpointError",
     "BlastLinear",
     "MonarchLinear",
     "LowRankLinear",

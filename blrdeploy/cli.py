@@ -121,17 +121,7 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return None
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("BLAST fit"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} steps  rel. error {task.fields[err]:.4f}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
+        self._bar = _new_bar("BLAST fit")
         self._bar.start()
         self._task = None
 
@@ -145,6 +135,260 @@ class _progress:
     def __exit__(self, *exc) -> None:
         if self.enabled:
             self._bar.stop()
+
+
+def _new_bar(label: str):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}  rel. error {task.fields[err]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
+class _convert_progress:
+    """Layers bar with ETA, plus a step bar for the BLAST fit of the current layer; on stderr."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self):
+        from .job import Callbacks
+
+        if not self.enabled:
+            return Callbacks()
+        self._bar = _new_bar("converting")
+        self._bar.start()
+        self._layers = self._fit = None
+
+        def layer(name: str, index: int, count: int) -> None:
+            if self._layers is None:
+                self._layers = self._bar.add_task(name, total=count, err=0.0)
+            self._bar.update(self._layers, completed=index, description=name)
+            if self._fit is not None:
+                self._bar.remove_task(self._fit)
+                self._fit = None
+
+        def fit(step: int, total: int, err: float) -> None:
+            if self._fit is None:
+                self._fit = self._bar.add_task("BLAST steps", total=total, err=err)
+            self._bar.update(self._fit, completed=step, err=err)
+
+        return Callbacks(layer=layer, fit=fit)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+
+@app.command()
+def convert(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="A built-in model (gpt2-s, llama-7b, llama-3.2-1b, vit-b-16, dit-xl-2, *-tiny) or a "
+            "Hugging Face checkpoint directory. Default: gpt2-s."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output directory. Default: ./<model>-<structure>.")
+    ] = None,
+    structure: Annotated[str, typer.Option(help="blast, monarch or lowrank.")] = "blast",
+    params_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--params-ratio",
+            help="Per-layer parameter budget rho in (0,1): (b, r) chosen by DESIGN's rule. "
+            "Default 0.5 when neither --preset nor --layers is given.",
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="'paper': the reference paper's per-layer (b, r) for the built-in models.")
+    ] = None,
+    layers: Annotated[
+        Path | None,
+        typer.Option(help="JSON/YAML file mapping layer-name patterns to {num_blocks, rank}; wins over the rest."),
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Glob of layer names to convert (repeatable). Default: the family's.")
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Glob of layer names to keep dense (repeatable).")] = None,
+    steps: Annotated[int, typer.Option(help="BLAST optimization steps per layer.")] = 300,
+    device: Annotated[str, typer.Option(help="Where to factorize: auto (GPU when present), cpu, cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's own), float32, bfloat16, float16.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for built-in weights, BLAST init and the comparison inputs.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    skip_incompatible: Annotated[
+        bool, typer.Option(help="Keep dense (and report) layers whose dims no setting fits, instead of failing.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Plan only, on the meta device: layers, (b, r) and parameter counts; no weights.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Convert a model's linears to BLAST, Monarch or low-rank layers and write a converted checkpoint.
+
+    With no MODEL it converts the built-in gpt2-mini (GPT-2's architecture, 4 layers of width 384, seeded random
+    weights) so the whole flow can be seen on a CPU in about a minute.
+    """
+    from .convert import ConvertConfig
+    from .job import DEFAULT_MODEL, load_layer_settings, run_convert
+
+    model = model or DEFAULT_MODEL
+    try:
+        settings = load_layer_settings(layers) if layers is not None else ()
+        ratio = params_ratio if params_ratio is not None else (None if preset or settings else 0.5)
+        config = ConvertConfig(
+            structure=structure, params_ratio=ratio, preset=preset, layers=settings,
+            include=tuple(include) if include else None, exclude=tuple(exclude or ()), steps=steps, seed=seed,
+            skip_incompatible=skip_incompatible,
+        )  # fmt: skip
+        if output is None and not dry_run:
+            output = Path(f"{Path(model).name}-{structure}")
+        dev = resolve_device(device) if not dry_run else "meta"
+        with _convert_progress(not as_json and not dry_run) as callbacks:
+            summary = run_convert(
+                model, output, config, device=dev, dtype=_dtype(dtype), overwrite=overwrite, dry_run=dry_run,
+                callbacks=callbacks,
+            )  # fmt: skip
+    except ValueError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted: nothing was written", code=130)
+    if as_json:
+        json.dump(summary, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    _print_conversion(summary)
+
+
+def _print_conversion(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{summary['model']}: {'plan' if summary.get('dry_run') else 'converted layers'}")
+    cols = ["layer", "structure", "blocks", "rank", "dense params", "params"]
+    if not summary.get("dry_run"):
+        cols += ["rel. error", "time s"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("layer", "structure") else "right")
+    for e in summary["layers"]:
+        row = [e["name"], e["structure"], str(e["num_blocks"] or "-"), str(e["rank"])]
+        row += [f"{e['dense_params']:,}", f"{e['params']:,}"]
+        if not summary.get("dry_run"):
+            row += [f"{e['relative_error']:.4f}", f"{e['seconds']:.2f}"]
+        table.add_row(*row)
+    console.print(table)
+    for s in summary["skipped"]:
+        console.print(f"[yellow]kept dense[/yellow] {s['name']}: {s['reason']}")
+    before, after = summary["params_before"], summary["params_after"]
+    console.print(f"parameters: {before:,} -> {after:,} ({before / after:.2f}x smaller)")
+    if summary.get("dry_run"):
+        return
+    mib = 2**20
+    console.print(f"weight bytes: {summary['bytes_before'] / mib:,.1f} MiB -> {summary['bytes_after'] / mib:,.1f} MiB")
+    console.print(
+        f"layer relative error: mean {summary['mean_relative_error']:.4f}, worst {summary['worst_relative_error']:.4f}"
+    )
+    agree = summary["output_agreement"]
+    if agree:
+        console.print(
+            f"model output vs dense on seeded inputs: relative error {agree['relative_error']:.4f}, "
+            f"cosine similarity {agree['cosine_similarity']:.4f}"
+        )
+    if summary.get("builtin"):
+        console.print(
+            "[dim]built-in models carry seeded random weights, which have no structure to keep: expect large errors "
+            "here; trained checkpoints lose far less[/dim]"
+        )
+    console.print(f"wrote {summary['output']} in {summary['seconds']:.1f} s on {summary['device']}")
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A converted checkpoint directory.")],
+    verify: Annotated[bool, typer.Option(help="Also check model.safetensors against its recorded sha256.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
+) -> None:
+    """Describe a converted checkpoint: layers, structure, b, r, parameters before/after, size, worst error."""
+    from . import checkpoint
+
+    try:
+        cfg = checkpoint.read_blr_config(path)
+        if verify:
+            checkpoint.verify(path)
+    except ValueError as exc:
+        fail(str(exc))
+    layers = cfg["layers"]
+    dense = sum(e["in_features"] * e["out_features"] for e in layers)
+    factored = sum(e["params"] for e in layers)
+    errors = [e["relative_error"] for e in layers if e["relative_error"] is not None]
+    report = {
+        "path": str(path),
+        "source": cfg["source"],
+        "format_version": cfg["format_version"],
+        "layers": layers,
+        "converted_layer_params_before": dense,
+        "converted_layer_params_after": factored,
+        "model_params_before": cfg.get("summary", {}).get("params_before"),
+        "model_params_after": cfg.get("summary", {}).get("params_after"),
+        "weights_bytes": cfg["weights"]["bytes"],
+        "worst_relative_error": max(errors) if errors else None,
+        "output_agreement": cfg.get("summary", {}).get("output_agreement"),
+        "verified": verify,
+        "tool_versions": cfg.get("tool_versions"),
+    }
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{path}  ({cfg['source'].get('id')}, {cfg['source'].get('class')})")
+    for c in ("layer", "structure", "blocks", "rank", "params before", "params after", "rel. error"):
+        table.add_column(c, justify="left" if c in ("layer", "structure") else "right")
+    for e in layers:
+        err = "-" if e["relative_error"] is None else f"{e['relative_error']:.4f}"
+        table.add_row(
+            e["name"], e["structure"], str(e["num_blocks"] or "-"), str(e["rank"]),
+            f"{e['in_features'] * e['out_features']:,}", f"{e['params']:,}", err,
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    if report["model_params_before"]:
+        console.print(f"model parameters: {report['model_params_before']:,} -> {report['model_params_after']:,}")
+    console.print(f"converted layers: {dense:,} -> {factored:,} parameters ({dense / max(1, factored):.2f}x)")
+    console.print(
+        f"weights file: {report['weights_bytes'] / 2**20:,.1f} MiB; worst layer error: "
+        f"{'-' if not errors else f'{max(errors):.4f}'}" + ("; sha256 verified" if verify else "")
+    )
 
 
 def _print_table(source: str, shape: tuple[int, int], rows: list[dict]) -> None:

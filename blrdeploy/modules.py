@@ -63,7 +63,7 @@ class _BLRLinear(nn.Module):
 
     def _adopt(self, factors: dict[str, torch.Tensor], bias, dtype, result: fz.FitResult):
         for name, value in factors.items():
-            setattr(self, name, nn.Parameter(value.to(dtype), requires_grad=True))
+            setattr(self, name, nn.Parameter(value.to(dtype).contiguous(), requires_grad=True))
         if bias is not None:
             self.bias = nn.Parameter(bias.to(device=next(iter(factors.values())).device, dtype=dtype))
         self.fit_result = result

@@ -78,3 +78,46 @@ def test_factorize_bad_inputs(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_convert_then_info(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", "gpt2-tiny", "-o", str(out), "--steps", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["layers_converted"] == 6 and summary["params_after"] < summary["params_before"]
+    assert set(summary["output_agreement"]) == {"relative_error", "cosine_similarity"}
+    result = runner.invoke(app, ["info", str(out), "--json", "--verify"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["verified"] and len(info["layers"]) == 6
+    assert info["model_params_after"] == summary["params_after"]
+    table = runner.invoke(app, ["convert", "llama-tiny", "-o", str(tmp_path / "t"), "--structure", "monarch"])
+    assert table.exit_code == 0, table.output
+    assert "parameters:" in table.output and "cosine similarity" in table.output
+
+
+def test_convert_dry_run_paper_preset():
+    result = runner.invoke(app, ["convert", "llama-7b", "--preset", "paper", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["params_before"] == 6_738_415_616 and 3.55e9 < data["params_after"] < 3.57e9
+
+
+def test_convert_bad_inputs(tmp_path):
+    (tmp_path / "exists").mkdir()
+    cases = [
+        (["no-such-model"], "neither a built-in model"),
+        (["gpt2-tiny", "-o", str(tmp_path / "exists")], "already exists; pass --overwrite"),
+        (["gpt2-tiny", "--params-ratio", "0"], "params ratio must be in (0, 1)"),
+        (["gpt2-tiny", "--preset", "paper", "--dry-run"], "--preset paper has settings for"),
+        (["gpt2-tiny", "--layers", str(tmp_path / "none.json")], "no such layers file"),
+        (["gpt2-tiny", "--dtype", "int8"], "--dtype must be one of"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["convert", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    result = runner.invoke(app, ["info", str(tmp_path / "exists")])
+    assert result.exit_code == 2 and "no blr_config.json" in result.output

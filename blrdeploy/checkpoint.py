@@ -1,0 +1,254 @@
+"""The converted-checkpoint directory (DESIGN §4): config.json, blr_config.json, model.safetensors.
+
+Written atomically (a sibling temp directory renamed into place, blr_config.json last); loaded by building the
+model on the meta device, swapping in BLR modules and assigning the stored tensors, so no dense weight of a
+converted layer is ever materialized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .modules import BlastLinear, LowRankLinear, MonarchLinear, _BLRLinear
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+BLR_CONFIG = "blr_config.json"
+MODULES = {"blast": BlastLinear, "monarch": MonarchLinear, "lowrank": LowRankLinear}
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint that is missing, incomplete, corrupt or from an unknown format version."""
+
+
+def tool_versions() -> dict:
+    from . import __version__
+
+    versions = {"blrdeploy": __version__, "torch": torch.__version__}
+    for name in ("transformers", "diffusers", "safetensors"):
+        with contextlib.suppress(ImportError):
+            versions[name] = __import__(name).__version__
+    return versions
+
+
+def blr_layers(model: nn.Module) -> list[dict]:
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, _BLRLinear):
+            fit = module.fit_result
+            layers.append(
+                {
+                    "name": name,
+                    "structure": module.structure,
+                    "in_features": module.in_features,
+                    "out_features": module.out_features,
+                    "num_blocks": getattr(module, "num_blocks", None),
+                    "rank": module.rank,
+                    "bias": module.bias is not None,
+                    "params": module.num_params(),
+                    "relative_error": None if fit is None else fit.relative_error,
+                }
+            )
+    return layers
+
+
+def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """(tensors, tied aliases -> kept name, non-persistent buffer names). Shared storage is written once."""
+    state = model.state_dict(keep_vars=False)
+    tensors, aliases, by_param = {}, {}, {}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for key, value in state.items():
+        param = named.get(key)
+        if param is not None and id(param) in by_param:
+            aliases[key] = by_param[id(param)]
+            continue
+        if param is not None:
+            by_param[id(param)] = key
+        tensors[key] = value.detach().contiguous()
+    buffers = []
+    for key, buf in model.named_buffers():
+        if key not in state and buf is not None:  # non-persistent (e.g. rotary inv_freq): meta after a skeleton build
+            tensors[key] = buf.detach().contiguous()
+            buffers.append(key)
+    return tensors, aliases, buffers
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path, overwrite: bool):
+    """Yields a temp directory beside ``path``; on success it replaces ``path`` in one rename, on any error
+    (Ctrl-C included) it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ValueError(f"output directory {path} already exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output path {path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    source: dict | None = None,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a converted model. ``source`` describes where it came from (id, family, library, class);
+    by default it is read off the model. ``extra`` adds fields to blr_config.json (e.g. the conversion config)."""
+    from safetensors.torch import save_file
+
+    from .sources import config_dict, family_of
+
+    path = Path(path)
+    library = "diffusers" if type(model).__module__.startswith("diffusers") else "transformers"
+    family = family_of(model)
+    source = {
+        "id": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+        "family": family.name if family else None,
+        "library": library,
+        "class": type(model).__name__,
+        **(source or {}),
+    }
+    tensors, aliases, buffers = _tensors_to_save(model)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
+    with atomic_directory(path, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config_dict(model), indent=2, default=str))
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "blrdeploy_format": str(FORMAT_VERSION)})
+        weights = tmp / WEIGHTS
+        blr_config = {
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            "dtypes": dtypes,
+            "layers": blr_layers(model),
+            "tied": aliases,
+            "non_persistent_buffers": buffers,
+            "weights": {"file": WEIGHTS, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
+            "tool_versions": tool_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        # Written last: a directory without it was never finished and load refuses it.
+        (tmp / BLR_CONFIG).write_text(json.dumps(blr_config, indent=2))
+    return path
+
+
+def read_blr_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no such checkpoint directory: {path}")
+    cfg_path = path / BLR_CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} has no {BLR_CONFIG}: not a converted checkpoint, or its write never finished")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path} is corrupt: {exc}") from exc
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path} has format version {version!r}; this blrdeploy reads {FORMAT_VERSION}")
+    for key in ("source", "layers", "weights"):
+        if key not in cfg:
+            raise CheckpointError(f"{cfg_path} lacks the {key!r} field")
+    weights = path / cfg["weights"]["file"]
+    if not weights.is_file():
+        raise CheckpointError(f"{path} is incomplete: {weights.name} is missing")
+    size = weights.stat().st_size
+    if size != cfg["weights"]["bytes"]:
+        raise CheckpointError(f"{weights} is {size} bytes, {BLR_CONFIG} says {cfg['weights']['bytes']}: truncated?")
+    return cfg
+
+
+def verify(path: str | Path) -> None:
+    """Full check of the weights against the recorded sha256 (load checks only the size)."""
+    path = Path(path)
+    cfg = read_blr_config(path)
+    if _sha256(path / cfg["weights"]["file"]) != cfg["weights"]["sha256"]:
+        raise CheckpointError(f"{path / cfg['weights']['file']} does not match its recorded sha256")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a converted model: skeleton on the meta device, BLR modules swapped in, tensors assigned."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .sources import instantiate, read_config
+
+    path = Path(path)
+    cfg = read_blr_config(path)
+    src = cfg["source"]
+    model = instantiate(src["library"], src["class"], read_config(path), device="meta")
+    for layer in cfg["layers"]:
+        cls = MODULES.get(layer["structure"])
+        if cls is None:
+            raise CheckpointError(f"layer {layer['name']}: unknown structure {layer['structure']!r}")
+        args = [layer["in_features"], layer["out_features"]]
+        if cls is not LowRankLinear:
+            args.append(layer["num_blocks"])
+        module = cls(*args, layer["rank"], bias=layer["bias"], device="meta")
+        parent, _, child = layer["name"].rpartition(".")
+        try:
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        except AttributeError as exc:
+            raise CheckpointError(f"layer {layer['name']} does not exist in {src['class']}") from exc
+    try:
+        tensors = load_file(str(path / cfg["weights"]["file"]), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read {path / cfg['weights']['file']}: {exc}") from exc
+    buffers = {k: tensors.pop(k) for k in cfg.get("non_persistent_buffers", []) if k in tensors}
+    state_keys = set(model.state_dict().keys())
+    missing = sorted(state_keys - set(tensors) - set(cfg.get("tied", {})))
+    unexpected = sorted(set(tensors) - state_keys)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match {src['class']}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for alias, target in cfg.get("tied", {}).items():
+        owner, _, attr = alias.rpartition(".")
+        source_param = model.get_parameter(target)
+        setattr(model.get_submodule(owner) if owner else model, attr, source_param)
+    for key, value in buffers.items():
+        owner, _, attr = key.rpartition(".")
+        (model.get_submodule(owner) if owner else model)._buffers[attr] = value
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{path} left tensors unset: {leftover[:5]}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
