@@ -182,6 +182,8 @@ class _convert_progress:
 
         if not self.enabled:
             return Callbacks()
+        if not sys.stderr.isatty():
+            return self._plain_lines()
         self._bar = _new_bar("converting")
         self._bar.start()
         self._layers = self._fit = None
@@ -201,8 +203,24 @@ class _convert_progress:
 
         return Callbacks(layer=layer, fit=fit)
 
+    def _plain_lines(self):
+        """One line per layer with elapsed time and ETA, for logs and pipes where a live bar cannot draw."""
+        import time
+
+        from .job import Callbacks
+
+        self._bar = None
+        start = time.perf_counter()
+
+        def layer(name: str, index: int, count: int) -> None:
+            elapsed = time.perf_counter() - start
+            eta = f"{elapsed / index * (count - index):.0f} s" if index else "?"
+            print(f"[{index + 1}/{count}] {name}  elapsed {elapsed:.0f} s, eta {eta}", file=sys.stderr, flush=True)
+
+        return Callbacks(layer=layer)
+
     def __exit__(self, *exc) -> None:
-        if self.enabled:
+        if self.enabled and self._bar is not None:
             self._bar.stop()
 
 

@@ -20,9 +20,8 @@ def test_version_and_help():
 
 
 def test_python_dash_m_equals_script(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "blrdeploy", "--version"], capture_output=True, text=True, cwd=tmp_path, check=True
-    )
+    out = subprocess.run([sys.executable, "-m", "blrdeploy", "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"blrdeploy {__version__}"
 
 
