@@ -258,7 +258,13 @@ def convert(
     exclude: Annotated[list[str] | None, typer.Option(help="Glob of layer names to keep dense (repeatable).")] = None,
     steps: Annotated[int, typer.Option(help="BLAST optimization steps per layer.")] = 300,
     device: Annotated[str, typer.Option(help="Where to factorize: auto (GPU when present), cpu, cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's own), float32, bfloat16, float16.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Model dtype: auto (what the checkpoint loads as; float32 for built-in models), float32, "
+            "bfloat16, float16. The fit itself always runs in float32."
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for built-in weights, BLAST init and the comparison inputs.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     skip_incompatible: Annotated[
@@ -289,7 +295,7 @@ def convert(
         if output is None and not dry_run:
             output = Path(f"{Path(model).name}-{structure}")
         dev = resolve_device(device) if not dry_run else "meta"
-        with _convert_progress(not as_json and not dry_run) as callbacks:
+        with _convert_progress(not dry_run) as callbacks:  # on stderr: --json's stdout stays clean
             summary = run_convert(
                 model, output, config, device=dev, dtype=_dtype(dtype), overwrite=overwrite, dry_run=dry_run,
                 callbacks=callbacks,

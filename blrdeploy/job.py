@@ -167,7 +167,6 @@ def run_convert(
         "mean_relative_error": sum(e.relative_error for e in the_plan.layers) / len(the_plan.layers),
         "output_agreement": agreement(model_output(model, inputs), reference) if inputs is not None else None,
         "seconds": None,
-        "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
     }
     if output is not None:
@@ -176,6 +175,7 @@ def run_convert(
         extra = {"conversion": config.to_dict(), "summary": {k: v for k, v in summary.items() if k != "seconds"}}
         save(model, output, source=source_info, extra=extra, overwrite=overwrite)
     summary["seconds"] = time.perf_counter() - t0
+    summary["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     summary["layers"] = [e.to_dict() for e in the_plan.layers]
     summary["skipped"] = the_plan.skipped
     summary["output"] = None if output is None else str(output)
