@@ -126,22 +126,15 @@ def family_of_model_type(model_type: str) -> Family:
 # ----------------------------------------------------------------------------------------------- built-in models
 
 
-def _llama(**kw):
-    from transformers import LlamaConfig
+def _hf(config_class: str, **kw):
+    """A deferred transformers config (transformers is an optional dependency: imported only when built)."""
 
-    return lambda: LlamaConfig(**kw)
+    def make():
+        import transformers
 
+        return getattr(transformers, config_class)(**kw)
 
-def _gpt2(**kw):
-    from transformers import GPT2Config
-
-    return lambda: GPT2Config(**kw)
-
-
-def _vit(**kw):
-    from transformers import ViTConfig
-
-    return lambda: ViTConfig(**kw)
+    return make
 
 
 def _dit(**kw):
@@ -179,7 +172,8 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel(
             "llama-7b",
             "llama",
-            _llama(
+            _hf(
+                "LlamaConfig",
                 hidden_size=4096,
                 intermediate_size=11008,
                 num_hidden_layers=32,
@@ -198,7 +192,8 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel(
             "llama-3.2-1b",
             "llama",
-            _llama(
+            _hf(
+                "LlamaConfig",
                 hidden_size=2048,
                 intermediate_size=8192,
                 num_hidden_layers=16,
@@ -228,7 +223,7 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel(
             "gpt2-s",
             "gpt2",
-            _gpt2(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+            _hf("GPT2Config", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
             paper=_paper(
                 (
                     ("*.attn.c_attn", 6, 192, 2304, 768),
@@ -240,7 +235,8 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel(
             "vit-b-16",
             "vit",
-            _vit(
+            _hf(
+                "ViTConfig",
                 hidden_size=768,
                 num_hidden_layers=12,
                 num_attention_heads=12,
@@ -277,14 +273,24 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel(
             "gpt2-mini",
             "gpt2",
-            _gpt2(n_embd=384, n_layer=4, n_head=6, vocab_size=1024, n_positions=256, bos_token_id=0, eos_token_id=0),
+            _hf(
+                "GPT2Config",
+                n_embd=384,
+                n_layer=4,
+                n_head=6,
+                vocab_size=1024,
+                n_positions=256,
+                bos_token_id=0,
+                eos_token_id=0,
+            ),
             note="the quick-start default: GPT-2's architecture at a size a CPU converts with BLAST in about a minute",
         ),
         # Tiny variants: the same architectures at test size (every dim divisible by 2, 4 and 8).
         BuiltinModel(
             "llama-tiny",
             "llama",
-            _llama(
+            _hf(
+                "LlamaConfig",
                 hidden_size=64,
                 intermediate_size=128,
                 num_hidden_layers=2,
@@ -298,12 +304,22 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel(
             "gpt2-tiny",
             "gpt2",
-            _gpt2(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0),
+            _hf(
+                "GPT2Config",
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                vocab_size=128,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            ),
         ),
         BuiltinModel(
             "vit-tiny",
             "vit",
-            _vit(
+            _hf(
+                "ViTConfig",
                 hidden_size=64,
                 num_hidden_layers=2,
                 num_attention_heads=4,
