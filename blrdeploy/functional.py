@@ -15,6 +15,18 @@ def _flatten(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.reshape(-1, in_features)
 
 
+ONNX_DOMAIN = "com.blrdeploy"
+
+
+def _onnx_node(op: str, x: torch.Tensor, factors: list[torch.Tensor], out_features: int, bias) -> torch.Tensor:
+    """During ONNX export each layer becomes one opaque com.blrdeploy node (its function body is attached by
+    blrdeploy.exporters); the bias stays a standard Add so the node is the pure structured product."""
+    y = torch.onnx.ops.symbolic(
+        f"{ONNX_DOMAIN}::{op}", [x, *factors], {}, dtype=x.dtype, shape=[*x.shape[:-1], out_features], version=1
+    )
+    return y if bias is None else y + bias
+
+
 def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if bias is not None:
         y = y + bias
@@ -26,6 +38,8 @@ def blast_linear(
 ) -> torch.Tensor:
     """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p)."""
     b_in, q, _ = V.shape
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_node("BlastLinear", x, [U, S, V], U.shape[0] * U.shape[1], bias)
     xf = _flatten(x, b_in * q)
     z = torch.einsum("njq,jqr->njr", xf.view(-1, b_in, q), V)  # V stage
     w = torch.einsum("njr,ijr->nir", z, S)  # S stage: per-rank mixing across blocks
@@ -44,6 +58,8 @@ def monarch_linear(
 ) -> torch.Tensor:
     """w1 (b, R, in/b), w2 (b, out/b, R); output rows interleaved: y[s*b + l] comes from block l."""
     b, R, in_blk = w1.shape
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_node("MonarchLinear", x, [w1, w2], b * w2.shape[1], bias)
     xf = _flatten(x, b * in_blk)
     n = xf.shape[0]
     h = torch.einsum("nkp,kqp->nkq", xf.view(n, b, in_blk), w1).reshape(n, b * R)
@@ -65,6 +81,8 @@ def monarch_to_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 
 def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """U (out, r), V (in, r): y = (x @ V) @ U.T."""
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_node("LowRankLinear", x, [U, V], U.shape[0], bias)
     xf = _flatten(x, V.shape[0])
     return _finish((xf @ V) @ U.T, x, bias)
 

@@ -23,7 +23,7 @@ class Family:
     model_types: tuple[str, ...]  # config.model_type values (transformers) or class names (diffusers)
     include: tuple[str, ...]  # default layers to convert (reference paper)
     exclude: tuple[str, ...] = ()
-    sample: Callable = None  # (model, batch, seed) -> kwargs for forward
+    sample: Callable = None  # (model, batch, seed, seq=16) -> kwargs for forward; seq only for token models
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,21 @@ class BuiltinModel:
 # ------------------------------------------------------------------------------------------------ sample inputs
 
 
-def _token_inputs(model, batch: int, seed: int) -> dict:
+def _token_inputs(model, batch: int, seed: int, seq: int = 16) -> dict:
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
-    seq = min(16, getattr(model.config, "max_position_embeddings", 16) or 16, getattr(model.config, "n_positions", 16))
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", seq)
+    seq = min(seq, limit)
     return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)}
 
 
-def _image_inputs(model, batch: int, seed: int) -> dict:
+def _image_inputs(model, batch: int, seed: int, seq: int = 0) -> dict:  # seq: fixed by the image size
     g = torch.Generator().manual_seed(seed)
     c = model.config
     return {"pixel_values": torch.randn(batch, c.num_channels, c.image_size, c.image_size, generator=g)}
 
 
-def _latent_inputs(model, batch: int, seed: int) -> dict:
+def _latent_inputs(model, batch: int, seed: int, seq: int = 0) -> dict:  # seq: fixed by the latent size
     g = torch.Generator().manual_seed(seed)
     c = model.config
     return {

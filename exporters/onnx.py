@@ -1,0 +1,162 @@
+"""Export a converted model to ONNX with one com.blrdeploy node per BLR layer (DESIGN §4).
+
+torch.onnx's exporter would inline a function it made itself, so each layer is emitted as an opaque node
+(``torch.onnx.ops.symbolic``, see blrdeploy.functional) and the function bodies are attached afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from .onnx_functions import DOMAIN, DOMAIN_VERSION, FUNCTIONS, OPSET
+
+IR_VERSION = 10
+TWO_GB = 2**31
+META_CHECKPOINT = "blrdeploy.checkpoint_sha256"
+
+
+class _MainOutput(nn.Module):
+    """Exports one tensor (logits, a DiT's sample, or the last hidden state) with no KV cache. The inputs are
+    positional (x0, x1, x2): torch.export's dynamic shapes do not match a **kwargs forward; the ONNX inputs are
+    renamed to the model's own names after export."""
+
+    MAX_INPUTS = 3
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        if len(names) > self.MAX_INPUTS:
+            raise ValueError(f"export takes at most {self.MAX_INPUTS} model inputs, got {names}")
+        self.model = model
+        self.names = list(names)
+        self.no_cache = "input_ids" in names and "use_cache" in model.forward.__code__.co_varnames
+
+    def forward(self, x0, x1=None, x2=None):
+        inputs = dict(zip(self.names, (x0, x1, x2), strict=False))
+        out = self.model(**inputs, **({"use_cache": False} if self.no_cache else {}))
+        for attr in ("logits", "sample", "last_hidden_state"):
+            if hasattr(out, attr):
+                return getattr(out, attr)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def dynamic_axes(names: list[str]) -> tuple:
+    """Batch is dynamic for every input; the sequence too for token ids."""
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    return tuple({0: batch, 1: seq} if k == "input_ids" else {0: batch} for k in names)
+
+
+def _rename_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
+    mapping = {f"x{i}": name for i, name in enumerate(names)}
+    for value in proto.graph.input:
+        value.name = mapping.get(value.name, value.name)
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+
+
+def attach_functions(proto: onnx.ModelProto) -> list[str]:
+    """Adds the FunctionProto of every com.blrdeploy op the graph uses; returns their names."""
+    used = sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})
+    unknown = [op for op in used if op not in FUNCTIONS]
+    if unknown:
+        raise ValueError(f"graph uses unknown {DOMAIN} ops: {', '.join(unknown)}")
+    have = {(f.domain, f.name) for f in proto.functions}
+    for op in used:
+        if (DOMAIN, op) not in have:
+            proto.functions.append(FUNCTIONS[op]())
+    imports = {o.domain: o for o in proto.opset_import}
+    if DOMAIN not in imports:
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return used
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter narrates each step on stdout and logs warnings about packages it does not need."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    inputs: dict,
+    *,
+    metadata: dict[str, str] | None = None,
+    quiet: bool = True,
+) -> Path:
+    """Export ``model`` called as ``model(**inputs)``; writes external data beside it past 2 GB."""
+    path = Path(path)
+    names = list(inputs)
+    wrapped = _MainOutput(model, names).eval()
+    with torch.no_grad(), _quiet() if quiet else contextlib.nullcontext():
+        program = torch.onnx.export(
+            wrapped, tuple(inputs.values()), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_axes(names)
+        )
+    proto = program.model_proto
+    _rename_inputs(proto, names)
+    proto.ir_version = IR_VERSION
+    used = attach_functions(proto)
+    if not used:
+        raise ValueError("the model has no BLR layer: nothing would use a com.blrdeploy op")
+    for key, value in {**(metadata or {})}.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    large = sum(t.ByteSize() for t in proto.graph.initializer) > TWO_GB - 2**26
+    data_name = path.name + ".data"
+    if large:
+        # written straight to its final name: the graph refers to it by that name
+        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    else:
+        onnx.save_model(proto, str(tmp))
+    onnx.checker.check_model(str(tmp), full_check=True)
+    os.replace(tmp, path)
+    return path
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path, seed: int = 0) -> Path:
+    """Export a converted checkpoint directory; the ONNX metadata names the checkpoint's weights sha256."""
+    from blrdeploy import __version__
+    from blrdeploy.checkpoint import load, read_blr_config
+
+    cfg = read_blr_config(checkpoint)
+    model = load(checkpoint, device="cpu", dtype=torch.float32)
+    inputs = sample_inputs(model, cfg, batch=2, seed=seed)
+    metadata = {
+        META_CHECKPOINT: cfg["weights"]["sha256"],
+        "blrdeploy.source": cfg["source"].get("id") or "",
+        "blrdeploy.version": __version__,
+        "torch.version": torch.__version__,
+        "onnx.version": onnx.__version__,
+    }
+    return export_onnx(model, path, inputs, metadata=metadata)
+
+
+def sample_inputs(model: nn.Module, blr_config: dict, batch: int, seed: int, seq: int = 16) -> dict:
+    from blrdeploy.models import FAMILIES
+
+    family = FAMILIES.get(blr_config["source"].get("family") or "")
+    if family is None or family.sample is None:
+        raise ValueError(
+            f"no sample inputs are known for {blr_config['source'].get('class')}; "
+            f"ONNX export covers the {', '.join(FAMILIES)} families"
+        )
+    return family.sample(model, batch, seed, seq)

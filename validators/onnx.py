@@ -1,0 +1,278 @@
+"""Validation of a converted checkpoint: against its ONNX reference (onnxruntime, CPU), against the dense model
+it came from, and GPU path against the float64 PyTorch reference.
+
+Follows optimum's contract: check names, then shapes, then values; collect every failure; one line per check
+with the error and the tolerance. ``Unusable`` is raised for inputs that cannot be validated at all (exit 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blrdeploy.checkpoint import CheckpointError, load, read_blr_config
+from blrdeploy.modules import _BLRLinear
+
+# ||out - ref|| / ||ref|| allowed per dtype of the compared run
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+class Unusable(ValueError):
+    """The checkpoint or ONNX file cannot be validated: missing, corrupt, mismatched, or unknown ops."""
+
+
+@dataclass
+class Check:
+    name: str  # what was compared, e.g. "logits batch=2 seq=16"
+    shape: list[int]
+    max_abs: float
+    relative_error: float
+    tolerance: float | None
+    cosine_similarity: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.relative_error) and (self.tolerance is None or self.relative_error <= self.tolerance)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class Report:
+    against: str
+    checkpoint: str
+    checks: list[Check] = field(default_factory=list)
+    first_diverging_layer: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {
+            "against": self.against,
+            "checkpoint": self.checkpoint,
+            "ok": self.ok,
+            "checks": [c.to_dict() for c in self.checks],
+            "first_diverging_layer": self.first_diverging_layer,
+            "notes": self.notes,
+        }
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tolerance: float | None) -> Check:
+    if tuple(out.shape) != tuple(ref.shape):
+        return Check(
+            f"{name} (shape {list(out.shape)} != {list(ref.shape)})", list(ref.shape), math.inf, math.inf, tolerance
+        )
+    out, ref = out.double().flatten(), ref.double().flatten()
+    diff = out - ref
+    rel = float(diff.norm() / ref.norm()) if ref.norm() > 0 else float(diff.norm())
+    cos = float(torch.nn.functional.cosine_similarity(out, ref, dim=0)) if ref.norm() > 0 else None
+    return Check(
+        name, list(ref.shape), float(diff.abs().max()), rel if math.isfinite(rel) else math.inf, tolerance, cos
+    )
+
+
+def input_cases(blr_config: dict) -> list[tuple[str, int, int]]:
+    """(label, batch, seq) of the seeded inputs: odd and even sizes, batch 1 included."""
+    if blr_config["source"].get("family") in ("llama", "gpt2"):
+        return [("batch=1 seq=7", 1, 7), ("batch=2 seq=16", 2, 16), ("batch=3 seq=5", 3, 5)]
+    return [("batch=1", 1, 0), ("batch=3", 3, 0)]
+
+
+def _main_output(model: nn.Module, inputs: dict) -> torch.Tensor:
+    from blrdeploy.job import model_output
+
+    return model_output(model, inputs)
+
+
+def _load_checkpoint(checkpoint: Path, device="cpu", dtype=torch.float32):
+    try:
+        return read_blr_config(checkpoint), load(checkpoint, device=device, dtype=dtype)
+    except CheckpointError as exc:
+        raise Unusable(str(exc)) from exc
+
+
+# ------------------------------------------------------------------------------------------------ against ONNX
+
+
+def _open_onnx(path: Path, blr_config: dict):
+    import onnx
+    from blrdeploy.exporters.onnx import META_CHECKPOINT
+    from blrdeploy.exporters.onnx_functions import DOMAIN, FUNCTIONS
+
+    if not path.is_file():
+        raise Unusable(f"no such ONNX file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise Unusable(f"{path} is not a readable ONNX model: {type(exc).__name__}: {exc}") from exc
+    meta = {p.key: p.value for p in proto.metadata_props}
+    recorded = meta.get(META_CHECKPOINT)
+    if recorded is None:
+        raise Unusable(f"{path} has no {META_CHECKPOINT} metadata: it was not exported by blrdeploy")
+    if recorded != blr_config["weights"]["sha256"]:
+        raise Unusable(
+            f"{path} was exported from another checkpoint (weights sha256 {recorded[:12]}... != "
+            f"{blr_config['weights']['sha256'][:12]}...)"
+        )
+    functions = {(f.domain, f.name) for f in proto.functions}
+    for node in proto.graph.node:
+        if node.domain == DOMAIN:
+            if node.op_type not in FUNCTIONS:
+                raise Unusable(f"{path}: node {node.name} uses unknown op {DOMAIN}::{node.op_type}")
+            if (DOMAIN, node.op_type) not in functions:
+                raise Unusable(f"{path}: the function body of {DOMAIN}::{node.op_type} is missing")
+    return proto
+
+
+def _ort_session(model_bytes_or_path, path_for_errors: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_bytes_or_path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise Unusable(f"onnxruntime cannot load {path_for_errors}: {str(exc).splitlines()[0]}") from exc
+
+
+def validate_against_onnx(
+    checkpoint: str | Path, onnx_path: str | Path | None = None, rtol: float | None = None
+) -> Report:
+    import tempfile
+
+    from blrdeploy.exporters.onnx import export_checkpoint, sample_inputs
+
+    checkpoint = Path(checkpoint)
+    cfg, model = _load_checkpoint(checkpoint)
+    report = Report("onnx", str(checkpoint))
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnx_path is None:
+            onnx_path = Path(tmp) / "model.onnx"
+            export_checkpoint(checkpoint, onnx_path)
+            report.notes.append("exported to a temporary file")
+        onnx_path = Path(onnx_path)
+        proto = _open_onnx(onnx_path, cfg)
+        session = _ort_session(str(onnx_path), onnx_path)
+        names = [i.name for i in session.get_inputs()]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model.to(device)
+        tol = rtol if rtol is not None else TOLERANCE[torch.float32]
+        first_failure = None
+        for label, batch, seq in input_cases(cfg):
+            inputs = sample_inputs(model, cfg, batch=batch, seed=batch * 1000 + seq, **({"seq": seq} if seq else {}))
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise Unusable(f"{onnx_path} expects inputs {missing} that this checkpoint's model does not take")
+            ref = _main_output(model, inputs)
+            out = torch.from_numpy(session.run(None, {n: inputs[n].numpy() for n in names})[0])
+            check = compare(f"output {label}", out, ref, tol)
+            report.checks.append(check)
+            if not check.ok and first_failure is None:
+                first_failure = inputs
+        if first_failure is not None:
+            report.first_diverging_layer = _first_diverging_layer(model, proto, first_failure, names, onnx_path, tol)
+    return report
+
+
+def _first_diverging_layer(model, proto, inputs, names, path, tol) -> str | None:
+    """Runs both sides once more with every BLR layer's output exposed; the first layer beyond tolerance."""
+    import onnx
+    from blrdeploy.exporters.onnx_functions import DOMAIN
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BLRLinear)]
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, args, out, name=n: captured.setdefault(name, (out - mod.bias) if mod.bias is not None else out)
+        )
+        for n, m in layers
+    ]
+    try:
+        _main_output(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    debug = onnx.ModelProto()
+    debug.CopyFrom(proto)
+    blr_outputs = [n.output[0] for n in debug.graph.node if n.domain == DOMAIN]
+    for name in blr_outputs:
+        debug.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    if path.with_name(path.name + ".data").exists():
+        return None  # external-data models are not re-serialized for this diagnosis
+    session = _ort_session(debug.SerializeToString(), path)
+    results = session.run(blr_outputs, {n: inputs[n].cpu().numpy() for n in names})
+    # hooks fire in execution order, which is the exported graph's node order
+    for name, ort_out in zip(list(captured), results, strict=False):
+        if not compare(name, torch.from_numpy(ort_out), captured[name].float().cpu(), tol).ok:
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- against dense
+
+
+def validate_against_dense(checkpoint: str | Path, max_error: float | None = None) -> Report:
+    """Converted vs the dense model it came from, on seeded inputs: the approximation's quality."""
+    from blrdeploy.exporters.onnx import sample_inputs
+
+    from blrdeploy.models import BUILTIN
+    from blrdeploy.sources import build_builtin, load_pretrained_dir
+
+    checkpoint = Path(checkpoint)
+    cfg, model = _load_checkpoint(checkpoint)
+    source = cfg["source"].get("id")
+    seed = cfg.get("conversion", {}).get("seed", 0)
+    try:
+        if source in BUILTIN:
+            dense = build_builtin(source, seed=seed).model.float()
+        elif source and Path(source).is_dir():
+            dense = load_pretrained_dir(Path(source), dtype=torch.float32, allow_unknown=True).model
+        else:
+            raise Unusable(f"the source model {source!r} is neither built in nor an existing directory")
+    except ValueError as exc:
+        raise Unusable(str(exc)) from exc
+    report = Report("dense", str(checkpoint))
+    for label, batch, seq in input_cases(cfg):
+        inputs = sample_inputs(model, cfg, batch=batch, seed=batch * 1000 + seq, **({"seq": seq} if seq else {}))
+        report.checks.append(
+            compare(f"output {label}", _main_output(model, inputs), _main_output(dense, inputs), max_error)
+        )
+    if max_error is None:
+        report.notes.append("no --max-error given: reported, not judged")
+    return report
+
+
+# ------------------------------------------------------------------------------------------- against reference
+
+
+def validate_against_reference(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16) -> Report:
+    """The model's GPU path (the Triton kernels where they dispatch) vs the float64 PyTorch reference on CPU."""
+    from blrdeploy.exporters.onnx import sample_inputs
+
+    if not torch.cuda.is_available():
+        raise Unusable("--against reference compares the GPU path with the CPU reference: it needs a CUDA GPU")
+    checkpoint = Path(checkpoint)
+    cfg, gpu_model = _load_checkpoint(checkpoint, device="cuda", dtype=dtype)
+    _, ref_model = _load_checkpoint(checkpoint, device="cpu", dtype=torch.float64)
+    report = Report("reference", str(checkpoint))
+    for label, batch, seq in input_cases(cfg):
+        inputs = sample_inputs(ref_model, cfg, batch=batch, seed=batch * 1000 + seq, **({"seq": seq} if seq else {}))
+        ref_inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+        gpu_inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+        report.checks.append(
+            compare(
+                f"output {label} {str(dtype).removeprefix('torch.')}",
+                _main_output(gpu_model, gpu_inputs),
+                _main_output(ref_model, ref_inputs),
+                TOLERANCE[dtype],
+            )
+        )
+    return report
