@@ -8,6 +8,14 @@ from .convert import ConvertConfig, convert
 from .factorize import FitResult, blast_factorize, lowrank_svd, monarch_project
 from .modules import BlastLinear, LowRankLinear, MonarchLinear
 
+
+def export_onnx(model, path, inputs=None, **kwargs):
+    """Export a model with BLR layers to ONNX (see :func:`blrdeploy.exporters.onnx.export_onnx`)."""
+    from .exporters.onnx import export_onnx as _export
+
+    return _export(model, path, inputs, **kwargs)
+
+
 try:
     __version__ = version("blrdeploy")
 except PackageNotFoundError:  # running from a checkout without an install
@@ -15,6 +23,7 @@ except PackageNotFoundError:  # running from a checkout without an install
 
 __all__ = [
     "convert",
+    "export_onnx",
     "ConvertConfig",
     "load",
     "save",

@@ -97,13 +97,21 @@ def _quiet():
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    inputs: dict,
+    inputs: dict | None = None,
     *,
     metadata: dict[str, str] | None = None,
     quiet: bool = True,
 ) -> Path:
-    """Export ``model`` called as ``model(**inputs)``; writes external data beside it past 2 GB."""
+    """Export ``model`` called as ``model(**inputs)`` (default: its family's seeded sample inputs); writes external
+    data beside it past 2 GB."""
     path = Path(path)
+    if inputs is None:
+        from blrdeploy.sources import family_of
+
+        family = family_of(model)
+        if family is None:
+            raise ValueError(f"no sample inputs are known for {type(model).__name__}: pass inputs=")
+        inputs = family.sample(model, 2, 0)
     names = list(inputs)
     wrapped = _MainOutput(model, names).eval()
     with torch.no_grad(), _quiet() if quiet else contextlib.nullcontext():

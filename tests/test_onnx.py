@@ -149,3 +149,13 @@ def test_external_data_past_threshold(tmp_path, monkeypatch):
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer if t.ByteSize() > 2048)
     onnx.checker.check_model(str(path), full_check=True)
     assert validate_against_onnx(ckpt, path).ok
+
+
+def test_public_export_onnx_in_memory(tmp_path):
+    import blrdeploy
+
+    model = build_builtin("llama-tiny").model
+    convert(model, ConvertConfig("lowrank"))
+    path = blrdeploy.export_onnx(model, tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    assert sum(n.domain == DOMAIN for n in proto.graph.node) == 14
