@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modules import BlastLinear, LowRankLinear, MonarchLinear, _BLRLinear
+from .modules import BlastLinear, LowRankLinear, MonarchLinear, _BLRLinear, set_submodule
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -90,17 +90,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuses an existing output unless --overwrite, and even then anything but an empty directory or a
+    converted checkpoint (so a mistyped -o never deletes a user's folder)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"output path {path} exists and is not a directory")
+    if not overwrite:
+        raise ValueError(f"output directory {path} already exists; pass --overwrite to replace it")
+    if any(path.iterdir()) and not (path / BLR_CONFIG).exists():
+        raise ValueError(f"refusing to overwrite {path}: it is neither empty nor a converted checkpoint")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: Path, overwrite: bool):
     """Yields a temp directory beside ``path``; on success it replaces ``path`` in one rename, on any error
     (Ctrl-C included) it is removed and ``path`` is left as it was."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise ValueError(f"output directory {path} already exists; pass --overwrite to replace it")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output path {path} exists and is not a directory")
+    check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -109,15 +120,14 @@ def atomic_directory(path: Path, overwrite: bool):
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():  # the swap failed half-way: put the previous checkpoint back
+            old.rename(path)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save(
@@ -219,12 +229,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         args = [layer["in_features"], layer["out_features"]]
         if cls is not LowRankLinear:
             args.append(layer["num_blocks"])
-        module = cls(*args, layer["rank"], bias=layer["bias"], device="meta")
-        parent, _, child = layer["name"].rpartition(".")
         try:
-            setattr(model.get_submodule(parent) if parent else model, child, module)
-        except AttributeError as exc:
-            raise CheckpointError(f"layer {layer['name']} does not exist in {src['class']}") from exc
+            module = cls(*args, layer["rank"], bias=layer["bias"], device="meta")
+            set_submodule(model, layer["name"], module)
+        except (AttributeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"layer {layer.get('name')} of {BLR_CONFIG} is unusable: {exc}") from exc
     try:
         tensors = load_file(str(path / cfg["weights"]["file"]), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -238,11 +247,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             f"{path} does not match {src['class']}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as exc:  # shapes in model.safetensors disagree with blr_config.json / config.json
+        raise CheckpointError(f"{path}: the stored tensors do not fit the model: {str(exc).splitlines()[-1]}") from exc
     for alias, target in cfg.get("tied", {}).items():
-        owner, _, attr = alias.rpartition(".")
-        source_param = model.get_parameter(target)
-        setattr(model.get_submodule(owner) if owner else model, attr, source_param)
+        set_submodule(model, alias, model.get_parameter(target))
     for key, value in buffers.items():
         owner, _, attr = key.rpartition(".")
         (model.get_submodule(owner) if owner else model)._buffers[attr] = value

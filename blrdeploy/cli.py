@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from .shapes import check_features
+
 app = typer.Typer(
     name="blrdeploy",
     help="Convert transformer linears to block low-rank form (BLAST, Monarch, low-rank) and run them fast.",
@@ -55,6 +57,10 @@ def _parse_shape(shape: str) -> tuple[int, int]:
         out_features, in_features = (int(v) for v in shape.lower().split("x"))
     except ValueError:
         fail(f"--shape must look like OUTxIN (e.g. 768x3072), got {shape!r}")
+    try:
+        check_features(in_features, out_features)
+    except ValueError as exc:
+        fail(f"--shape {shape}: {exc}")
     return out_features, in_features
 
 
@@ -229,8 +235,8 @@ def convert(
     model: Annotated[
         str | None,
         typer.Argument(
-            help="A built-in model (gpt2-s, llama-7b, llama-3.2-1b, vit-b-16, dit-xl-2, *-tiny) or a "
-            "Hugging Face checkpoint directory. Default: gpt2-s."
+            help="A built-in model (llama-7b, llama-3.2-1b, gpt2-s, vit-b-16, dit-xl-2, gpt2-mini, *-tiny) or a "
+            "Hugging Face checkpoint directory. Default: gpt2-mini."
         ),
     ] = None,
     output: Annotated[
@@ -431,7 +437,7 @@ def export(
     t0 = time.perf_counter()
     try:
         path = export_checkpoint(checkpoint, output, seed=seed)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB) in {time.perf_counter() - t0:.1f} s")
 
@@ -473,7 +479,7 @@ def validate(
         elif against == "dense":
             report = v.validate_against_dense(checkpoint, rtol)
         else:
-            report = v.validate_against_reference(checkpoint)
+            report = v.validate_against_reference(checkpoint, rtol=rtol)
     except ValueError as exc:  # Unusable and CheckpointError are ValueErrors
         fail(str(exc).splitlines()[0])
     if as_json:

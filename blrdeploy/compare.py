@@ -70,6 +70,8 @@ def load_matrix(path: Path, tensor: str | None, transpose: bool = False) -> torc
                 raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict of tensors")
             name = _pick_name(list(state), tensor, path)
             weight = state[name]
+            if not isinstance(weight, torch.Tensor):
+                raise ValueError(f"{name!r} in {path} is a {type(weight).__name__}, not a tensor")
     except ValueError:
         raise
     except Exception as exc:  # corrupt or truncated files surface as many exception types

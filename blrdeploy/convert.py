@@ -17,7 +17,7 @@ from torch import nn
 from . import shapes
 from .budget import STRUCTURES, choose_blocks_and_rank, structure_params
 from .models import BUILTIN, BuiltinModel, Family, LayerSetting
-from .modules import BlastLinear, LowRankLinear, MonarchLinear
+from .modules import BlastLinear, LowRankLinear, MonarchLinear, set_submodule
 
 CONFIG_VERSION = 1
 LayerProgress = Callable[[str, int, int], None]  # (layer name, layer index, layer count), before each layer
@@ -60,6 +60,15 @@ class ConvertConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ConvertConfig:
+        """Reads what to_dict wrote (e.g. blr_config.json's "conversion"); refuses other versions."""
+        if data.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+            raise ValueError(
+                f"conversion config version {data.get('version')!r}; this blrdeploy reads {CONFIG_VERSION}"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown conversion config fields: {', '.join(unknown)}")
         return cls(**data)
 
 
@@ -182,12 +191,6 @@ def _check_setting(structure: str, in_features: int, out_features: int, b, r) ->
         LowRankLinear(in_features, out_features, r, bias=False, device="meta")
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def build_layer(entry: LayerPlan, weight: torch.Tensor, bias, config: ConvertConfig, fit_progress=None):
     compute = getattr(torch, config.compute_dtype)
     if entry.structure == "blast":
@@ -224,7 +227,7 @@ def convert_layers(
         layer = layer.to(device=home_device, dtype=home_dtype)
         entry.seconds = time.perf_counter() - t0
         entry.relative_error = layer.fit_result.relative_error
-        _set_submodule(model, entry.name, layer)
+        set_submodule(model, entry.name, layer)
         del dense, weight
     return the_plan
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import functional as F
+from . import shapes
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, relative_error)
 
@@ -54,6 +55,7 @@ def _sync(device: torch.device) -> None:
 
 def lowrank_svd(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype | None = None):
     """Truncated SVD, singular values split evenly between U (out, r) and V (in, r)."""
+    shapes.check_rank(rank, min(weight.shape), "low-rank")
     t0 = time.perf_counter()
     w = weight.to(_compute_dtype(weight, compute_dtype))
     P, sigma, Qh = torch.linalg.svd(w, full_matrices=False)
@@ -79,10 +81,12 @@ def _discarded_energy(sigma: torch.Tensor, keep: int, w: torch.Tensor) -> float:
 
 def monarch_project(weight: torch.Tensor, num_blocks: int, rank: int, compute_dtype: torch.dtype | None = None):
     """Best Monarch approximation: each (strided-row, contiguous-column) block is truncated to rank R/b."""
+    out, inn = weight.shape
+    shapes.check_square_block_count(num_blocks, out, inn)
+    shapes.check_rank(rank, min(out, inn), f"Monarch with num_blocks={num_blocks}", num_blocks)
     t0 = time.perf_counter()
     b, R = num_blocks, rank
     m = R // b
-    out, inn = weight.shape
     w = weight.to(_compute_dtype(weight, compute_dtype))
     blocks = w.view(out // b, b, b, inn // b).permute(1, 2, 0, 3)  # [l, k, s, p]: rows s*b+l, columns block k
     P, sigma, Qh = torch.linalg.svd(blocks, full_matrices=False)
@@ -246,9 +250,12 @@ def blast_factorize(
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    t0 = time.perf_counter()
     bo, bi = num_blocks
     out, inn = weight.shape
+    shapes.check_block_count(bo, out, "out_features")
+    shapes.check_block_count(bi, inn, "in_features")
+    shapes.check_rank(rank, min(out, inn), "BLAST")
+    t0 = time.perf_counter()
     p, q = out // bo, inn // bi
     dt = _compute_dtype(weight, compute_dtype)
     W = weight.to(dt)

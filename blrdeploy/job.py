@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import save
+from .checkpoint import check_output_dir, save
 from .convert import ConvertConfig, Plan, convert_layers, plan
-from .models import BUILTIN, Family, LayerSetting
-from .sources import BUILTIN_CLASS, Source, identify, instantiate, open_source, read_config
+from .models import BUILTIN, Family, LayerSetting, main_output
+from .sources import Source, build_builtin, identify, instantiate, open_source, read_config
+from .validators.compare import compare
 
 DEFAULT_MODEL = "gpt2-mini"
 
@@ -41,18 +42,12 @@ def model_output(model: nn.Module, inputs: dict) -> torch.Tensor:
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model(**{k: v.to(device) for k, v in inputs.items()})
-    for attr in ("logits", "sample", "last_hidden_state"):
-        if hasattr(out, attr):
-            return getattr(out, attr).float().cpu()
-    return (out[0] if isinstance(out, (tuple, list)) else out).float().cpu()
+    return main_output(out).float().cpu()
 
 
 def agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    out, ref = out.double().flatten(), ref.double().flatten()
-    return {
-        "relative_error": float((out - ref).norm() / ref.norm()),
-        "cosine_similarity": float(torch.nn.functional.cosine_similarity(out, ref, dim=0)),
-    }
+    check = compare("output", out, ref, None)
+    return {"relative_error": check.relative_error, "cosine_similarity": check.cosine_similarity}
 
 
 def load_layer_settings(path: Path) -> tuple[LayerSetting, ...]:
@@ -60,18 +55,15 @@ def load_layer_settings(path: Path) -> tuple[LayerSetting, ...]:
     if not path.is_file():
         raise ValueError(f"no such layers file: {path}")
     text = path.read_text()
+    is_yaml = path.suffix in (".yaml", ".yml")
+    if is_yaml:
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ValueError("reading a YAML layers file needs PyYAML: pip install pyyaml") from exc
     try:
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as exc:
-                raise ValueError("reading a YAML layers file needs PyYAML: pip install pyyaml") from exc
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except ValueError:
-        raise
-    except Exception as exc:
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except Exception as exc:  # JSONDecodeError, YAMLError
         raise ValueError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path} must map layer-name patterns to {{num_blocks, rank}}")
@@ -86,14 +78,7 @@ def load_layer_settings(path: Path) -> tuple[LayerSetting, ...]:
 def _meta_source(model_arg: str, allow_unknown: bool) -> Source:
     """The model's skeleton on the meta device: enough to plan and count, with no weights."""
     if model_arg in BUILTIN:
-        from .models import FAMILIES
-
-        spec = BUILTIN[model_arg]
-        library, class_name = BUILTIN_CLASS[spec.family]
-        config = spec.make_config()
-        config = config if isinstance(config, dict) else {**config.to_dict(), "architectures": [class_name]}
-        model = instantiate(library, class_name, config, device="meta")
-        return Source(model, FAMILIES[spec.family], model_arg, library, class_name, spec)
+        return build_builtin(model_arg, device="meta")
     path = Path(model_arg)
     if not path.exists():
         raise ValueError(f"{model_arg!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an existing directory")
@@ -135,8 +120,8 @@ def run_convert(
         the_plan = plan(source.model, config, source.family, source.builtin)
         return {"dry_run": True, **_plan_summary(source, the_plan)}
 
-    if output is not None and output.exists() and not overwrite:  # fail before hours of work, not after
-        raise ValueError(f"output directory {output} already exists; pass --overwrite to replace it")
+    if output is not None:
+        check_output_dir(output, overwrite)  # fail before hours of work, not after
     t0 = time.perf_counter()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -19,7 +19,6 @@ LayerSetting = tuple[str, int, int]
 @dataclass(frozen=True)
 class Family:
     name: str
-    library: str  # "transformers" or "diffusers"
     model_types: tuple[str, ...]  # config.model_type values (transformers) or class names (diffusers)
     include: tuple[str, ...]  # default layers to convert (reference paper)
     exclude: tuple[str, ...] = ()
@@ -36,6 +35,14 @@ class BuiltinModel:
 
 
 # ------------------------------------------------------------------------------------------------ sample inputs
+
+
+def main_output(out) -> torch.Tensor:
+    """The tensor a model's output is compared and exported by: logits, a DiT's sample, or the last hidden state."""
+    for attr in ("logits", "sample", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _token_inputs(model, batch: int, seed: int, seq: int = 16) -> dict:
@@ -69,21 +76,18 @@ FAMILIES: dict[str, Family] = {
     for f in [
         Family(
             "llama",
-            "transformers",
             ("llama",),
             include=("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"),
             sample=_token_inputs,
         ),
         Family(
             "gpt2",
-            "transformers",
             ("gpt2",),
             include=("*.attn.c_attn", "*.mlp.c_fc", "*.mlp.c_proj"),
             sample=_token_inputs,
         ),
         Family(
             "vit",
-            "transformers",
             ("vit",),
             # transformers >= 5 names (q/k/v_proj, mlp.fc1/fc2) and the 4.x names (query/key/value, intermediate,
             # output); the attention output projection stays dense, as in the reference paper.
@@ -104,7 +108,6 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "dit",
-            "diffusers",
             ("DiTTransformer2DModel",),
             include=("*.attn1.to_q", "*.attn1.to_k", "*.attn1.to_v", "*.ff.net.0.proj", "*.norm1.linear"),
             sample=_latent_inputs,

@@ -242,3 +242,9 @@ def _block_pair(num_blocks) -> tuple[int, int]:
     if isinstance(num_blocks, (tuple, list)) and len(num_blocks) == 2:
         return tuple(num_blocks)
     raise ValueError(f"num_blocks must be an int or a pair (b_out, b_in), got {num_blocks!r}")
+
+
+def set_submodule(model: nn.Module, name: str, value) -> None:
+    """``model.<dotted name> = value`` for a module or a parameter."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, value)

@@ -134,6 +134,8 @@ def identify(config: dict, allow_unknown: bool) -> tuple[str, str, Family | None
 def load_pretrained_dir(path: Path, device="cpu", dtype: torch.dtype | None = None, allow_unknown=False) -> Source:
     if not path.is_dir():
         raise ValueError(f"no such checkpoint directory: {path}")
+    if (path / "blr_config.json").exists():
+        raise ValueError(f"{path} is already a converted checkpoint: open it with blrdeploy.load, not convert")
     config = read_config(path)
     library, class_name, family = identify(config, allow_unknown)
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
@@ -144,9 +146,14 @@ def load_pretrained_dir(path: Path, device="cpu", dtype: torch.dtype | None = No
     if library == "transformers":
         kwargs["local_files_only"] = True
     try:
-        model = cls.from_pretrained(str(path), **kwargs)
+        model, info = cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except Exception as exc:  # corrupt/truncated weights raise many types; the message says what was wrong
         raise ValueError(f"cannot load the checkpoint in {path}: {type(exc).__name__}: {exc}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # from_pretrained fills these with random values and only warns: converting them is meaningless
+        raise ValueError(
+            f"the weights in {path} lack {len(missing)} tensor(s) of {class_name}, e.g. {', '.join(missing[:3])}"
+        )
     return Source(model.to(device).eval(), family, str(path), library, class_name)
 
 

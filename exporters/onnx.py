@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -41,11 +42,9 @@ class _MainOutput(nn.Module):
 
     def forward(self, x0, x1=None, x2=None):
         inputs = dict(zip(self.names, (x0, x1, x2), strict=False))
-        out = self.model(**inputs, **({"use_cache": False} if self.no_cache else {}))
-        for attr in ("logits", "sample", "last_hidden_state"):
-            if hasattr(out, attr):
-                return getattr(out, attr)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        from blrdeploy.models import main_output
+
+        return main_output(self.model(**inputs, **({"use_cache": False} if self.no_cache else {})))
 
 
 def dynamic_axes(names: list[str]) -> tuple:
@@ -105,6 +104,8 @@ def export_onnx(
     """Export ``model`` called as ``model(**inputs)`` (default: its family's seeded sample inputs); writes external
     data beside it past 2 GB."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the path of the .onnx file to write")
     if inputs is None:
         from blrdeploy.sources import family_of
 
@@ -114,10 +115,13 @@ def export_onnx(
         inputs = family.sample(model, 2, 0)
     names = list(inputs)
     wrapped = _MainOutput(model, names).eval()
-    with torch.no_grad(), _quiet() if quiet else contextlib.nullcontext():
-        program = torch.onnx.export(
-            wrapped, tuple(inputs.values()), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_axes(names)
-        )
+    try:
+        with torch.no_grad(), _quiet() if quiet else contextlib.nullcontext():
+            program = torch.onnx.export(
+                wrapped, tuple(inputs.values()), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_axes(names)
+            )
+    except Exception as exc:  # torch.export raises many types; its first line says what failed
+        raise ValueError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from exc
     proto = program.model_proto
     _rename_inputs(proto, names)
     proto.ir_version = IR_VERSION
@@ -126,17 +130,27 @@ def export_onnx(
         raise ValueError("the model has no BLR layer: nothing would use a com.blrdeploy op")
     for key, value in {**(metadata or {})}.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
     large = sum(t.ByteSize() for t in proto.graph.initializer) > TWO_GB - 2**26
     data_name = path.name + ".data"
-    if large:
-        # written straight to its final name: the graph refers to it by that name
-        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-    else:
-        onnx.save_model(proto, str(tmp))
-    onnx.checker.check_model(str(tmp), full_check=True)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Both files are written and checked in a staging folder, then moved into place: a failed export never
+    # leaves a half-written file or clobbers the data file of an earlier good one.
+    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        tmp = staging / path.name
+        if large:
+            onnx.save_model(
+                proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+            )
+        else:
+            onnx.save_model(proto, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        if large:
+            os.replace(staging / data_name, path.parent / data_name)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

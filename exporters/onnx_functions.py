@@ -9,7 +9,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-DOMAIN = "com.blrdeploy"
+from blrdeploy.functional import ONNX_DOMAIN as DOMAIN
+
 DOMAIN_VERSION = 1
 OPSET = 20
 

@@ -15,7 +15,9 @@ def test_block_width_rule(out, inn, expected_b):
 
 
 def test_no_block_in_range_falls_back_to_nearest():
-    assert pick_num_blocks(97, 97) in (1, 97)  # prime: only trivial grids exist
+    assert pick_num_blocks(10, 10) == 1  # every width is below 64: the widest block
+    assert pick_num_blocks(7, 7168) == 7  # 7168/7 = 1024 is above 256, yet the nearest the dims allow
+    assert pick_num_blocks(96, 96) == 1  # 96 is in range but not a multiple of 16: still accepted
 
 
 @pytest.mark.parametrize("structure", ["blast", "monarch", "lowrank"])

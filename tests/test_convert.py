@@ -211,9 +211,79 @@ def test_existing_output_refused_then_overwritten(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="already exists; pass --overwrite"):
         run_convert("gpt2-tiny", out, ConvertConfig(structure="lowrank"))
+    with pytest.raises(ValueError, match="refusing to overwrite .* neither empty nor a converted checkpoint"):
+        run_convert("gpt2-tiny", out, ConvertConfig(structure="lowrank"), overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
-    run_convert("gpt2-tiny", out, ConvertConfig(structure="lowrank"), overwrite=True)
-    assert not (out / "keep.txt").exists() and load(out) is not None
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        run_convert("gpt2-tiny", tmp_path / "f", ConvertConfig(structure="lowrank"), overwrite=True)
+    ckpt = tmp_path / "c"
+    run_convert("gpt2-tiny", ckpt, ConvertConfig(structure="lowrank"))
+    run_convert("gpt2-tiny", ckpt, ConvertConfig(structure="monarch"), overwrite=True)  # a checkpoint: replaced
+    assert read_blr_config(ckpt)["layers"][0]["structure"] == "monarch"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "f", "o"]  # no staging folders left
+
+
+def test_failed_swap_restores_previous_checkpoint(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    model = build_builtin("gpt2-tiny").model
+    convert(model, ConvertConfig(structure="lowrank"))
+    save(model, tmp_path / "c")
+    before = (tmp_path / "c" / "blr_config.json").read_text()
+    real_rename = Path.rename
+
+    def flaky(self, target):
+        if ".partial-" in self.name:
+            raise OSError("disk went away")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", flaky)
+    with pytest.raises(OSError, match="disk went away"):
+        save(model, tmp_path / "c", overwrite=True)
+    assert (tmp_path / "c" / "blr_config.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_converted_or_partial_sources_refused(tmp_path):
+    model = build_builtin("gpt2-tiny").model
+    convert(model, ConvertConfig(structure="lowrank"))
+    save(model, tmp_path / "c")
+    with pytest.raises(ValueError, match="already a converted checkpoint"):
+        run_convert(str(tmp_path / "c"), tmp_path / "again", ConvertConfig())
+    from safetensors.torch import load_file, save_file
+
+    save_hf("llama-tiny", tmp_path / "hf")
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lack 1 tensor\(s\) of LlamaForCausalLM, e.g. model.layers.0.mlp.up_proj"):
+        load_pretrained_dir(tmp_path / "hf")
+
+
+def test_checkpoint_with_wrong_shapes_is_a_checkpoint_error(tmp_path):
+    model = build_builtin("llama-tiny").model
+    convert(model, ConvertConfig(structure="lowrank", layers=(("*", None, 16),), params_ratio=None))
+    save(model, tmp_path / "c")
+    cfg_path = tmp_path / "c" / "blr_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["layers"][0]["rank"] = 8
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="the stored tensors do not fit the model"):
+        load(tmp_path / "c")
+    cfg["layers"][0]["rank"] = 10_000
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="is unusable: rank=10000 is out of range"):
+        load(tmp_path / "c")
+
+
+def test_config_round_trip():
+    cfg = ConvertConfig("monarch", params_ratio=0.3, layers=(("*.q_proj", 4, 64),), exclude=("*.k_proj",))
+    assert ConvertConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="version 2"):
+        ConvertConfig.from_dict({**cfg.to_dict(), "version": 2})
+    with pytest.raises(ValueError, match="unknown conversion config fields: colour"):
+        ConvertConfig.from_dict({**cfg.to_dict(), "colour": 1})
 
 
 def test_interrupted_write_leaves_nothing_loadable(tmp_path, monkeypatch):

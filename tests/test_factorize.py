@@ -150,6 +150,18 @@ def test_bad_weights_refused(weight, match):
             build(weight)
 
 
+def test_public_factorizers_check_shapes():
+    from blrdeploy import blast_factorize, lowrank_svd, monarch_project
+
+    W = torch.randn(16, 16)
+    with pytest.raises(ValueError, match="valid ranks: multiples of 4 from 4 to 16"):
+        monarch_project(W, 4, 10)
+    with pytest.raises(ValueError, match=r"valid ranks: 1..16"):
+        lowrank_svd(W, 40)
+    with pytest.raises(ValueError, match="num_blocks=3 does not divide out_features=16"):
+        blast_factorize(W, (3, 3), 4)
+
+
 def test_bad_bias_and_blocks_refused():
     W = torch.randn(8, 12)
     with pytest.raises(ValueError, match=r"bias has shape \(7,\), expected \(8,\)"):

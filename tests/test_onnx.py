@@ -83,7 +83,16 @@ def test_missing_body_unknown_op_corrupt_and_foreign_files(tmp_path):
             validate_against_onnx(ckpt, path)
         result = runner.invoke(app, ["validate", str(ckpt), "--onnx", str(path)])
         assert result.exit_code == 2, result.output
-        assert message.split("::")[0] in result.output and "Traceback" not in result.output
+        assert message.split("::")[0] in result.output
+        assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
+
+
+def test_export_to_a_directory_refused_cleanly(tmp_path):
+    ckpt, _ = converted(tmp_path)
+    (tmp_path / "dir.onnx").mkdir()
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "dir.onnx")])
+    assert result.exit_code == 2 and "is a directory" in result.output
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
 def test_changed_weight_fails_and_is_localized(tmp_path):

@@ -7,15 +7,16 @@ with the error and the tolerance. ``Unusable`` is raised for inputs that cannot 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from blrdeploy.checkpoint import CheckpointError, load, read_blr_config
+from blrdeploy.job import model_output as _main_output
 from blrdeploy.modules import _BLRLinear
+
+from .compare import Check, compare
 
 # ||out - ref|| / ||ref|| allowed per dtype of the compared run
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -23,23 +24,6 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 class Unusable(ValueError):
     """The checkpoint or ONNX file cannot be validated: missing, corrupt, mismatched, or unknown ops."""
-
-
-@dataclass
-class Check:
-    name: str  # what was compared, e.g. "logits batch=2 seq=16"
-    shape: list[int]
-    max_abs: float
-    relative_error: float
-    tolerance: float | None
-    cosine_similarity: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return math.isfinite(self.relative_error) and (self.tolerance is None or self.relative_error <= self.tolerance)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
 
 
 @dataclass
@@ -65,31 +49,11 @@ class Report:
         }
 
 
-def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tolerance: float | None) -> Check:
-    if tuple(out.shape) != tuple(ref.shape):
-        return Check(
-            f"{name} (shape {list(out.shape)} != {list(ref.shape)})", list(ref.shape), math.inf, math.inf, tolerance
-        )
-    out, ref = out.double().flatten(), ref.double().flatten()
-    diff = out - ref
-    rel = float(diff.norm() / ref.norm()) if ref.norm() > 0 else float(diff.norm())
-    cos = float(torch.nn.functional.cosine_similarity(out, ref, dim=0)) if ref.norm() > 0 else None
-    return Check(
-        name, list(ref.shape), float(diff.abs().max()), rel if math.isfinite(rel) else math.inf, tolerance, cos
-    )
-
-
 def input_cases(blr_config: dict) -> list[tuple[str, int, int]]:
     """(label, batch, seq) of the seeded inputs: odd and even sizes, batch 1 included."""
     if blr_config["source"].get("family") in ("llama", "gpt2"):
         return [("batch=1 seq=7", 1, 7), ("batch=2 seq=16", 2, 16), ("batch=3 seq=5", 3, 5)]
     return [("batch=1", 1, 0), ("batch=3", 3, 0)]
-
-
-def _main_output(model: nn.Module, inputs: dict) -> torch.Tensor:
-    from blrdeploy.job import model_output
-
-    return model_output(model, inputs)
 
 
 def _load_checkpoint(checkpoint: Path, device="cpu", dtype=torch.float32):
@@ -246,14 +210,16 @@ def validate_against_dense(checkpoint: str | Path, max_error: float | None = Non
             compare(f"output {label}", _main_output(model, inputs), _main_output(dense, inputs), max_error)
         )
     if max_error is None:
-        report.notes.append("no --max-error given: reported, not judged")
+        report.notes.append("no --rtol given: reported, not judged")
     return report
 
 
 # ------------------------------------------------------------------------------------------- against reference
 
 
-def validate_against_reference(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16) -> Report:
+def validate_against_reference(
+    checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16, rtol: float | None = None
+) -> Report:
     """The model's GPU path (the Triton kernels where they dispatch) vs the float64 PyTorch reference on CPU."""
     from blrdeploy.exporters.onnx import sample_inputs
 
@@ -272,7 +238,7 @@ def validate_against_reference(checkpoint: str | Path, dtype: torch.dtype = torc
                 f"output {label} {str(dtype).removeprefix('torch.')}",
                 _main_output(gpu_model, gpu_inputs),
                 _main_output(ref_model, ref_inputs),
-                TOLERANCE[dtype],
+                rtol if rtol is not None else TOLERANCE[dtype],
             )
         )
     return report
