@@ -40,6 +40,13 @@ class _BLRLinear(nn.Module):
     def factors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def extra_repr(self) -> str:
+        blocks = f"num_blocks={self.num_blocks}, " if hasattr(self, "num_blocks") else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {blocks}rank={self.rank}, "
+            f"bias={self.bias is not None}"
+        )
+
     def num_params(self, include_bias: bool = False) -> int:
         """Weight parameters (the count a parameter budget refers to); the bias only when asked."""
         n = sum(t.numel() for t in self.factors().values())
@@ -132,12 +139,6 @@ class BlastLinear(_BLRLinear):
         )
         return layer._adopt({"U": U, "S": S, "V": V}, bias, dtype or weight.dtype, result)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, num_blocks={self.num_blocks}, "
-            f"rank={self.rank}, bias={self.bias is not None}"
-        )
-
 
 class MonarchLinear(_BLRLinear):
     """Monarch (Dao et al.): block-diagonal w1 (b, R, in/b), a stride permutation, block-diagonal w2 (b, out/b, R).
@@ -184,12 +185,6 @@ class MonarchLinear(_BLRLinear):
         w1, w2, result = fz.monarch_project(weight, num_blocks, rank, compute_dtype)
         return layer._adopt({"w1": w1, "w2": w2}, bias, dtype or weight.dtype, result)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, num_blocks={self.num_blocks}, "
-            f"rank={self.rank}, bias={self.bias is not None}"
-        )
-
 
 class LowRankLinear(_BLRLinear):
     """y = (x @ V) @ U.T with U (out, r), V (in, r): the baseline both block structures are measured against."""
@@ -228,12 +223,6 @@ class LowRankLinear(_BLRLinear):
         layer = cls(inn, out, rank, bias=bias is not None, device="meta")
         U, V, result = fz.lowrank_svd(weight, rank, compute_dtype)
         return layer._adopt({"U": U, "V": V}, bias, dtype or weight.dtype, result)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.bias is not None}"
-        )
 
 
 def _block_pair(num_blocks) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from blrdeploy.checkpoint import CheckpointError, load, read_blr_config
 from blrdeploy.job import model_output as _main_output
@@ -49,11 +50,16 @@ class Report:
         }
 
 
-def input_cases(blr_config: dict) -> list[tuple[str, int, int]]:
-    """(label, batch, seq) of the seeded inputs: odd and even sizes, batch 1 included."""
+def seeded_inputs(model: nn.Module, blr_config: dict):
+    """(label, inputs) of the seeded cases: odd and even sizes, batch 1 included; seq only for token models."""
+    from blrdeploy.exporters.onnx import sample_inputs
+
     if blr_config["source"].get("family") in ("llama", "gpt2"):
-        return [("batch=1 seq=7", 1, 7), ("batch=2 seq=16", 2, 16), ("batch=3 seq=5", 3, 5)]
-    return [("batch=1", 1, 0), ("batch=3", 3, 0)]
+        cases = [("batch=1 seq=7", 1, 7), ("batch=2 seq=16", 2, 16), ("batch=3 seq=5", 3, 5)]
+    else:
+        cases = [("batch=1", 1, 0), ("batch=3", 3, 0)]
+    for label, batch, seq in cases:
+        yield label, sample_inputs(model, blr_config, batch=batch, seed=batch * 1000 + seq, seq=seq)
 
 
 def _load_checkpoint(checkpoint: Path, device="cpu", dtype=torch.float32):
@@ -112,7 +118,7 @@ def validate_against_onnx(
 ) -> Report:
     import tempfile
 
-    from blrdeploy.exporters.onnx import export_checkpoint, sample_inputs
+    from blrdeploy.exporters.onnx import export_checkpoint
 
     checkpoint = Path(checkpoint)
     cfg, model = _load_checkpoint(checkpoint)
@@ -130,8 +136,7 @@ def validate_against_onnx(
         model = model.to(device)
         tol = rtol if rtol is not None else TOLERANCE[torch.float32]
         first_failure = None
-        for label, batch, seq in input_cases(cfg):
-            inputs = sample_inputs(model, cfg, batch=batch, seed=batch * 1000 + seq, **({"seq": seq} if seq else {}))
+        for label, inputs in seeded_inputs(model, cfg):
             missing = [n for n in names if n not in inputs]
             if missing:
                 raise Unusable(f"{onnx_path} expects inputs {missing} that this checkpoint's model does not take")
@@ -185,7 +190,6 @@ def _first_diverging_layer(model, proto, inputs, names, path, tol) -> str | None
 
 def validate_against_dense(checkpoint: str | Path, max_error: float | None = None) -> Report:
     """Converted vs the dense model it came from, on seeded inputs: the approximation's quality."""
-    from blrdeploy.exporters.onnx import sample_inputs
 
     from blrdeploy.models import BUILTIN
     from blrdeploy.sources import build_builtin, load_pretrained_dir
@@ -204,8 +208,7 @@ def validate_against_dense(checkpoint: str | Path, max_error: float | None = Non
     except ValueError as exc:
         raise Unusable(str(exc)) from exc
     report = Report("dense", str(checkpoint))
-    for label, batch, seq in input_cases(cfg):
-        inputs = sample_inputs(model, cfg, batch=batch, seed=batch * 1000 + seq, **({"seq": seq} if seq else {}))
+    for label, inputs in seeded_inputs(model, cfg):
         report.checks.append(
             compare(f"output {label}", _main_output(model, inputs), _main_output(dense, inputs), max_error)
         )
@@ -221,7 +224,6 @@ def validate_against_reference(
     checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16, rtol: float | None = None
 ) -> Report:
     """The model's GPU path (the Triton kernels where they dispatch) vs the float64 PyTorch reference on CPU."""
-    from blrdeploy.exporters.onnx import sample_inputs
 
     if not torch.cuda.is_available():
         raise Unusable("--against reference compares the GPU path with the CPU reference: it needs a CUDA GPU")
@@ -229,8 +231,7 @@ def validate_against_reference(
     cfg, gpu_model = _load_checkpoint(checkpoint, device="cuda", dtype=dtype)
     _, ref_model = _load_checkpoint(checkpoint, device="cpu", dtype=torch.float64)
     report = Report("reference", str(checkpoint))
-    for label, batch, seq in input_cases(cfg):
-        inputs = sample_inputs(ref_model, cfg, batch=batch, seed=batch * 1000 + seq, **({"seq": seq} if seq else {}))
+    for label, inputs in seeded_inputs(ref_model, cfg):
         ref_inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
         gpu_inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         report.checks.append(
