@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import ops  # noqa: F401  (registers torch.ops.blrdeploy.*)
 from .budget import BudgetChoice, choose_blocks_and_rank
 from .checkpoint import CheckpointError, load, save
 from .convert import ConvertConfig, convert

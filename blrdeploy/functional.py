@@ -1,7 +1,9 @@
-"""The PyTorch reference of each structure (DESIGN §3): forward and dense form, one function pair per structure.
+"""Each structure's forward, its PyTorch reference and its dense form (DESIGN §3).
 
-These are the seam the Triton kernels plug into: a module's forward calls exactly one of ``blast_linear``,
-``monarch_linear``, ``lowrank_linear``. They accept any leading dims and compute in the input's dtype.
+A module's forward calls exactly one of ``blast_linear``, ``monarch_linear``, ``lowrank_linear``: during ONNX export
+that is one opaque ``com.blrdeploy`` node, otherwise the structure's op ``torch.ops.blrdeploy.*`` (see
+:mod:`blrdeploy.ops`), which runs the Triton kernels on CUDA and the ``*_reference`` function elsewhere. The
+references accept any leading dims and compute in the input's dtype.
 """
 
 from __future__ import annotations
@@ -33,13 +35,11 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def blast_linear(
+def blast_reference(
     x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p)."""
     b_in, q, _ = V.shape
-    if torch.onnx.is_in_onnx_export():
-        return _onnx_node("BlastLinear", x, [U, S, V], U.shape[0] * U.shape[1], bias)
     xf = _flatten(x, b_in * q)
     z = torch.einsum("njq,jqr->njr", xf.view(-1, b_in, q), V)  # V stage
     w = torch.einsum("njr,ijr->nir", z, S)  # S stage: per-rank mixing across blocks
@@ -53,13 +53,11 @@ def blast_to_dense(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.T
     return torch.einsum("ipr,ijr,jqr->ipjq", U, S, V).reshape(b_out * p, b_in * q)
 
 
-def monarch_linear(
+def monarch_reference(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """w1 (b, R, in/b), w2 (b, out/b, R); output rows interleaved: y[s*b + l] comes from block l."""
     b, R, in_blk = w1.shape
-    if torch.onnx.is_in_onnx_export():
-        return _onnx_node("MonarchLinear", x, [w1, w2], b * w2.shape[1], bias)
     xf = _flatten(x, b * in_blk)
     n = xf.shape[0]
     h = torch.einsum("nkp,kqp->nkq", xf.view(n, b, in_blk), w1).reshape(n, b * R)
@@ -79,13 +77,38 @@ def monarch_to_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(out_blk * b, b * in_blk)
 
 
-def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def lowrank_reference(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """U (out, r), V (in, r): y = (x @ V) @ U.T."""
-    if torch.onnx.is_in_onnx_export():
-        return _onnx_node("LowRankLinear", x, [U, V], U.shape[0], bias)
     xf = _flatten(x, V.shape[0])
     return _finish((xf @ V) @ U.T, x, bias)
 
 
 def lowrank_to_dense(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return U @ V.T
+
+
+def blast_linear(
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p)."""
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_node("BlastLinear", x, [U, S, V], U.shape[0] * U.shape[1], bias)
+    return torch.ops.blrdeploy.blast_linear(x, U, S, V, bias)
+
+
+def monarch_linear(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """w1 (b, R, in/b), w2 (b, out/b, R); output rows interleaved: y[s*b + l] comes from block l."""
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_node("MonarchLinear", x, [w1, w2], w1.shape[0] * w2.shape[1], bias)
+    return torch.ops.blrdeploy.monarch_linear(x, w1, w2, bias)
+
+
+def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """U (out, r), V (in, r): y = (x @ V) @ U.T."""
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_node("LowRankLinear", x, [U, V], U.shape[0], bias)
+    return torch.ops.blrdeploy.lowrank_linear(x, U, V, bias)

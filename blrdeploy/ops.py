@@ -1,0 +1,108 @@
+"""One ``torch.library`` op per structure: ``blrdeploy::blast_linear``, ``::monarch_linear``, ``::lowrank_linear``.
+
+Each runs the Triton kernels on CUDA (float16, bfloat16, float32) and the PyTorch reference everywhere else, has a
+fake implementation so ``torch.compile`` (CUDA graphs included) and ``torch.export`` see through it, and a backward
+that differentiates the reference, so converted models can still be fine-tuned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import functional as F
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels():
+    from .kernels import launch  # imported on first CUDA call: CPU-only use never loads Triton
+
+    return launch
+
+
+def _on_kernels(reference: Callable, launcher_name: str, x: torch.Tensor, factors, bias, out_features: int):
+    if x.dtype not in _KERNEL_DTYPES:
+        return reference(x, *factors, bias)
+    in_features = x.shape[-1]
+    x2 = x.reshape(-1, in_features)
+    y = getattr(_kernels(), launcher_name)(x2, *factors, bias)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _register_autograd(op, reference: Callable, n_factors: int) -> None:
+    """Backward through the reference: recompute its graph on the saved inputs and differentiate it."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[: 1 + n_factors], *(inputs[-1:] if inputs[-1] is not None else []))
+        ctx.has_bias = inputs[-1] is not None
+
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        args = [t.detach().requires_grad_(t.requires_grad or ctx.needs_input_grad[i]) for i, t in enumerate(saved)]
+        bias = args[-1] if ctx.has_bias else None
+        with torch.enable_grad():
+            y = reference(*args[: 1 + n_factors], bias)
+        wanted = [a for a in args if a.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
+        out = [next(grads) if a.requires_grad else None for a in args]
+        return (*out[: 1 + n_factors], out[-1] if ctx.has_bias else None)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+@torch.library.custom_op("blrdeploy::blast_linear", mutates_args=())
+def blast_linear(
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return F.blast_reference(x, U, S, V, bias)
+
+
+@blast_linear.register_kernel("cuda")
+def _(x, U, S, V, bias):
+    return _on_kernels(F.blast_reference, "blast_forward", x, (U, S, V), bias, U.shape[0] * U.shape[1])
+
+
+@blast_linear.register_fake
+def _(x, U, S, V, bias):
+    return _fake(x, U.shape[0] * U.shape[1])
+
+
+@torch.library.custom_op("blrdeploy::monarch_linear", mutates_args=())
+def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.monarch_reference(x, w1, w2, bias)
+
+
+@monarch_linear.register_kernel("cuda")
+def _(x, w1, w2, bias):
+    return _on_kernels(F.monarch_reference, "monarch_forward", x, (w1, w2), bias, w1.shape[0] * w2.shape[1])
+
+
+@monarch_linear.register_fake
+def _(x, w1, w2, bias):
+    return _fake(x, w1.shape[0] * w2.shape[1])
+
+
+@torch.library.custom_op("blrdeploy::lowrank_linear", mutates_args=())
+def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.lowrank_reference(x, U, V, bias)
+
+
+@lowrank_linear.register_kernel("cuda")
+def _(x, U, V, bias):
+    return _on_kernels(F.lowrank_reference, "lowrank_forward", x, (U, V), bias, U.shape[0])
+
+
+@lowrank_linear.register_fake
+def _(x, U, V, bias):
+    return _fake(x, U.shape[0])
+
+
+_register_autograd(blast_linear, F.blast_reference, 3)
+_register_autograd(monarch_linear, F.monarch_reference, 2)
+_register_autograd(lowrank_linear, F.lowrank_reference, 2)

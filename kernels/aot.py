@@ -1,0 +1,117 @@
+"""Ahead-of-time compilation of the kernels for a GPU architecture, with no GPU present.
+
+``triton.compile`` with a ``GPUTarget`` turns one specialization (dtypes, constexprs, launch config) into a cubin
+and its metadata. CI compiles every shipped config this way for sm_86, sm_87 and sm_90, because the interpreter
+accepts programs the compiler rejects; the bundle packager ships the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from .blast import blast_vs_kernel
+from .configs import Config
+from .gemm import grouped_gemm_kernel
+
+ARCHS = (86, 87, 90)
+_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One specialization of a kernel besides its launch config: element types and the structural constexprs."""
+
+    kernel: str  # "gemm" or "blast_vs"
+    dtype: str = "bfloat16"  # operands and output
+    constexprs: tuple[tuple[str, object], ...] = ()
+    intermediate_fp32: bool = False  # blast_vs: float32 partials (split > 1)
+
+
+def _jit(kernel) -> JITFunction:
+    # Under TRITON_INTERPRET=1, @triton.jit returns an interpreter wrapper; compile from the Python function.
+    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+
+
+def _signature(fn: JITFunction, dtype: str, overrides: dict[str, str]) -> dict[str, str]:
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = overrides.get(p.name, f"*{_TRITON_DTYPES[dtype]}")
+        else:
+            sig[p.name] = "i32"
+    return sig
+
+
+def compile_variant(variant: Variant, config: Config, arch: int):
+    """Compile for compute capability ``arch`` (e.g. 87); returns Triton's compiled kernel (``.asm["cubin"]``)."""
+    if variant.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"no kernels for dtype {variant.dtype}; choose from {', '.join(_TRITON_DTYPES)}")
+    constexprs = dict(variant.constexprs)
+    constexprs["IEEE"] = variant.dtype == "float32"
+    overrides: dict[str, str] = {}
+    if variant.kernel == "gemm":
+        fn = _jit(grouped_gemm_kernel)
+        constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
+        for name, value in (("A_CHUNK", 0), ("A_SPLIT", 1), ("PERM_M", 0), ("PERM_B", 0), ("HAS_BIAS", False)):
+            constexprs.setdefault(name, value)
+        if constexprs["A_SPLIT"] > 1:
+            overrides["a_ptr"] = "*fp32"
+    elif variant.kernel == "blast_vs":
+        fn = _jit(blast_vs_kernel)
+        constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
+        constexprs.setdefault("B_OUT", 16)
+        if variant.intermediate_fp32:
+            overrides["w_ptr"] = "*fp32"
+    else:
+        raise ValueError(f"unknown kernel {variant.kernel!r}")
+    src = ASTSource(fn, _signature(fn, variant.dtype, overrides), constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def shipped() -> list[tuple[int, Config, Variant]]:
+    """Every (arch, config, variant) CI compiles: each config of each architecture's space, in one specialization
+    that takes every addressing path (chunked A, permuted B rows, fused bias; float32 partials on the small-N side),
+    plus the other dtypes once."""
+    from .configs import space
+
+    cases = []
+    for arch in ARCHS:
+        for small in (True, False):
+            for cfg in space("gemm", arch, small=small):
+                c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True))
+                cases.append((arch, cfg, Variant("gemm", "bfloat16", c + ((("A_SPLIT", 4),) if small else ()))))
+            for cfg in space("blast_vs", arch, small=small):
+                cases.append((arch, cfg, Variant("blast_vs", "bfloat16", intermediate_fp32=cfg.split > 1)))
+    cases.append((90, space("gemm", 90, small=False)[0], Variant("gemm", "float16")))
+    cases.append((90, space("blast_vs", 90, small=False)[0], Variant("blast_vs", "float32")))
+    return cases
+
+
+def check_shipped() -> list[dict]:
+    """Compile everything :func:`shipped` lists; one summary per case (an ``error`` instead of a cubin when the
+    compiler refuses). Run it in a process without TRITON_INTERPRET: under the interpreter nothing compiles."""
+    results = []
+    for arch, cfg, variant in shipped():
+        row = {"arch": arch, "kernel": variant.kernel, "dtype": variant.dtype, "config": cfg.to_dict()}
+        try:
+            compiled = compile_variant(variant, cfg, arch)
+        except Exception as e:  # reported per case, so one failure does not hide the others
+            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+        else:
+            row.update(
+                elf=compiled.asm["cubin"][:4] == b"\x7fELF",
+                target_arch=compiled.metadata.target.arch,
+                num_warps=compiled.metadata.num_warps,
+                shared=compiled.metadata.shared,
+                wgmma="wgmma" in compiled.asm["ptx"],
+            )
+        results.append(row)
+    return results

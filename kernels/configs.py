@@ -1,0 +1,146 @@
+"""Launch configurations: the curated space per architecture, the token buckets, and the table of chosen ones.
+
+A config is what Triton specializes a kernel on besides dtypes: tile sizes, warps, pipeline stages, and for
+BLAST's fused V+S kernel how many programs share the input blocks (``split``). The table maps a key (kernel,
+layer shape, dtype, token bucket) to the config chosen for it: measured by :func:`blrdeploy.kernels.tune`, or
+read from a file (a bundle ships one per target), else the heuristic default of the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TABLE_FORMAT = 1
+BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)  # a token count N is served by the first bucket >= N
+SMALL_N = 16  # up to here the layer is memory-bound: few token rows, split the work over weights instead
+
+
+@dataclass(frozen=True)
+class Config:
+    BM: int  # token rows per program
+    BN: int  # output columns (grouped GEMM) or ranks (BLAST V+S) per program
+    BK: int  # reduction step
+    num_warps: int
+    num_stages: int
+    split: int = 1  # BLAST V+S only: programs sharing the input blocks (each writes a float32 partial)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        try:
+            return cls(**{k: int(v) for k, v in d.items()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"not a kernel config: {d!r} ({e})") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bucket(n: int) -> int:
+    for b in BUCKETS:
+        if n <= b:
+            return b
+    return BUCKETS[-1]
+
+
+# The curated spaces. Every entry is compiled ahead of time for sm_86/87/90 in CI, so keep them few.
+# Small N: narrow tiles, many programs over the weights. Large N: tensor-core tiles.
+# sm_86 (A40) and sm_87 (Orin) have 100/164 KB of shared memory per block against sm_90's 227 KB: fewer stages.
+_GEMM_SMALL = [Config(16, 32, 128, 4, 4), Config(16, 64, 64, 4, 4), Config(16, 32, 64, 2, 4)]
+_GEMM_LARGE_90 = [
+    Config(128, 128, 64, 8, 3),
+    Config(128, 256, 64, 8, 3),
+    Config(64, 128, 64, 4, 4),
+    Config(128, 64, 64, 4, 4),
+]
+_GEMM_LARGE_8X = [Config(128, 128, 32, 8, 3), Config(64, 128, 64, 4, 3), Config(128, 64, 32, 4, 3)]
+_VS_SMALL = [Config(16, 32, 64, 4, 3, split=4), Config(16, 16, 128, 4, 3, split=2), Config(16, 32, 128, 4, 3, split=2)]
+_VS_LARGE_90 = [Config(64, 32, 64, 8, 3), Config(64, 16, 64, 4, 3), Config(32, 64, 64, 8, 3)]
+_VS_LARGE_8X = [Config(64, 32, 32, 8, 2), Config(64, 16, 64, 4, 2)]
+
+KERNELS = ("gemm", "blast_vs")
+
+
+def space(kernel: str, arch: int, small: bool | None = None) -> list[Config]:
+    """The configs tried for ``kernel`` on compute capability ``arch`` (e.g. 90); ``small`` picks one half."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+    hopper = arch >= 90
+    if kernel == "gemm":
+        halves = (_GEMM_SMALL, _GEMM_LARGE_90 if hopper else _GEMM_LARGE_8X)
+    else:
+        halves = (_VS_SMALL, _VS_LARGE_90 if hopper else _VS_LARGE_8X)
+    if small is None:
+        return [*halves[0], *halves[1]]
+    return list(halves[0] if small else halves[1])
+
+
+def default(kernel: str, arch: int, n: int) -> Config:
+    return space(kernel, arch, small=n <= SMALL_N)[0]
+
+
+class ConfigTable:
+    """Chosen configs by key; ``source`` says where they came from ("measured on <gpu>" or a file)."""
+
+    def __init__(self, arch: int | None = None, entries: dict[str, Config] | None = None, source: str = "") -> None:
+        self.arch = arch
+        self.entries: dict[str, Config] = dict(entries or {})
+        self.source = source
+
+    def get(self, key: str) -> Config | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, config: Config) -> None:
+        self.entries[key] = config
+
+    def to_json(self) -> dict:
+        return {
+            "format": TABLE_FORMAT,
+            "arch": self.arch,
+            "source": self.source,
+            "entries": {k: c.to_dict() for k, c in sorted(self.entries.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "config table") -> ConfigTable:
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != TABLE_FORMAT
+            or not isinstance(data.get("entries"), dict)
+        ):
+            raise ValueError(f"{where}: not a blrdeploy kernel config table (format {TABLE_FORMAT})")
+        entries = {}
+        for k, v in data["entries"].items():
+            try:
+                entries[k] = Config.from_dict(v)
+            except ValueError as e:
+                raise ValueError(f"{where}: entry {k!r}: {e}") from None
+        return cls(data.get("arch"), entries, data.get("source", ""))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomic: the file is either the old table or the complete new one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ConfigTable:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no kernel config table at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt kernel config table ({e})") from None
+        return cls.from_json(data, str(path))

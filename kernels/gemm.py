@@ -1,0 +1,71 @@
+"""The grouped GEMM every BLR stage except BLAST's first reduces to.
+
+``out[n, g, c] = sum_k A[n, g, k] * B[g, c, k] (+ bias)`` for groups g, with every operand addressed by strides so
+that no stage needs a transpose or permutation copy:
+
+* BLAST U stage: A = the mixed intermediate w (optionally the sum of split partials), B = U.
+* Monarch stage 1: B rows are read in a permuted order, so the intermediate is written in the order stage 2 wants.
+* Monarch stage 2: A is gathered in chunks from every stage-1 block; the output is stored interleaved (stride b).
+* Low-rank: two calls with one group.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, b_ptr, out_ptr, bias_ptr,
+    N, K, C,
+    s_an, s_ag, s_ak, s_ac, s_as,
+    s_bg, s_bc, s_bk,
+    s_on, s_og, s_oc,
+    s_biasg, s_biasc,
+    A_CHUNK: tl.constexpr,  # >0: reduction index k lives at chunk k // A_CHUNK (stride s_ac), offset k % A_CHUNK
+    A_SPLIT: tl.constexpr,  # A is the sum of this many partials, s_as apart (summed in fp32 while loading)
+    PERM_M: tl.constexpr,  # >0: output column c reads B row (c % PERM_M) * PERM_B + c // PERM_M
+    PERM_B: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: full-precision dot instead of tf32
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    rn = pid_n * BM + tl.arange(0, BM)
+    rc = pid_c * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    n_mask = rn < N
+    c_mask = rc < C
+    if PERM_M > 0:
+        brow = (rc % PERM_M) * PERM_B + rc // PERM_M
+    else:
+        brow = rc
+    a_base = a_ptr + g * s_ag + rn.to(tl.int64)[:, None] * s_an
+    b_base = b_ptr + g * s_bg + brow.to(tl.int64)[None, :] * s_bc
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        k_mask = kk < K
+        if A_CHUNK > 0:
+            a_koff = (kk // A_CHUNK) * s_ac + (kk % A_CHUNK) * s_ak
+        else:
+            a_koff = kk * s_ak
+        a_mask = n_mask[:, None] & k_mask[None, :]
+        a = tl.load(a_base + a_koff[None, :], mask=a_mask, other=0.0)
+        if A_SPLIT > 1:
+            a = a.to(tl.float32)
+            for s in tl.static_range(1, A_SPLIT):
+                a += tl.load(a_base + s * s_as + a_koff[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(b.dtype), b, acc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * s_biasg + rc * s_biasc, mask=c_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out = out_ptr + g * s_og + rn.to(tl.int64)[:, None] * s_on + rc[None, :] * s_oc
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])

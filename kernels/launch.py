@@ -1,0 +1,254 @@
+"""Launchers: one forward per structure, each a fixed sequence of the two kernels with strides set up so that no
+stage copies, transposes or permutes a tensor. Inputs are 2-D ``(N, in)`` with any strides; the factors are in
+their canonical layouts (DESIGN §3) and in the input's dtype.
+
+Configs come from the active :class:`ConfigTable` (see :func:`use_table`), else, while :func:`tuning` is on, from
+timing the curated space on the GPU at hand, else from the bucket's heuristic default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+import triton
+
+from .blast import blast_vs_kernel
+from .configs import SMALL_N, Config, ConfigTable, bucket, default, space
+from .gemm import grouped_gemm_kernel
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_state = threading.local()
+_table = ConfigTable()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_table(table: ConfigTable) -> ConfigTable:
+    """Make ``table`` the one configs are looked up in (and tuned into); returns the previous one."""
+    global _table
+    previous, _table = _table, table
+    return previous
+
+
+def active_table() -> ConfigTable:
+    return _table
+
+
+@contextlib.contextmanager
+def tuning(enabled: bool = True) -> Iterator[None]:
+    """While on, a key missing from the table is tuned on the spot (time every candidate, keep the fastest).
+    Never turn it on inside CUDA-graph capture or torch.compile tracing: tuning launches and synchronizes."""
+    previous = getattr(_state, "tuning", False)
+    _state.tuning = enabled
+    try:
+        yield
+    finally:
+        _state.tuning = previous
+
+
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90  # the interpreter: any config runs
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+@contextlib.contextmanager
+def forced(**configs: Config) -> Iterator[None]:
+    """Use these configs (by kernel: ``gemm=``, ``blast_vs=``) whatever the table says: for tests and benchmarks."""
+    previous = getattr(_state, "forced", {})
+    _state.forced = {**previous, **configs}
+    try:
+        yield
+    finally:
+        _state.forced = previous
+
+
+def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every buffer a launcher writes comes from here (tests poison them to prove every element is written)."""
+    return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+
+
+def _choose(kernel: str, key: str, n: int, device: torch.device, run: Callable[[Config], None]) -> Config:
+    force = getattr(_state, "forced", {}).get(kernel)
+    if force is not None:
+        return force
+    full_key = f"{kernel}|{key}|N{bucket(n)}"
+    found = _table.get(full_key)
+    if found is not None:
+        return found
+    arch = _arch(device)
+    if not getattr(_state, "tuning", False) or device.type != "cuda":
+        return default(kernel, arch, n)
+    from triton.testing import do_bench
+
+    best, best_ms = None, float("inf")
+    for cfg in space(kernel, arch, small=n <= SMALL_N):
+        try:
+            ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
+        except Exception:  # a config the compiler or the chip refuses (e.g. shared memory): not a candidate
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no launch config of {kernel} runs for {key} at N={n} on sm_{arch}")
+    _table.put(full_key, best)
+    return best
+
+
+def _check(
+    x: torch.Tensor, factors: dict[str, torch.Tensor], expected: dict[str, tuple], bias: torch.Tensor | None, out: int
+) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"kernels take 2-D input (N, in); got shape {tuple(x.shape)}")
+    for name, shape in {"x": (x.shape[0], *expected.pop("x")), **expected}.items():
+        actual = tuple(x.shape if name == "x" else factors[name].shape)
+        if actual != tuple(shape):
+            raise ValueError(f"{name} has shape {actual}; the other factors imply {tuple(shape)}")
+    if bias is not None and tuple(bias.shape) != (out,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; the layer has {out} outputs")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"kernels run float16, bfloat16 and float32; got {x.dtype}")
+    for name, t in {**factors, **({} if bias is None else {"bias": bias})}.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but the input is {x.dtype}: cast the layer or the input")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+    if bias is not None and bias.stride(0) != 1:
+        raise ValueError("bias must be contiguous")
+
+
+def _gemm(
+    a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config,
+    bias=None, bias_strides=(0, 0), a_chunk=0, a_split=1, perm=(0, 0),
+) -> None:  # fmt: skip
+    grid = (triton.cdiv(N, cfg.BM), triton.cdiv(C, cfg.BN), G)
+    grouped_gemm_kernel[grid](
+        a, b, out, bias if bias is not None else out,
+        N, K, C,
+        *a_strides, *b_strides, *out_strides, *bias_strides,
+        A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
+        HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _dtype_key(x: torch.Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def blast_forward(
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p)."""
+    b_out, p, r = U.shape
+    b_in, q = V.shape[:2]
+    _check(x, {"U": U, "S": S, "V": V}, {"x": (b_in * q,), "S": (b_out, b_in, r), "V": (b_in, q, r)}, bias, b_out * p)
+    N = x.shape[0]
+    y = _empty((N, b_out * p), x)
+    if N == 0:
+        return y
+    shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"
+
+    def vs(cfg: Config) -> torch.Tensor:
+        per = triton.cdiv(b_in, max(1, min(cfg.split, b_in)))
+        split = triton.cdiv(b_in, per)
+        w = _empty((split, N, b_out, r), x, torch.float32 if split > 1 else None)
+        grid = (triton.cdiv(N, cfg.BM), triton.cdiv(r, cfg.BN), split)
+        blast_vs_kernel[grid](
+            x, V, S, w,
+            N, q, r, b_in, b_out, per,
+            x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(),
+            B_OUT=triton.next_power_of_2(b_out), IEEE=x.dtype == torch.float32,
+            BM=cfg.BM, BR=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return w
+
+    def u(w: torch.Tensor, cfg: Config) -> None:
+        _gemm(
+            w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
+            y, (y.stride(0), p, 1), N=N, K=r, C=p, G=b_out, cfg=cfg,
+            bias=bias, bias_strides=(p, 1), a_split=w.shape[0],
+        )  # fmt: skip
+
+    vs_cfg = _choose("blast_vs", shape_key, N, x.device, lambda c: u(vs(c), default("gemm", _arch(x.device), N)))
+    w = vs(vs_cfg)
+    u_cfg = _choose("gemm", f"blast_u|{shape_key}|split{w.shape[0]}", N, x.device, lambda c: u(w, c))
+    u(w, u_cfg)
+    return y
+
+
+def monarch_forward(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (N, b*in_blk); w1 (b, R, in_blk), w2 (b, out_blk, R) -> (N, out_blk*b), outputs interleaved (DESIGN §3).
+
+    Stage 1 reads w1's rows in the order l*m + u <- u*b + l (m = R/b), so block k's output is stored grouped by the
+    stage-2 block l it feeds; stage 2 then gathers its input as b contiguous chunks of m, one from each stage-1
+    block, and stores output s of block l at column s*b + l. The permutation costs no pass over memory."""
+    b, R, in_blk = w1.shape
+    out_blk = w2.shape[1]
+    _check(x, {"w1": w1, "w2": w2}, {"x": (b * in_blk,), "w2": (b, out_blk, R)}, bias, b * out_blk)
+    if R % b:
+        raise ValueError(f"Monarch width R={R} must be a multiple of the number of blocks b={b}")
+    m = R // b
+    N = x.shape[0]
+    y = _empty((N, out_blk * b), x)
+    if N == 0:
+        return y
+    h = _empty((N, b, R), x)
+    shape_key = f"b{b}|{in_blk}->{out_blk}|R{R}|{_dtype_key(x)}"
+
+    def stage1(cfg: Config) -> None:
+        _gemm(
+            x, (x.stride(0), in_blk * x.stride(1), x.stride(1), 0, 0), w1, w1.stride(),
+            h, h.stride(), N=N, K=in_blk, C=R, G=b, cfg=cfg, perm=(m, b),
+        )  # fmt: skip
+
+    def stage2(cfg: Config) -> None:
+        _gemm(
+            h, (h.stride(0), m, 1, R, 0), w2, w2.stride(),
+            y, (y.stride(0), 1, b), N=N, K=R, C=out_blk, G=b, cfg=cfg,
+            bias=bias, bias_strides=(1, b), a_chunk=m,
+        )  # fmt: skip
+
+    stage1(_choose("gemm", f"monarch_1|{shape_key}", N, x.device, stage1))
+    stage2(_choose("gemm", f"monarch_2|{shape_key}", N, x.device, stage2))
+    return y
+
+
+def lowrank_forward(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (N, in); U (out, r), V (in, r) -> (N, out)."""
+    out_f, r = U.shape
+    in_f = V.shape[0]
+    _check(x, {"U": U, "V": V}, {"x": (in_f,), "V": (in_f, r)}, bias, out_f)
+    N = x.shape[0]
+    y = _empty((N, out_f), x)
+    if N == 0:
+        return y
+    t = _empty((N, r), x)
+    shape_key = f"{in_f}->{out_f}|r{r}|{_dtype_key(x)}"
+
+    def stage1(cfg: Config) -> None:
+        _gemm(
+            x, (x.stride(0), 0, x.stride(1), 0, 0), V, (0, V.stride(1), V.stride(0)),
+            t, (t.stride(0), 0, 1), N=N, K=in_f, C=r, G=1, cfg=cfg,
+        )  # fmt: skip
+
+    def stage2(cfg: Config) -> None:
+        _gemm(
+            t, (t.stride(0), 0, 1, 0, 0), U, (0, U.stride(0), U.stride(1)),
+            y, (y.stride(0), 0, 1), N=N, K=r, C=out_f, G=1, cfg=cfg, bias=bias, bias_strides=(0, 1),
+        )  # fmt: skip
+
+    stage1(_choose("gemm", f"lowrank_1|{shape_key}", N, x.device, stage1))
+    stage2(_choose("gemm", f"lowrank_2|{shape_key}", N, x.device, stage2))
+    return y

@@ -1,0 +1,167 @@
+"""Kernels against the float64 reference: on the GPU when there is one, else under Triton's interpreter.
+
+Every buffer a launcher allocates is poisoned with NaN first, so an element the kernels never write fails the
+check; inputs are fresh random draws with odd sizes that no tile divides, and strided (non-contiguous) rows.
+"""
+
+import json
+
+import pytest
+import torch
+from blrdeploy.kernels import Config, ConfigTable, configs, launch
+from conftest import assert_rel_close
+
+from blrdeploy import functional as F
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    real = launch._empty
+
+    def empty(shape, like, dtype=None):
+        return real(shape, like, dtype).fill_(float("nan"))
+
+    monkeypatch.setattr(launch, "_empty", empty)
+
+
+def _rand(gen, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def _strided_input(gen, n, features, dtype):
+    """Rows 3 elements longer than the layer's input, so x is a non-contiguous view."""
+    return _rand(gen, n, features + 3, dtype=dtype)[:, :features]
+
+
+def _blast(gen, dtype, n, b_in, q, b_out, p, r, bias=True):
+    x = _strided_input(gen, n, b_in * q, dtype)
+    U = _rand(gen, b_out, p, r, dtype=dtype, scale=r**-0.5)
+    S = _rand(gen, b_out, b_in, r, dtype=dtype)
+    V = _rand(gen, b_in, q, r, dtype=dtype, scale=(b_in * q) ** -0.5)
+    b = _rand(gen, b_out * p, dtype=dtype) if bias else None
+    return launch.blast_forward, F.blast_reference, (x, U, S, V, b)
+
+
+def _monarch(gen, dtype, n, b, R, in_blk, out_blk, bias=True):
+    x = _strided_input(gen, n, b * in_blk, dtype)
+    w1 = _rand(gen, b, R, in_blk, dtype=dtype, scale=in_blk**-0.5)
+    w2 = _rand(gen, b, out_blk, R, dtype=dtype, scale=R**-0.5)
+    bb = _rand(gen, b * out_blk, dtype=dtype) if bias else None
+    return launch.monarch_forward, F.monarch_reference, (x, w1, w2, bb)
+
+
+def _lowrank(gen, dtype, n, in_f, out_f, r, bias=True):
+    x = _strided_input(gen, n, in_f, dtype)
+    U = _rand(gen, out_f, r, dtype=dtype, scale=r**-0.5)
+    V = _rand(gen, in_f, r, dtype=dtype, scale=in_f**-0.5)
+    b = _rand(gen, out_f, dtype=dtype) if bias else None
+    return launch.lowrank_forward, F.lowrank_reference, (x, U, V, b)
+
+
+CASES = {
+    "blast-1tok": lambda g, dt: _blast(g, dt, 1, 3, 20, 2, 24, 17),
+    "blast-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False),
+    "blast-b5": lambda g, dt: _blast(g, dt, 19, 5, 16, 5, 16, 48),
+    "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
+    "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
+    "monarch-b4": lambda g, dt: _monarch(g, dt, 70, 4, 32, 16, 24),
+    "lowrank-1tok": lambda g, dt: _lowrank(g, dt, 1, 30, 21, 5),
+    "lowrank-odd": lambda g, dt: _lowrank(g, dt, 41, 19, 26, 12, bias=False),
+}
+
+
+def _check(fn, ref, args, dtype, what):
+    out = fn(*args)
+    expected = ref(*(a.double() if a is not None else None for a in args))
+    assert_rel_close(out, expected, TOL[dtype], what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_match_float64(case, dtype, gen):
+    fn, ref, args = CASES[case](gen, dtype)
+    _check(fn, ref, args, dtype, f"{case} {dtype}")
+
+
+def _every_config():
+    seen = []
+    for kernel in configs.KERNELS:
+        for arch in (86, 90):
+            for cfg in configs.space(kernel, arch):
+                if (kernel, cfg) not in seen:
+                    seen.append((kernel, cfg))
+    return seen
+
+
+@pytest.mark.parametrize("kernel,cfg", _every_config(), ids=lambda v: v if isinstance(v, str) else repr(v)[7:-1])
+def test_every_config(kernel, cfg, gen):
+    """Each shipped launch config computes the same function (float16: the dtype the interpreter can run)."""
+    dtype = torch.float16
+    cases = ["blast-odd", "blast-b5"] if kernel == "blast_vs" else ["blast-1tok", "monarch-b4", "lowrank-odd"]
+    with launch.forced(**{kernel: cfg}):
+        for case in cases:
+            fn, ref, args = CASES[case](gen, dtype)
+            _check(fn, ref, args, dtype, f"{case} with {kernel} {cfg}")
+
+
+def test_bad_inputs_are_refused(gen):
+    fn, _, (x, U, S, V, b) = CASES["blast-odd"](gen, torch.float32)
+    with pytest.raises(ValueError, match="x has shape"):
+        fn(x[:, :-1], U, S, V, b)
+    with pytest.raises(ValueError, match="S has shape"):
+        fn(x, U, S[:, :-1], V, b)
+    with pytest.raises(ValueError, match="bias has shape"):
+        fn(x, U, S, V, torch.zeros(5, device=DEVICE))
+    with pytest.raises(TypeError, match="U is torch.float16 but the input is torch.float32"):
+        fn(x, U.half(), S, V, b)
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        fn(x.double(), U.double(), S.double(), V.double(), b)
+    with pytest.raises(ValueError, match="2-D input"):
+        fn(x[None], U, S, V, b)
+    _, _, (x, w1, w2, bb) = CASES["monarch-odd"](gen, torch.float32)
+    with pytest.raises(ValueError, match="w2 has shape"):
+        launch.monarch_forward(x, w1, w2[:, :, :-1], bb)
+
+
+def test_zero_tokens(gen):
+    fn, _, (x, U, S, V, b) = CASES["blast-odd"](gen, torch.float32)
+    assert fn(x[:0], U, S, V, b).shape == (0, U.shape[0] * U.shape[1])
+
+
+def test_config_table_round_trip_and_corrupt_file(tmp_path):
+    table = ConfigTable(90, {"gemm|k|N16": Config(16, 32, 64, 4, 3)}, source="test")
+    path = tmp_path / "configs.json"
+    table.save(path)
+    again = ConfigTable.load(path)
+    assert again.entries == table.entries and again.arch == 90 and again.source == "test"
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(ValueError, match="corrupt kernel config table"):
+        ConfigTable.load(path)
+    path.write_text(json.dumps({"format": 1, "entries": {"k": {"BM": "x"}}}))
+    with pytest.raises(ValueError, match="entry 'k'"):
+        ConfigTable.load(path)
+
+
+def test_table_entry_is_used(gen):
+    """A config from the table is the one launched: a deliberately invalid one (BK not a power of two) fails."""
+    fn, _, args = CASES["lowrank-odd"](gen, torch.float32)
+    key = f"gemm|lowrank_1|19->26|r12|float32|N{configs.bucket(41)}"
+    previous = launch.use_table(ConfigTable(entries={key: Config(16, 32, 24, 4, 2)}))
+    try:
+        with pytest.raises(Exception, match="power of 2"):  # noqa: B017 (interpreter and compiler differ)
+            fn(*args)
+    finally:
+        launch.use_table(previous)
+    fn(*args)
+
+
+@pytest.mark.parametrize("n", [1, 16, 200])
+def test_buckets(n):
+    b = configs.bucket(n)
+    assert b >= n and b in configs.BUCKETS
+    assert configs.bucket(10**6) == configs.BUCKETS[-1]
