@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import time
 
 import torch
+from common import commit
 
 from blrdeploy import BlastLinear, LowRankLinear, MonarchLinear
 
@@ -25,15 +24,6 @@ LAYERS = [
     ("llama7b.up 11008x4096", 11008, 4096, 16, 1488, 1536),
 ]
 SMALL = [("smoke 512x512", 512, 512, 4, 64, 64)]
-
-
-def commit() -> str:
-    if os.environ.get("BLR_COMMIT"):
-        return os.environ["BLR_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def timed(fn, device):

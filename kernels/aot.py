@@ -59,14 +59,17 @@ def compile_variant(variant: Variant, config: Config, arch: int):
     if variant.kernel == "gemm":
         fn = _jit(grouped_gemm_kernel)
         constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
-        for name, value in (("A_CHUNK", 0), ("A_SPLIT", 1), ("PERM_M", 0), ("PERM_B", 0), ("HAS_BIAS", False)):
+        defaults = (("A_CHUNK", 0), ("A_SPLIT", 1), ("PERM_M", 0), ("PERM_B", 0), ("HAS_BIAS", False), ("WAIT", False))
+        for name, value in defaults:
             constexprs.setdefault(name, value)
+        constexprs.setdefault("LAUNCH_DEPS", False)
         if constexprs["A_SPLIT"] > 1:
             overrides["a_ptr"] = "*fp32"
     elif variant.kernel == "blast_vs":
         fn = _jit(blast_vs_kernel)
         constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
         constexprs.setdefault("B_OUT", 16)
+        constexprs.setdefault("LAUNCH_DEPS", False)
         if variant.intermediate_fp32:
             overrides["w_ptr"] = "*fp32"
     else:
@@ -80,16 +83,21 @@ def shipped() -> list[tuple[int, Config, Variant]]:
     """Every (arch, config, variant) CI compiles: each config of each architecture's space, in one specialization
     that takes every addressing path (chunked A, permuted B rows, fused bias; float32 partials on the small-N side),
     plus the other dtypes once."""
-    from .configs import space
+    from .configs import VS_ACC_LIMIT, space
 
     cases = []
     for arch in ARCHS:
+        pdl = arch >= 90  # dependent launch (griddepcontrol) exists from sm_90 on
         for small in (True, False):
             for cfg in space("gemm", arch, small=small):
                 c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True))
-                cases.append((arch, cfg, Variant("gemm", "bfloat16", c + ((("A_SPLIT", 4),) if small else ()))))
+                if small:
+                    c += (("A_SPLIT", 4), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
+                cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
             for cfg in space("blast_vs", arch, small=small):
-                cases.append((arch, cfg, Variant("blast_vs", "bfloat16", intermediate_fp32=cfg.split > 1)))
+                b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
+                c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl))
+                cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
     cases.append((90, space("gemm", 90, small=False)[0], Variant("gemm", "float16")))
     cases.append((90, space("blast_vs", 90, small=False)[0], Variant("blast_vs", "float32")))
     return cases

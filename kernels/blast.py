@@ -5,6 +5,10 @@ cores into the running mix ``w[i] += S[i, j] * z_j`` for every output block i, h
 (B_OUT, BM, BR) accumulator. Recomputing z per output block would multiply the V stage's FLOPs by b_out; holding
 all b_out accumulators instead bounds BM*BR, which is what the tile configs trade.
 
+The (block, reduction step) pairs form one flat loop, so the software pipeline keeps weight loads in flight across
+block boundaries; the mix is applied per step, which is the same sum (it is linear) and costs nothing extra when a
+block's q rows fit one step (BK >= q), the usual case.
+
 For few tokens the input blocks are split over SPLIT programs (grid axis 2) that each write a float32 partial of
 w; the U stage sums the partials while loading them, so the small-N path needs no atomics and no zeroing launch.
 """
@@ -13,20 +17,27 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 
 @triton.jit
 def blast_vs_kernel(
+    # operands: x (N, b_in*q), V (b_in, q, r), S (b_out, b_in, r), w (split, N, b_out, r)
     x_ptr, v_ptr, s_ptr, w_ptr,
+    # sizes; J_PER_SPLIT input blocks per program on grid axis 2
     N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
+    # strides
     s_xn, s_xk,
     s_vj, s_vq, s_vr,
     s_si, s_sj, s_sr,
     s_ws, s_wn, s_wi, s_wr,
     B_OUT: tl.constexpr,  # b_out rounded up to a power of two
     IEEE: tl.constexpr,
+    LAUNCH_DEPS: tl.constexpr,  # let the U stage's programs launch now (they wait for w)
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
+    if LAUNCH_DEPS:
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -36,28 +47,29 @@ def blast_vs_kernel(
     ri = tl.arange(0, B_OUT)
     n_mask = rn < N
     r_mask = rr < R
+    i_mask = ri < B_OUT_REAL
     x_base = x_ptr + rn.to(tl.int64)[:, None] * s_xn
     acc = tl.zeros((B_OUT, BM, BR), dtype=tl.float32)
     j_start = pid_s * J_PER_SPLIT
-    j_end = tl.minimum(j_start + J_PER_SPLIT, B_IN)
-    for j in range(j_start, j_end):
-        z = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, Q, BK):
-            kk = k0 + rk
-            k_mask = kk < Q
-            xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            vb = tl.load(
-                v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
-                mask=k_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            if IEEE:
-                z = tl.dot(xa, vb, z, input_precision="ieee")
-            else:
-                z = tl.dot(xa, vb, z)
+    k_steps = tl.cdiv(Q, BK)
+    n_steps = (tl.minimum(j_start + J_PER_SPLIT, B_IN) - j_start) * k_steps
+    for t in range(0, n_steps):
+        j = j_start + t // k_steps
+        kk = (t % k_steps) * BK + rk
+        k_mask = kk < Q
+        xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        vb = tl.load(
+            v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
+            mask=k_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            z = tl.dot(xa, vb, input_precision="ieee")
+        else:
+            z = tl.dot(xa, vb)
         s = tl.load(
             s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr,
-            mask=(ri[:, None] < B_OUT_REAL) & r_mask[None, :],
+            mask=i_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
         acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
@@ -68,5 +80,5 @@ def blast_vs_kernel(
         + ri[:, None, None] * s_wi
         + rr[None, None, :] * s_wr
     )
-    mask = (ri[:, None, None] < B_OUT_REAL) & n_mask[None, :, None] & r_mask[None, None, :]
+    mask = i_mask[:, None, None] & n_mask[None, :, None] & r_mask[None, None, :]
     tl.store(w, acc.to(w_ptr.dtype.element_ty), mask=mask)

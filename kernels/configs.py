@@ -1,9 +1,9 @@
 """Launch configurations: the curated space per architecture, the token buckets, and the table of chosen ones.
 
-A config is what Triton specializes a kernel on besides dtypes: tile sizes, warps, pipeline stages, and for
-BLAST's fused V+S kernel how many programs share the input blocks (``split``). The table maps a key (kernel,
-layer shape, dtype, token bucket) to the config chosen for it: measured by :func:`blrdeploy.kernels.tune`, or
-read from a file (a bundle ships one per target), else the heuristic default of the bucket.
+A config is what Triton specializes a kernel on besides dtypes: tile sizes, warps, pipeline stages, and how many
+programs share one reduction (``split``). The table maps a key (kernel, layer shape, dtype, token bucket) to the
+config chosen for it: timed on the GPU at hand while :func:`blrdeploy.kernels.tuning` is on, or read from a file
+(a bundle ships one per target), else the heuristic default of the bucket.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class Config:
     BK: int  # reduction step
     num_warps: int
     num_stages: int
-    split: int = 1  # BLAST V+S only: programs sharing the input blocks (each writes a float32 partial)
+    # Programs sharing one reduction, each writing a float32 partial that the next stage sums while loading:
+    # BLAST V+S splits the input blocks, a small-N GEMM producer its reduction. 0 = enough to fill the GPU.
+    split: int = 1
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -47,9 +49,15 @@ def bucket(n: int) -> int:
 
 
 # The curated spaces. Every entry is compiled ahead of time for sm_86/87/90 in CI, so keep them few.
-# Small N: narrow tiles, many programs over the weights. Large N: tensor-core tiles.
+# Small N: 16-row tiles (the tensor cores' minimum), narrow columns and long reduction steps, so ~130 programs each
+# stream a contiguous share of the weights with few loop trips. Large N: tensor-core tiles.
 # sm_86 (A40) and sm_87 (Orin) have 100/164 KB of shared memory per block against sm_90's 227 KB: fewer stages.
-_GEMM_SMALL = [Config(16, 32, 128, 4, 4), Config(16, 64, 64, 4, 4), Config(16, 32, 64, 2, 4)]
+_GEMM_SMALL = [
+    Config(16, 32, 256, 4, 3, split=0),
+    Config(16, 64, 128, 4, 4, split=0),
+    Config(16, 32, 512, 4, 2, split=0),
+    Config(16, 64, 256, 4, 3, split=1),
+]
 _GEMM_LARGE_90 = [
     Config(128, 128, 64, 8, 3),
     Config(128, 256, 64, 8, 3),
@@ -57,15 +65,33 @@ _GEMM_LARGE_90 = [
     Config(128, 64, 64, 4, 4),
 ]
 _GEMM_LARGE_8X = [Config(128, 128, 32, 8, 3), Config(64, 128, 64, 4, 3), Config(128, 64, 32, 4, 3)]
-_VS_SMALL = [Config(16, 32, 64, 4, 3, split=4), Config(16, 16, 128, 4, 3, split=2), Config(16, 32, 128, 4, 3, split=2)]
-_VS_LARGE_90 = [Config(64, 32, 64, 8, 3), Config(64, 16, 64, 4, 3), Config(32, 64, 64, 8, 3)]
-_VS_LARGE_8X = [Config(64, 32, 32, 8, 2), Config(64, 16, 64, 4, 2)]
+# BLAST V+S holds b_out accumulators of BM x BR: the large tiles are filtered by VS_ACC_LIMIT for the layer's b_out.
+_VS_SMALL = [
+    Config(16, 64, 256, 4, 3, split=0),
+    Config(16, 32, 256, 4, 3, split=0),
+    Config(16, 64, 128, 4, 4, split=2),
+    Config(16, 16, 256, 4, 3, split=2),
+]
+_VS_LARGE_90 = [
+    Config(64, 32, 128, 8, 3),
+    Config(32, 64, 128, 8, 3),
+    Config(64, 32, 256, 8, 2),
+    Config(64, 64, 128, 8, 3),
+    Config(128, 64, 64, 8, 3),
+]
+_VS_LARGE_8X = [Config(64, 32, 64, 8, 2), Config(32, 64, 64, 4, 2), Config(64, 64, 64, 8, 2)]
+VS_ACC_LIMIT = 32768  # b_out_pow2 * BM * BR fp32 accumulators: 128 registers a thread at 8 warps
 
 KERNELS = ("gemm", "blast_vs")
 
 
-def space(kernel: str, arch: int, small: bool | None = None) -> list[Config]:
-    """The configs tried for ``kernel`` on compute capability ``arch`` (e.g. 90); ``small`` picks one half."""
+def vs_fits(cfg: Config, b_out_pow2: int) -> bool:
+    return b_out_pow2 * cfg.BM * cfg.BN <= VS_ACC_LIMIT
+
+
+def space(kernel: str, arch: int, small: bool | None = None, b_out_pow2: int | None = None) -> list[Config]:
+    """The configs tried for ``kernel`` on compute capability ``arch`` (e.g. 90); ``small`` picks one half;
+    ``b_out_pow2`` drops the BLAST V+S tiles whose accumulators would not fit for that many output blocks."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
     hopper = arch >= 90
@@ -73,13 +99,14 @@ def space(kernel: str, arch: int, small: bool | None = None) -> list[Config]:
         halves = (_GEMM_SMALL, _GEMM_LARGE_90 if hopper else _GEMM_LARGE_8X)
     else:
         halves = (_VS_SMALL, _VS_LARGE_90 if hopper else _VS_LARGE_8X)
-    if small is None:
-        return [*halves[0], *halves[1]]
-    return list(halves[0] if small else halves[1])
+    configs = [*halves[0], *halves[1]] if small is None else list(halves[0] if small else halves[1])
+    if kernel == "blast_vs" and b_out_pow2 is not None:
+        configs = [c for c in configs if vs_fits(c, b_out_pow2)]
+    return configs
 
 
-def default(kernel: str, arch: int, n: int) -> Config:
-    return space(kernel, arch, small=n <= SMALL_N)[0]
+def default(kernel: str, arch: int, n: int, b_out_pow2: int | None = None) -> Config:
+    return space(kernel, arch, small=n <= SMALL_N, b_out_pow2=b_out_pow2)[0]
 
 
 class ConfigTable:

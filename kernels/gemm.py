@@ -1,27 +1,59 @@
 """The grouped GEMM every BLR stage except BLAST's first reduces to.
 
-``out[n, g, c] = sum_k A[n, g, k] * B[g, c, k] (+ bias)`` for groups g, with every operand addressed by strides so
-that no stage needs a transpose or permutation copy:
+``out[s, n, g, c] = sum_{k in split s} A[n, g, k] * B[g, c, k] (+ bias)`` for groups g, with every operand
+addressed by strides so that no stage needs a transpose or permutation copy:
 
 * BLAST U stage: A = the mixed intermediate w (optionally the sum of split partials), B = U.
 * Monarch stage 1: B rows are read in a permuted order, so the intermediate is written in the order stage 2 wants.
 * Monarch stage 2: A is gathered in chunks from every stage-1 block; the output is stored interleaved (stride b).
-* Low-rank: two calls with one group.
+* Low-rank: two calls with one group; at small N the first splits its long reduction (``K_PER`` < K) into float32
+  partials that the second sums while loading A, so ~130 programs stream the weights instead of ~30.
+
+Small N (decode) is weight-bandwidth bound: a second kernel's programs launch while the first is still running
+(programmatic dependent launch on sm_90), fetch their first B tile, and only then wait for the A the first kernel
+writes (``WAIT``), so the weight stream never stops at the kernel boundary.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _load_a(a_base, kk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK: tl.constexpr, A_SPLIT: tl.constexpr):
+    if A_CHUNK > 0:
+        a_koff = (kk // A_CHUNK) * s_ac + (kk % A_CHUNK) * s_ak
+    else:
+        a_koff = kk * s_ak
+    a_mask = n_mask[:, None] & k_mask[None, :]
+    a = tl.load(a_base + a_koff[None, :], mask=a_mask, other=0.0)
+    if A_SPLIT > 1:
+        a = a.to(tl.float32)
+        for s in tl.static_range(1, A_SPLIT):
+            a += tl.load(a_base + s * s_as + a_koff[None, :], mask=a_mask, other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a.to(b.dtype), b, acc, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b, acc)
 
 
 @triton.jit
 def grouped_gemm_kernel(
+    # operands
     a_ptr, b_ptr, out_ptr, bias_ptr,
-    N, K, C,
+    # sizes: rows, reduction, columns per group; reduction length per split (programs on grid axis 2 are
+    # group * n_splits + split)
+    N, K, C, K_PER,
+    # strides: A (row, group, k, chunk, split partial), B (group, column, k), out (split, row, group, column), bias
     s_an, s_ag, s_ak, s_ac, s_as,
     s_bg, s_bc, s_bk,
-    s_on, s_og, s_oc,
+    s_os, s_on, s_og, s_oc,
     s_biasg, s_biasc,
     A_CHUNK: tl.constexpr,  # >0: reduction index k lives at chunk k // A_CHUNK (stride s_ac), offset k % A_CHUNK
     A_SPLIT: tl.constexpr,  # A is the sum of this many partials, s_as apart (summed in fp32 while loading)
@@ -29,11 +61,19 @@ def grouped_gemm_kernel(
     PERM_B: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dot instead of tf32
+    WAIT: tl.constexpr,  # dependent launch: fetch the first B tile, then wait for the kernel that writes A
+    LAUNCH_DEPS: tl.constexpr,  # let the next kernel's programs launch now (they wait for this one's writes)
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
+    if LAUNCH_DEPS:
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
+    n_splits = tl.cdiv(K, K_PER)
+    g = (tl.program_id(2) // n_splits).to(tl.int64)
+    split = tl.program_id(2) % n_splits
+    k_start = split * K_PER
+    k_end = tl.minimum(k_start + K_PER, K)
     rn = pid_n * BM + tl.arange(0, BM)
     rc = pid_c * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -46,26 +86,26 @@ def grouped_gemm_kernel(
     a_base = a_ptr + g * s_ag + rn.to(tl.int64)[:, None] * s_an
     b_base = b_ptr + g * s_bg + brow.to(tl.int64)[None, :] * s_bc
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        k_mask = kk < K
-        if A_CHUNK > 0:
-            a_koff = (kk // A_CHUNK) * s_ac + (kk % A_CHUNK) * s_ak
-        else:
-            a_koff = kk * s_ak
-        a_mask = n_mask[:, None] & k_mask[None, :]
-        a = tl.load(a_base + a_koff[None, :], mask=a_mask, other=0.0)
-        if A_SPLIT > 1:
-            a = a.to(tl.float32)
-            for s in tl.static_range(1, A_SPLIT):
-                a += tl.load(a_base + s * s_as + a_koff[None, :], mask=a_mask, other=0.0).to(tl.float32)
+    k_loop = k_start
+    if WAIT:
+        # Peeled first step: the weight tile is independent of the previous kernel, so it is in flight while
+        # this program waits; with BK >= K it is the program's whole share of the weights.
+        kk = k_start + rk
+        k_mask = kk < k_end
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a.to(b.dtype), b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a.to(b.dtype), b, acc)
+        gdc_wait()
+        a = _load_a(a_base, kk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK, A_SPLIT)
+        acc = _mma(a, b, acc, IEEE)
+        k_loop = k_start + BK
+    for k0 in range(k_loop, k_end, BK):
+        kk = k0 + rk
+        k_mask = kk < k_end
+        a = _load_a(a_base, kk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK, A_SPLIT)
+        b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _mma(a, b, acc, IEEE)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * s_biasg + rc * s_biasc, mask=c_mask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    out = out_ptr + g * s_og + rn.to(tl.int64)[:, None] * s_on + rc[None, :] * s_oc
+        if split == 0:
+            bias = tl.load(bias_ptr + g * s_biasg + rc * s_biasc, mask=c_mask, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+    out = out_ptr + split * s_os + g * s_og + rn.to(tl.int64)[:, None] * s_on + rc[None, :] * s_oc
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])

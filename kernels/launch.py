@@ -9,6 +9,7 @@ timing the curated space on the GPU at hand, else from the bucket's heuristic de
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -59,6 +60,28 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: a few programs exercise the split paths
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _pdl_supported() -> bool:
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+USE_PDL = True  # benchmarks switch dependent launches off to measure what they bring
+
+
+def _pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: sm_90+, a compiled (not interpreted) kernel, a Triton that supports it."""
+    return USE_PDL and device.type == "cuda" and not interpreting() and _arch(device) >= 90 and _pdl_supported()
+
+
 @contextlib.contextmanager
 def forced(**configs: Config) -> Iterator[None]:
     """Use these configs (by kernel: ``gemm=``, ``blast_vs=``) whatever the table says: for tests and benchmarks."""
@@ -75,7 +98,9 @@ def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None
     return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
 
 
-def _choose(kernel: str, key: str, n: int, device: torch.device, run: Callable[[Config], None]) -> Config:
+def _choose(
+    kernel: str, key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None = None
+) -> Config:
     force = getattr(_state, "forced", {}).get(kernel)
     if force is not None:
         return force
@@ -85,11 +110,11 @@ def _choose(kernel: str, key: str, n: int, device: torch.device, run: Callable[[
         return found
     arch = _arch(device)
     if not getattr(_state, "tuning", False) or device.type != "cuda":
-        return default(kernel, arch, n)
+        return default(kernel, arch, n, b_out_pow2)
     from triton.testing import do_bench
 
     best, best_ms = None, float("inf")
-    for cfg in space(kernel, arch, small=n <= SMALL_N):
+    for cfg in space(kernel, arch, small=n <= SMALL_N, b_out_pow2=b_out_pow2):
         try:
             ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
         except Exception:  # a config the compiler or the chip refuses (e.g. shared memory): not a candidate
@@ -100,6 +125,12 @@ def _choose(kernel: str, key: str, n: int, device: torch.device, run: Callable[[
         raise RuntimeError(f"no launch config of {kernel} runs for {key} at N={n} on sm_{arch}")
     _table.put(full_key, best)
     return best
+
+
+def _splits(cfg: Config, programs: int, steps: int, device: torch.device) -> int:
+    """How many programs share one reduction of ``steps`` steps: the config's, or (0) enough to fill the GPU."""
+    want = cfg.split if cfg.split > 0 else round(_sm_count(device) / max(1, programs))
+    return max(1, min(want, steps))
 
 
 def _check(
@@ -124,23 +155,42 @@ def _check(
         raise ValueError("bias must be contiguous")
 
 
+def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, device: torch.device) -> tuple[int, int]:
+    """(splits, reduction length per split) for a producer launch; 1 split when the config's split is 1."""
+    programs = triton.cdiv(N, cfg.BM) * triton.cdiv(C, cfg.BN) * G
+    splits = _splits(cfg, programs, triton.cdiv(K, cfg.BK), device)
+    k_per = triton.cdiv(triton.cdiv(K, splits), cfg.BK) * cfg.BK
+    return triton.cdiv(K, k_per), k_per
+
+
 def _gemm(
-    a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config,
-    bias=None, bias_strides=(0, 0), a_chunk=0, a_split=1, perm=(0, 0),
+    a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config, k_per=None,
+    bias=None, bias_strides=(0, 0), a_chunk=0, a_split=1, perm=(0, 0), producer=False, consumer=False,
 ) -> None:  # fmt: skip
-    grid = (triton.cdiv(N, cfg.BM), triton.cdiv(C, cfg.BN), G)
+    """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
+    feeds the ``consumer`` launched right after it, which may then start early (dependent launch, sm_90)."""
+    pdl = _pdl(out.device)
+    k_per = K if k_per is None else k_per
+    grid = (triton.cdiv(N, cfg.BM), triton.cdiv(C, cfg.BN), G * triton.cdiv(K, k_per))
+    extra = {"launch_pdl": True} if consumer and pdl else {}
     grouped_gemm_kernel[grid](
         a, b, out, bias if bias is not None else out,
-        N, K, C,
+        N, K, C, k_per,
         *a_strides, *b_strides, *out_strides, *bias_strides,
         A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
         HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )  # fmt: skip
 
 
 def _dtype_key(x: torch.Tensor) -> str:
     return str(x.dtype).removeprefix("torch.")
+
+
+def _partials(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An intermediate of ``splits`` float32 partial sums, or one tensor in the input's dtype."""
+    return _empty((splits, *shape), like, torch.float32 if splits > 1 else None)
 
 
 def blast_forward(
@@ -155,17 +205,19 @@ def blast_forward(
     if N == 0:
         return y
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"
+    b_out_pow2 = triton.next_power_of_2(b_out)
+    pdl = _pdl(x.device)
 
     def vs(cfg: Config) -> torch.Tensor:
-        per = triton.cdiv(b_in, max(1, min(cfg.split, b_in)))
-        split = triton.cdiv(b_in, per)
-        w = _empty((split, N, b_out, r), x, torch.float32 if split > 1 else None)
-        grid = (triton.cdiv(N, cfg.BM), triton.cdiv(r, cfg.BN), split)
+        programs = triton.cdiv(N, cfg.BM) * triton.cdiv(r, cfg.BN)
+        per = triton.cdiv(b_in, _splits(cfg, programs, b_in, x.device))
+        w = _partials(triton.cdiv(b_in, per), (N, b_out, r), x)
+        grid = (triton.cdiv(N, cfg.BM), triton.cdiv(r, cfg.BN), w.shape[0])
         blast_vs_kernel[grid](
             x, V, S, w,
             N, q, r, b_in, b_out, per,
             x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(),
-            B_OUT=triton.next_power_of_2(b_out), IEEE=x.dtype == torch.float32,
+            B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl,
             BM=cfg.BM, BR=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         return w
@@ -173,11 +225,12 @@ def blast_forward(
     def u(w: torch.Tensor, cfg: Config) -> None:
         _gemm(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
-            y, (y.stride(0), p, 1), N=N, K=r, C=p, G=b_out, cfg=cfg,
-            bias=bias, bias_strides=(p, 1), a_split=w.shape[0],
+            y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=b_out, cfg=cfg,
+            bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True,
         )  # fmt: skip
 
-    vs_cfg = _choose("blast_vs", shape_key, N, x.device, lambda c: u(vs(c), default("gemm", _arch(x.device), N)))
+    u_default = default("gemm", _arch(x.device), N)
+    vs_cfg = _choose("blast_vs", shape_key, N, x.device, lambda c: u(vs(c), u_default), b_out_pow2)
     w = vs(vs_cfg)
     u_cfg = _choose("gemm", f"blast_u|{shape_key}|split{w.shape[0]}", N, x.device, lambda c: u(w, c))
     u(w, u_cfg)
@@ -202,24 +255,26 @@ def monarch_forward(
     y = _empty((N, out_blk * b), x)
     if N == 0:
         return y
-    h = _empty((N, b, R), x)
     shape_key = f"b{b}|{in_blk}->{out_blk}|R{R}|{_dtype_key(x)}"
 
-    def stage1(cfg: Config) -> None:
+    def stage1(cfg: Config) -> torch.Tensor:
+        splits, k_per = _gemm_split(cfg, N, in_blk, R, b, x.device)
+        h = _partials(splits, (N, b, R), x)
         _gemm(
             x, (x.stride(0), in_blk * x.stride(1), x.stride(1), 0, 0), w1, w1.stride(),
-            h, h.stride(), N=N, K=in_blk, C=R, G=b, cfg=cfg, perm=(m, b),
+            h, h.stride(), N=N, K=in_blk, C=R, G=b, cfg=cfg, k_per=k_per, perm=(m, b), producer=True,
         )  # fmt: skip
+        return h
 
-    def stage2(cfg: Config) -> None:
+    def stage2(h: torch.Tensor, cfg: Config) -> None:
         _gemm(
-            h, (h.stride(0), m, 1, R, 0), w2, w2.stride(),
-            y, (y.stride(0), 1, b), N=N, K=R, C=out_blk, G=b, cfg=cfg,
-            bias=bias, bias_strides=(1, b), a_chunk=m,
+            h, (h.stride(1), m * h.stride(3), h.stride(3), h.stride(2), h.stride(0)), w2, w2.stride(),
+            y, (0, y.stride(0), 1, b), N=N, K=R, C=out_blk, G=b, cfg=cfg,
+            bias=bias, bias_strides=(1, b), a_chunk=m, a_split=h.shape[0], consumer=True,
         )  # fmt: skip
 
-    stage1(_choose("gemm", f"monarch_1|{shape_key}", N, x.device, stage1))
-    stage2(_choose("gemm", f"monarch_2|{shape_key}", N, x.device, stage2))
+    h = stage1(_choose("gemm", f"monarch_1|{shape_key}", N, x.device, stage1))
+    stage2(h, _choose("gemm", f"monarch_2|{shape_key}|split{h.shape[0]}", N, x.device, lambda c: stage2(h, c)))
     return y
 
 
@@ -234,21 +289,24 @@ def lowrank_forward(
     y = _empty((N, out_f), x)
     if N == 0:
         return y
-    t = _empty((N, r), x)
     shape_key = f"{in_f}->{out_f}|r{r}|{_dtype_key(x)}"
 
-    def stage1(cfg: Config) -> None:
+    def stage1(cfg: Config) -> torch.Tensor:
+        splits, k_per = _gemm_split(cfg, N, in_f, r, 1, x.device)
+        t = _partials(splits, (N, r), x)
         _gemm(
             x, (x.stride(0), 0, x.stride(1), 0, 0), V, (0, V.stride(1), V.stride(0)),
-            t, (t.stride(0), 0, 1), N=N, K=in_f, C=r, G=1, cfg=cfg,
+            t, (t.stride(0), t.stride(1), 0, 1), N=N, K=in_f, C=r, G=1, cfg=cfg, k_per=k_per, producer=True,
         )  # fmt: skip
+        return t
 
-    def stage2(cfg: Config) -> None:
+    def stage2(t: torch.Tensor, cfg: Config) -> None:
         _gemm(
-            t, (t.stride(0), 0, 1, 0, 0), U, (0, U.stride(0), U.stride(1)),
-            y, (y.stride(0), 0, 1), N=N, K=r, C=out_f, G=1, cfg=cfg, bias=bias, bias_strides=(0, 1),
+            t, (t.stride(1), 0, 1, 0, t.stride(0)), U, (0, U.stride(0), U.stride(1)),
+            y, (0, y.stride(0), 0, 1), N=N, K=r, C=out_f, G=1, cfg=cfg,
+            bias=bias, bias_strides=(0, 1), a_split=t.shape[0], consumer=True,
         )  # fmt: skip
 
-    stage1(_choose("gemm", f"lowrank_1|{shape_key}", N, x.device, stage1))
-    stage2(_choose("gemm", f"lowrank_2|{shape_key}", N, x.device, stage2))
+    t = stage1(_choose("gemm", f"lowrank_1|{shape_key}", N, x.device, stage1))
+    stage2(t, _choose("gemm", f"lowrank_2|{shape_key}|split{t.shape[0]}", N, x.device, lambda c: stage2(t, c)))
     return y

@@ -165,3 +165,50 @@ def test_buckets(n):
     b = configs.bucket(n)
     assert b >= n and b in configs.BUCKETS
     assert configs.bucket(10**6) == configs.BUCKETS[-1]
+
+
+def test_split_reductions(gen):
+    """Small-N producers split their reduction into float32 partials that the next stage sums: force a short step
+    so every structure's split path runs (the GPU's own SM count decides the split in production)."""
+    dtype = torch.float32
+    small = Config(16, 32, 16, 4, 2, split=0)
+    with launch.forced(gemm=small, blast_vs=Config(16, 32, 16, 4, 2, split=2)):
+        for case in ("blast-1tok", "blast-b5", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd"):
+            fn, ref, args = CASES[case](gen, dtype)
+            _check(fn, ref, args, dtype, f"{case} split")
+
+
+# Layer-sized cases for the GPU: every config of both halves on shapes no tile divides, at N = 1, a few, the
+# small-N limit and a large odd count, in every dtype; splits and dependent launches take their production paths.
+GPU_SHAPES = {
+    "blast": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200),
+    "monarch": lambda g, dt, n: _monarch(g, dt, n, 8, 200, 96, 136),
+    "lowrank": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("structure", list(GPU_SHAPES))
+def test_gpu_every_config_layer_sized(structure, dtype, gen):
+    arch = launch._arch(torch.device("cuda"))
+    for n in (1, 3, 16, 1000):
+        small = n <= configs.SMALL_N
+        for kernel in configs.KERNELS if structure == "blast" else ("gemm",):
+            for cfg in configs.space(kernel, arch, small=small, b_out_pow2=8):
+                with launch.forced(**{kernel: cfg}):
+                    fn, ref, args = GPU_SHAPES[structure](gen, dtype, n)
+                    _check(fn, ref, args, dtype, f"{structure} N={n} {dtype} {kernel} {cfg}")
+
+
+@pytest.mark.gpu
+def test_gpu_tuning_fills_the_table(gen):
+    previous = launch.use_table(ConfigTable())
+    try:
+        with launch.tuning():
+            fn, ref, args = GPU_SHAPES["blast"](gen, torch.bfloat16, 16)
+            _check(fn, ref, args, torch.bfloat16, "tuned blast")
+        keys = sorted(launch.active_table().entries)
+        assert any(k.startswith("blast_vs|") for k in keys) and any(k.startswith("gemm|blast_u") for k in keys), keys
+    finally:
+        launch.use_table(previous)
