@@ -4,8 +4,9 @@ floor, for the reference paper's layer configs, on one CUDA GPU.
     python bench/layers.py [--models llama-7b,gpt2-s] [--structures blast,monarch] [--n 1,16,1024]
                            [--no-compile] [--no-pdl] [--json OUT.json] [--configs OUT_TABLE.json]
 
-Per (layer, structure, N) it prints the medians of ``triton.testing.do_bench`` (L2 flushed between runs) in µs
-and the ratios that decide the targets: dense/ours (>1: we are faster), compile/ours, ours/floor. The floor is
+Per (layer, structure, N) it prints the medians of ``triton.testing.do_bench`` (L2 flushed between runs) in µs,
+each function captured once into a CUDA graph and replayed (GPU time, not Python's launch overhead), and the ratios
+that decide the targets: dense/ours (>1: we are faster), compile/ours, ours/floor. The floor is
 max(bytes/BW, FLOPs/peak) with bytes = x + factors + y once and FLOPs = 2·N·params, using ceilings measured at the
 start of the same run (a 1 GiB device copy, an 8192³ bf16 matmul). Our kernels are autotuned on first use; the
 chosen configs can be written as a table (``--configs``) that ``blrdeploy.kernels.use_table`` loads.
@@ -125,8 +126,33 @@ def _l2_read_gbs(megabytes: int = 16, repeats: int = 50) -> float:
     return repeats * x.numel() * 2 / ms / 1e6
 
 
-def time_us(fn) -> float:
-    return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+def time_us(fn, graph: bool = True) -> float:
+    """Median GPU time of ``fn``. With ``graph`` its launches are captured once into a CUDA graph and the replays
+    are timed, so the number is the GPU's work and not Python's launch overhead (as a served model runs)."""
+    if not graph:
+        return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return 1e3 * do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+
+
+def kernel_us(fn, calls: int = 10) -> dict[str, float]:
+    """GPU time per call of each kernel ``fn`` launches (torch.profiler), to see which stage a layer spends on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
+            times[e.key[:40]] = round(e.self_device_time_total / calls, 2)
+    return times
 
 
 def rel_error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -163,6 +189,10 @@ def run(args) -> dict:
                     expected = reference(x.double(), *(f.double() for f in fs), None if bias is None else bias.double())
                     row["rel_error"] = rel_error(y, expected)
                     row["ours_us"] = time_us(lambda: op(x, *fs, bias))  # noqa: B023 (timed at once)
+                    if args.eager:
+                        row["ours_eager_us"] = time_us(lambda: op(x, *fs, bias), graph=False)  # noqa: B023
+                    if args.profile:
+                        row["kernels"] = kernel_us(lambda: op(x, *fs, bias))  # noqa: B023
                 except Exception as e:  # one failing case must not lose the rest of the table
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                 if n not in dense_us:
@@ -229,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", default="", help="token counts to run (comma-separated); default 1,16,128,1024,4096")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile baseline")
     ap.add_argument("--no-pdl", dest="pdl", action="store_false", help="no programmatic dependent launches")
+    ap.add_argument("--eager", action="store_true", help="also time our op without a CUDA graph (launch overhead)")
+    ap.add_argument("--profile", action="store_true", help="also record each kernel's time (torch.profiler)")
     ap.add_argument("--json", dest="json_path", help="write rows, ceilings and machine here")
     ap.add_argument("--configs", dest="configs_path", help="write the tuned launch configs here")
     args = ap.parse_args(argv)

@@ -9,6 +9,7 @@ timing the curated space on the GPU at hand, else from the bucket's heuristic de
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
@@ -113,24 +114,37 @@ def _choose(
         return default(kernel, arch, n, b_out_pow2)
     from triton.testing import do_bench
 
-    best, best_ms = None, float("inf")
+    best, best_ms, error = None, float("inf"), None
     for cfg in space(kernel, arch, small=n <= SMALL_N, b_out_pow2=b_out_pow2):
         try:
             ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
-        except Exception:  # a config the compiler or the chip refuses (e.g. shared memory): not a candidate
+        except Exception as e:  # a config the compiler or the chip refuses (e.g. shared memory): not a candidate
+            error = e
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
-        raise RuntimeError(f"no launch config of {kernel} runs for {key} at N={n} on sm_{arch}")
+        raise RuntimeError(f"no launch config of {kernel} runs for {key} at N={n} on sm_{arch}: {error}")
     _table.put(full_key, best)
     return best
+
+
+MAX_SPLIT = 4  # the consumer pipelines one load per partial: 8 fp32 partials overflow sm_90's shared memory
 
 
 def _splits(cfg: Config, programs: int, steps: int, device: torch.device) -> int:
     """How many programs share one reduction of ``steps`` steps: the config's, or (0) enough to fill the GPU."""
     want = cfg.split if cfg.split > 0 else round(_sm_count(device) / max(1, programs))
-    return max(1, min(want, steps))
+    return max(1, min(want, steps, MAX_SPLIT))
+
+
+def _effective(cfg: Config, dtype: torch.dtype, chunk: int = 0) -> Config:
+    """The config as launched: float32 operands take half the reduction step (the tiles' shared memory is sized
+    for 2-byte types), and a chunked A operand a step that divides the chunk, so no load straddles two chunks."""
+    bk = cfg.BK // 2 if dtype == torch.float32 else cfg.BK
+    if chunk and (chunk & -chunk) >= 16:
+        bk = min(bk, chunk & -chunk)
+    return dataclasses.replace(cfg, BK=max(16, bk))
 
 
 def _check(
@@ -155,8 +169,10 @@ def _check(
         raise ValueError("bias must be contiguous")
 
 
-def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, device: torch.device) -> tuple[int, int]:
+def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor) -> tuple[int, int]:
     """(splits, reduction length per split) for a producer launch; 1 split when the config's split is 1."""
+    device = like.device
+    cfg = _effective(cfg, like.dtype)
     programs = triton.cdiv(N, cfg.BM) * triton.cdiv(C, cfg.BN) * G
     splits = _splits(cfg, programs, triton.cdiv(K, cfg.BK), device)
     k_per = triton.cdiv(triton.cdiv(K, splits), cfg.BK) * cfg.BK
@@ -170,6 +186,7 @@ def _gemm(
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
     feeds the ``consumer`` launched right after it, which may then start early (dependent launch, sm_90)."""
     pdl = _pdl(out.device)
+    cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per
     grid = (triton.cdiv(N, cfg.BM), triton.cdiv(C, cfg.BN), G * triton.cdiv(K, k_per))
     extra = {"launch_pdl": True} if consumer and pdl else {}
@@ -209,6 +226,7 @@ def blast_forward(
     pdl = _pdl(x.device)
 
     def vs(cfg: Config) -> torch.Tensor:
+        cfg = _effective(cfg, x.dtype)
         programs = triton.cdiv(N, cfg.BM) * triton.cdiv(r, cfg.BN)
         per = triton.cdiv(b_in, _splits(cfg, programs, b_in, x.device))
         w = _partials(triton.cdiv(b_in, per), (N, b_out, r), x)
@@ -258,7 +276,7 @@ def monarch_forward(
     shape_key = f"b{b}|{in_blk}->{out_blk}|R{R}|{_dtype_key(x)}"
 
     def stage1(cfg: Config) -> torch.Tensor:
-        splits, k_per = _gemm_split(cfg, N, in_blk, R, b, x.device)
+        splits, k_per = _gemm_split(cfg, N, in_blk, R, b, x)
         h = _partials(splits, (N, b, R), x)
         _gemm(
             x, (x.stride(0), in_blk * x.stride(1), x.stride(1), 0, 0), w1, w1.stride(),
@@ -292,7 +310,7 @@ def lowrank_forward(
     shape_key = f"{in_f}->{out_f}|r{r}|{_dtype_key(x)}"
 
     def stage1(cfg: Config) -> torch.Tensor:
-        splits, k_per = _gemm_split(cfg, N, in_f, r, 1, x.device)
+        splits, k_per = _gemm_split(cfg, N, in_f, r, 1, x)
         t = _partials(splits, (N, r), x)
         _gemm(
             x, (x.stride(0), 0, x.stride(1), 0, 0), V, (0, V.stride(1), V.stride(0)),

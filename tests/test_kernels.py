@@ -148,10 +148,10 @@ def test_config_table_round_trip_and_corrupt_file(tmp_path):
 
 
 def test_table_entry_is_used(gen):
-    """A config from the table is the one launched: a deliberately invalid one (BK not a power of two) fails."""
+    """A config from the table is the one launched: a deliberately invalid one (BN not a power of two) fails."""
     fn, _, args = CASES["lowrank-odd"](gen, torch.float32)
     key = f"gemm|lowrank_1|19->26|r12|float32|N{configs.bucket(41)}"
-    previous = launch.use_table(ConfigTable(entries={key: Config(16, 32, 24, 4, 2)}))
+    previous = launch.use_table(ConfigTable(entries={key: Config(16, 24, 32, 4, 2)}))
     try:
         with pytest.raises(Exception, match="power of 2"):  # noqa: B017 (interpreter and compiler differ)
             fn(*args)
