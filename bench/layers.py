@@ -84,10 +84,12 @@ class Ceilings:
     copy_gbs: float  # device-to-device copy, bytes read + written per second
     matmul_tflops: float  # bf16 8192^3
     l2_read_gbs: float  # reads that hit L2 (not a floor term: it bounds kernels that re-read operands)
+    empty_us: float  # a graph of one 1-element kernel timed like the layers: the fixed cost in every number
 
     @classmethod
     def measure(cls) -> Ceilings:
-        return cls(_copy_gbs(), _matmul_tflops(), _l2_read_gbs())
+        one = torch.zeros(1, device="cuda")
+        return cls(_copy_gbs(), _matmul_tflops(), _l2_read_gbs(), time_us(lambda: one.add_(1)))
 
     def floor_us(self, bytes_: float, flops: float) -> float:
         return max(bytes_ / self.copy_gbs / 1e3, flops / self.matmul_tflops / 1e6)
@@ -215,6 +217,7 @@ def run(args) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "dtype": "bfloat16",
         "pdl": launch.USE_PDL,
+        "blast_fused_max_n": launch.BLAST_FUSED_MAX_N,
         "ceilings": asdict(ceilings),
         "rows": rows,
     }
@@ -229,7 +232,7 @@ def print_table(result: dict) -> None:
     print(
         f"\n{m.get('gpu', '?')}  commit {m['commit']}  torch {m['torch']}  triton {m['triton']}  "
         f"copy {c['copy_gbs']:.0f} GB/s  matmul {c['matmul_tflops']:.0f} TFLOP/s  L2 read {c['l2_read_gbs']:.0f} GB/s"
-        "  (times in µs, medians)"
+        f"  one-kernel graph {c['empty_us']:.1f} µs  (times in µs, medians)"
     )
     head = f"{'layer':30s} {'struct':8s} {'N':>6s} {'dense':>8s} {'compile':>8s} {'ours':>8s} {'floor':>7s}"
     print(head + f" {'dense/ours':>10s} {'comp/ours':>9s} {'ours/floor':>10s} {'relerr':>8s}")
@@ -259,6 +262,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n", default="", help="token counts to run (comma-separated); default 1,16,128,1024,4096")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile baseline")
     ap.add_argument("--no-pdl", dest="pdl", action="store_false", help="no programmatic dependent launches")
+    ap.add_argument(
+        "--blast-fused-max-n",
+        type=int,
+        default=launch.BLAST_FUSED_MAX_N,
+        help=f"BLAST runs V+S fused up to this N (default {launch.BLAST_FUSED_MAX_N}), else V GEMM, mix, U GEMM",
+    )
     ap.add_argument("--eager", action="store_true", help="also time our op without a CUDA graph (launch overhead)")
     ap.add_argument("--profile", action="store_true", help="also record each kernel's time (torch.profiler)")
     ap.add_argument("--json", dest="json_path", help="write rows, ceilings and machine here")
@@ -275,6 +284,7 @@ def main(argv=None) -> int:
         return 2
     args.n = [int(v) for v in args.n.split(",") if v]
     launch.USE_PDL = args.pdl
+    launch.BLAST_FUSED_MAX_N = args.blast_fused_max_n
     result = run(args)
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from .blast import blast_vs_kernel
+from .blast import blast_mix_kernel, blast_vs_kernel, mix_tile
 from .configs import Config
 from .gemm import grouped_gemm_kernel
 
@@ -26,7 +26,7 @@ _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 class Variant:
     """One specialization of a kernel besides its launch config: element types and the structural constexprs."""
 
-    kernel: str  # "gemm" or "blast_vs"
+    kernel: str  # "gemm", "blast_vs" or "blast_mix"
     dtype: str = "bfloat16"  # operands and output
     constexprs: tuple[tuple[str, object], ...] = ()
     intermediate_fp32: bool = False  # blast_vs: float32 partials (split > 1)
@@ -58,18 +58,20 @@ def compile_variant(variant: Variant, config: Config, arch: int):
     overrides: dict[str, str] = {}
     if variant.kernel == "gemm":
         fn = _jit(grouped_gemm_kernel)
+        flags = ("HAS_BIAS", "WAIT", "LAUNCH_DEPS", "G_FAST")
+        constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, **dict.fromkeys(flags, False), **constexprs}
         constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
-        defaults = (("A_CHUNK", 0), ("A_SPLIT", 1), ("PERM_M", 0), ("PERM_B", 0), ("HAS_BIAS", False), ("WAIT", False))
-        for name, value in defaults:
-            constexprs.setdefault(name, value)
-        constexprs.setdefault("LAUNCH_DEPS", False)
         if constexprs["A_SPLIT"] > 1:
             overrides["a_ptr"] = "*fp32"
+    elif variant.kernel == "blast_mix":
+        fn = _jit(blast_mix_kernel)
+        constexprs.setdefault("B_IN_P2", 16)
+        constexprs.pop("IEEE")
+        constexprs["BM"], constexprs["BR"] = mix_tile(constexprs["B_IN_P2"])
     elif variant.kernel == "blast_vs":
         fn = _jit(blast_vs_kernel)
+        constexprs = {"B_OUT": 16, "LAUNCH_DEPS": False, **constexprs}
         constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
-        constexprs.setdefault("B_OUT", 16)
-        constexprs.setdefault("LAUNCH_DEPS", False)
         if variant.intermediate_fp32:
             overrides["w_ptr"] = "*fp32"
     else:
@@ -90,7 +92,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
         pdl = arch >= 90  # dependent launch (griddepcontrol) exists from sm_90 on
         for small in (True, False):
             for cfg in space("gemm", arch, small=small):
-                c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True))
+                c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True), ("G_FAST", True))
                 if small:
                     c += (("A_SPLIT", 4), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
                 cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
@@ -98,6 +100,8 @@ def shipped() -> list[tuple[int, Config, Variant]]:
                 b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
                 c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl))
                 cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
+        mix_config = Config(*mix_tile(16), 0, 4, 1)  # the mix kernel's tile is fixed by b_in; only warps matter
+        cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
     cases.append((90, space("gemm", 90, small=False)[0], Variant("gemm", "float16")))
     cases.append((90, space("blast_vs", 90, small=False)[0], Variant("blast_vs", "float32")))
     return cases

@@ -49,14 +49,16 @@ def bucket(n: int) -> int:
 
 
 # The curated spaces. Every entry is compiled ahead of time for sm_86/87/90 in CI, so keep them few.
-# Small N: 16-row tiles (the tensor cores' minimum), narrow columns and long reduction steps, so ~130 programs each
-# stream a contiguous share of the weights with few loop trips. Large N: tensor-core tiles.
+# Small N is weight-bandwidth bound: 16-row tiles (the tensor cores' minimum), narrow columns, and small enough
+# shared memory per program that several programs per SM keep ~64 KB of weight loads in flight (a single-step
+# program with one 32 KB tile ran the H200 at 0.9 TB/s). Large N: tensor-core tiles.
 # sm_86 (A40) and sm_87 (Orin) have 100/164 KB of shared memory per block against sm_90's 227 KB: fewer stages.
 _GEMM_SMALL = [
-    Config(16, 32, 256, 4, 3, split=0),
     Config(16, 64, 128, 4, 4, split=0),
-    Config(16, 32, 512, 4, 2, split=0),
-    Config(16, 64, 256, 4, 3, split=1),
+    Config(16, 64, 64, 4, 6, split=0),
+    Config(16, 32, 128, 4, 4, split=0),
+    Config(16, 128, 64, 4, 4, split=0),
+    Config(16, 32, 256, 4, 3, split=0),
 ]
 _GEMM_LARGE_90 = [
     Config(128, 128, 64, 8, 3),
@@ -67,10 +69,11 @@ _GEMM_LARGE_90 = [
 _GEMM_LARGE_8X = [Config(128, 128, 32, 8, 3), Config(64, 128, 64, 4, 3), Config(128, 64, 32, 4, 3)]
 # BLAST V+S holds b_out accumulators of BM x BR: the large tiles are filtered by VS_ACC_LIMIT for the layer's b_out.
 _VS_SMALL = [
-    Config(16, 64, 256, 4, 3, split=0),
-    Config(16, 32, 256, 4, 3, split=0),
-    Config(16, 64, 128, 4, 4, split=2),
-    Config(16, 16, 256, 4, 3, split=2),
+    Config(16, 32, 128, 4, 4, split=0),
+    Config(16, 64, 64, 4, 4, split=0),
+    Config(16, 32, 64, 4, 6, split=0),
+    Config(16, 16, 256, 4, 3, split=0),
+    Config(16, 64, 128, 4, 3, split=0),
 ]
 _VS_LARGE_90 = [
     Config(64, 32, 128, 8, 3),

@@ -5,7 +5,9 @@ addressed by strides so that no stage needs a transpose or permutation copy:
 
 * BLAST U stage: A = the mixed intermediate w (optionally the sum of split partials), B = U.
 * Monarch stage 1: B rows are read in a permuted order, so the intermediate is written in the order stage 2 wants.
-* Monarch stage 2: A is gathered in chunks from every stage-1 block; the output is stored interleaved (stride b).
+* Monarch stage 2: A is gathered in chunks from every stage-1 block; the output is stored interleaved (stride b),
+  so the b groups of one output tile run side by side (``G_FAST``) and their 2-byte stores meet in L2 as whole
+  sectors instead of being written back to memory half-filled.
 * Low-rank: two calls with one group; at small N the first splits its long reduction (``K_PER`` < K) into float32
   partials that the second sums while loading A, so ~130 programs stream the weights instead of ~30.
 
@@ -63,15 +65,21 @@ def grouped_gemm_kernel(
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dot instead of tf32
     WAIT: tl.constexpr,  # dependent launch: fetch the first B tile, then wait for the kernel that writes A
     LAUNCH_DEPS: tl.constexpr,  # let the next kernel's programs launch now (they wait for this one's writes)
+    G_FAST: tl.constexpr,  # groups on grid axis 0, rows on axis 2: programs that run together cover all groups
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     if LAUNCH_DEPS:
         gdc_launch_dependents()
-    pid_n = tl.program_id(0)
+    if G_FAST:
+        pid_gs = tl.program_id(0)
+        pid_n = tl.program_id(2)
+    else:
+        pid_gs = tl.program_id(2)
+        pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_splits = tl.cdiv(K, K_PER)
-    g = (tl.program_id(2) // n_splits).to(tl.int64)
-    split = tl.program_id(2) % n_splits
+    g = (pid_gs // n_splits).to(tl.int64)
+    split = pid_gs % n_splits
     k_start = split * K_PER
     k_end = tl.minimum(k_start + K_PER, K)
     rn = pid_n * BM + tl.arange(0, BM)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 import triton
 
-from .blast import blast_vs_kernel
+from .blast import blast_mix_kernel, blast_vs_kernel, mix_tile
 from .configs import SMALL_N, Config, ConfigTable, bucket, default, space
 from .gemm import grouped_gemm_kernel
 
@@ -99,6 +99,18 @@ def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None
     return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
 
 
+def _time_ms(fn: Callable[[], None]) -> float:
+    """GPU time of ``fn``'s launches, replayed from a CUDA graph with L2 flushed in between: timing the Python
+    launch path instead would measure ~100 µs of overhead and pick at random among small-N configs."""
+    from triton.testing import do_bench
+
+    fn()  # compiles; a config the compiler refuses raises here
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=5, rep=20, return_mode="median")
+
+
 def _choose(
     kernel: str, key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None = None
 ) -> Config:
@@ -112,12 +124,10 @@ def _choose(
     arch = _arch(device)
     if not getattr(_state, "tuning", False) or device.type != "cuda":
         return default(kernel, arch, n, b_out_pow2)
-    from triton.testing import do_bench
-
     best, best_ms, error = None, float("inf"), None
     for cfg in space(kernel, arch, small=n <= SMALL_N, b_out_pow2=b_out_pow2):
         try:
-            ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
+            ms = _time_ms(lambda cfg=cfg: run(cfg))
         except Exception as e:  # a config the compiler or the chip refuses (e.g. shared memory): not a candidate
             error = e
             continue
@@ -182,13 +192,18 @@ def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor)
 def _gemm(
     a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config, k_per=None,
     bias=None, bias_strides=(0, 0), a_chunk=0, a_split=1, perm=(0, 0), producer=False, consumer=False,
+    g_fast=False,
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
-    feeds the ``consumer`` launched right after it, which may then start early (dependent launch, sm_90)."""
-    pdl = _pdl(out.device)
+    feeds the ``consumer`` launched right after it, which may then start early (dependent launch, sm_90). Only
+    for small N: there the kernel boundary is a large share of a few-µs layer, while for large N the consumer's
+    peeled first step would cost the software pipeline more than the overlap brings."""
+    pdl = _pdl(out.device) and N <= SMALL_N
     cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per
     grid = (triton.cdiv(N, cfg.BM), triton.cdiv(C, cfg.BN), G * triton.cdiv(K, k_per))
+    if g_fast:
+        grid = grid[::-1]
     extra = {"launch_pdl": True} if consumer and pdl else {}
     grouped_gemm_kernel[grid](
         a, b, out, bias if bias is not None else out,
@@ -196,7 +211,7 @@ def _gemm(
         *a_strides, *b_strides, *out_strides, *bias_strides,
         A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
         HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
-        WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl,
+        WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )  # fmt: skip
 
@@ -210,10 +225,16 @@ def _partials(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.
     return _empty((splits, *shape), like, torch.float32 if splits > 1 else None)
 
 
+BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
+
+
 def blast_forward(
     x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p)."""
+    """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p).
+
+    Few tokens: V and S fused (z stays on chip), then U. Many: V as a grouped GEMM writing z, the S mix at memory
+    speed, then U (see ``blast_mix_kernel`` for why)."""
     b_out, p, r = U.shape
     b_in, q = V.shape[:2]
     _check(x, {"U": U, "S": S, "V": V}, {"x": (b_in * q,), "S": (b_out, b_in, r), "V": (b_in, q, r)}, bias, b_out * p)
@@ -223,7 +244,7 @@ def blast_forward(
         return y
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"
     b_out_pow2 = triton.next_power_of_2(b_out)
-    pdl = _pdl(x.device)
+    pdl = _pdl(x.device) and N <= SMALL_N
 
     def vs(cfg: Config) -> torch.Tensor:
         cfg = _effective(cfg, x.dtype)
@@ -240,6 +261,24 @@ def blast_forward(
         )  # fmt: skip
         return w
 
+    def v(cfg: Config) -> torch.Tensor:
+        z = _empty((N, b_in, r), x)
+        _gemm(
+            x, (x.stride(0), q * x.stride(1), x.stride(1), 0, 0), V, (V.stride(0), V.stride(2), V.stride(1)),
+            z, (0, *z.stride()), N=N, K=q, C=r, G=b_in, cfg=cfg,
+        )  # fmt: skip
+        return z
+
+    def mix(z: torch.Tensor) -> torch.Tensor:
+        w = _empty((1, N, b_out, r), x)
+        b_in_pow2 = triton.next_power_of_2(b_in)
+        bm, br = mix_tile(b_in_pow2)
+        blast_mix_kernel[(triton.cdiv(N, bm), triton.cdiv(r, br))](
+            z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:],
+            B_IN_P2=b_in_pow2, BM=bm, BR=br, num_warps=4,
+        )  # fmt: skip
+        return w
+
     def u(w: torch.Tensor, cfg: Config) -> None:
         _gemm(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
@@ -247,11 +286,14 @@ def blast_forward(
             bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True,
         )  # fmt: skip
 
-    u_default = default("gemm", _arch(x.device), N)
-    vs_cfg = _choose("blast_vs", shape_key, N, x.device, lambda c: u(vs(c), u_default), b_out_pow2)
-    w = vs(vs_cfg)
-    u_cfg = _choose("gemm", f"blast_u|{shape_key}|split{w.shape[0]}", N, x.device, lambda c: u(w, c))
-    u(w, u_cfg)
+    if N > BLAST_FUSED_MAX_N:
+        z = v(_choose("gemm", f"blast_v|{shape_key}", N, x.device, v))
+        w = mix(z)
+    else:
+        u_default = default("gemm", _arch(x.device), N)
+        vs_cfg = _choose("blast_vs", shape_key, N, x.device, lambda c: u(vs(c), u_default), b_out_pow2)
+        w = vs(vs_cfg)
+    u(w, _choose("gemm", f"blast_u|{shape_key}|split{w.shape[0]}", N, x.device, lambda c: u(w, c)))
     return y
 
 
@@ -288,7 +330,7 @@ def monarch_forward(
         _gemm(
             h, (h.stride(1), m * h.stride(3), h.stride(3), h.stride(2), h.stride(0)), w2, w2.stride(),
             y, (0, y.stride(0), 1, b), N=N, K=R, C=out_blk, G=b, cfg=cfg,
-            bias=bias, bias_strides=(1, b), a_chunk=m, a_split=h.shape[0], consumer=True,
+            bias=bias, bias_strides=(1, b), a_chunk=m, a_split=h.shape[0], consumer=True, g_fast=True,
         )  # fmt: skip
 
     h = stage1(_choose("gemm", f"monarch_1|{shape_key}", N, x.device, stage1))

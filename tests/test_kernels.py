@@ -67,6 +67,7 @@ CASES = {
     "blast-1tok": lambda g, dt: _blast(g, dt, 1, 3, 20, 2, 24, 17),
     "blast-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False),
     "blast-b5": lambda g, dt: _blast(g, dt, 19, 5, 16, 5, 16, 48),
+    "blast-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40),  # above BLAST_FUSED_MAX_N: V GEMM, mix, U
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
     "monarch-b4": lambda g, dt: _monarch(g, dt, 70, 4, 32, 16, 24),
@@ -102,7 +103,10 @@ def _every_config():
 def test_every_config(kernel, cfg, gen):
     """Each shipped launch config computes the same function (float16: the dtype the interpreter can run)."""
     dtype = torch.float16
-    cases = ["blast-odd", "blast-b5"] if kernel == "blast_vs" else ["blast-1tok", "monarch-b4", "lowrank-odd"]
+    if kernel == "blast_vs":
+        cases = ["blast-odd", "blast-b5"]
+    else:
+        cases = ["blast-1tok", "blast-many", "monarch-b4", "lowrank-odd"]
     with launch.forced(**{kernel: cfg}):
         for case in cases:
             fn, ref, args = CASES[case](gen, dtype)
