@@ -141,20 +141,29 @@ def time_us(fn, graph: bool = True) -> float:
 
 
 def kernel_us(fn, calls: int = 10) -> dict[str, float]:
-    """GPU time per call of each kernel ``fn`` launches (torch.profiler), to see which stage a layer spends on."""
+    """Cold-L2 GPU time of each kernel ``fn`` launches, in launch order (torch.profiler), to see which stage a
+    layer spends its time in."""
     from torch.profiler import ProfilerActivity, profile
 
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
+            flush.zero_()
             fn()
         torch.cuda.synchronize()
+    kernels = [
+        (e.name, e.time_range.elapsed_us())
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and "Fill" not in e.name and "elementwise" not in e.name
+    ]
+    per_call = len(kernels) // calls
     times: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
-            times[e.key[:40]] = round(e.self_device_time_total / calls, 2)
-    return times
+    for i, (name, us) in enumerate(kernels[: per_call * calls]):
+        key = f"{i % per_call}:{name[:32]}"
+        times[key] = times.get(key, 0.0) + us / calls
+    return {k: round(v, 2) for k, v in times.items()}
 
 
 def rel_error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -218,6 +227,7 @@ def run(args) -> dict:
         "dtype": "bfloat16",
         "pdl": launch.USE_PDL,
         "blast_fused_max_n": launch.BLAST_FUSED_MAX_N,
+        "monarch_direct_max_n": launch.MONARCH_DIRECT_MAX_N,
         "ceilings": asdict(ceilings),
         "rows": rows,
     }
@@ -268,6 +278,13 @@ def main(argv=None) -> int:
         default=launch.BLAST_FUSED_MAX_N,
         help=f"BLAST runs V+S fused up to this N (default {launch.BLAST_FUSED_MAX_N}), else V GEMM, mix, U GEMM",
     )
+    ap.add_argument(
+        "--monarch-direct-max-n",
+        type=int,
+        default=launch.MONARCH_DIRECT_MAX_N,
+        help=f"Monarch stores interleaved outputs directly up to this N (default {launch.MONARCH_DIRECT_MAX_N}), "
+        "else block-major plus an interleave pass",
+    )
     ap.add_argument("--eager", action="store_true", help="also time our op without a CUDA graph (launch overhead)")
     ap.add_argument("--profile", action="store_true", help="also record each kernel's time (torch.profiler)")
     ap.add_argument("--json", dest="json_path", help="write rows, ceilings and machine here")
@@ -285,6 +302,7 @@ def main(argv=None) -> int:
     args.n = [int(v) for v in args.n.split(",") if v]
     launch.USE_PDL = args.pdl
     launch.BLAST_FUSED_MAX_N = args.blast_fused_max_n
+    launch.MONARCH_DIRECT_MAX_N = args.monarch_direct_max_n
     result = run(args)
     if args.json_path:
         with open(args.json_path, "w") as f:

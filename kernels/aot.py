@@ -17,6 +17,7 @@ from triton.runtime.jit import JITFunction
 from .blast import blast_mix_kernel, blast_vs_kernel, mix_tile
 from .configs import Config
 from .gemm import grouped_gemm_kernel
+from .monarch import interleave_kernel, interleave_tile
 
 ARCHS = (86, 87, 90)
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -26,7 +27,7 @@ _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 class Variant:
     """One specialization of a kernel besides its launch config: element types and the structural constexprs."""
 
-    kernel: str  # "gemm", "blast_vs" or "blast_mix"
+    kernel: str  # "gemm", "blast_vs", "blast_mix" or "interleave"
     dtype: str = "bfloat16"  # operands and output
     constexprs: tuple[tuple[str, object], ...] = ()
     intermediate_fp32: bool = False  # blast_vs: float32 partials (split > 1)
@@ -65,9 +66,14 @@ def compile_variant(variant: Variant, config: Config, arch: int):
             overrides["a_ptr"] = "*fp32"
     elif variant.kernel == "blast_mix":
         fn = _jit(blast_mix_kernel)
-        constexprs.setdefault("B_IN_P2", 16)
+        constexprs.setdefault("B_OUT", 16)
         constexprs.pop("IEEE")
-        constexprs["BM"], constexprs["BR"] = mix_tile(constexprs["B_IN_P2"])
+        constexprs["BM"], constexprs["BR"] = mix_tile(constexprs["B_OUT"])
+    elif variant.kernel == "interleave":
+        fn = _jit(interleave_kernel)
+        constexprs = {"B_P2": 16, **constexprs}
+        constexprs.pop("IEEE")
+        constexprs["BM"], constexprs["BS"] = interleave_tile(constexprs["B_P2"])
     elif variant.kernel == "blast_vs":
         fn = _jit(blast_vs_kernel)
         constexprs = {"B_OUT": 16, "LAUNCH_DEPS": False, **constexprs}
@@ -100,8 +106,10 @@ def shipped() -> list[tuple[int, Config, Variant]]:
                 b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
                 c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl))
                 cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
-        mix_config = Config(*mix_tile(16), 0, 4, 1)  # the mix kernel's tile is fixed by b_in; only warps matter
+        mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
+        bm, bs = interleave_tile(16)
+        cases.append((arch, Config(bm, bs, 0, 4, 1), Variant("interleave", "bfloat16")))
     cases.append((90, space("gemm", 90, small=False)[0], Variant("gemm", "float16")))
     cases.append((90, space("blast_vs", 90, small=False)[0], Variant("blast_vs", "float32")))
     return cases

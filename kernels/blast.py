@@ -84,43 +84,43 @@ def blast_vs_kernel(
     tl.store(w, acc.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-def mix_tile(b_in_pow2: int) -> tuple[int, int]:
-    """(BM, BR) of the mix kernel: a (BM, b_in, BR) float32 tile of 16K elements, 128 registers a thread."""
-    return 16, max(16, min(128, 1024 // b_in_pow2))
+def mix_tile(b_out_pow2: int) -> tuple[int, int]:
+    """(BM, BR) of the mix kernel: b_out accumulators of BM x BR float32, 16K in all (128 registers a thread)."""
+    return 16, max(16, min(128, 1024 // b_out_pow2))
 
 
 @triton.jit
 def blast_mix_kernel(
     # operands: z (N, b_in, r) from the V-stage GEMM, S (b_out, b_in, r), w (N, b_out, r)
     z_ptr, s_ptr, w_ptr,
-    N, R, B_IN, B_OUT,
+    N, R, B_IN, B_OUT_REAL,
     s_zn, s_zj, s_zr,
     s_si, s_sj, s_sr,
     s_wn, s_wi, s_wr,
-    B_IN_P2: tl.constexpr,  # b_in rounded up to a power of two
+    B_OUT: tl.constexpr,  # b_out rounded up to a power of two
     BM: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    """The S stage alone, for many tokens: ``w[n, i, r] = sum_j S[i, j, r] * z[n, j, r]``. One pass over z and w at
-    memory speed; the fused V+S kernel's b_out accumulators would instead shrink its tensor-core tiles until its
-    operands are re-read from L2 more often than this costs (measured: 538 µs against ~190 µs dense at N=4096 on
-    an H200 for Llama-7B q/k/v/o)."""
+    """The S stage alone, for many tokens: ``w[n, i, r] = sum_j S[i, j, r] * z[n, j, r]``, one pass over z and w.
+    The fused V+S kernel's b_out accumulators shrink its tensor-core tiles until x and V are re-read from L2 more
+    often than this pass costs (measured on an H200, Llama-7B q/k/v/o at 4096 tokens: 538 µs for fused V+S
+    against 190 µs for the whole dense layer)."""
     rn = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.program_id(1) * BR + tl.arange(0, BR)
-    rj = tl.arange(0, B_IN_P2)
+    ri = tl.arange(0, B_OUT)
     n_mask = rn < N
     r_mask = rr < R
-    j_mask = rj < B_IN
-    z = tl.load(
-        z_ptr + rn.to(tl.int64)[:, None, None] * s_zn + rj[None, :, None] * s_zj + rr[None, None, :] * s_zr,
-        mask=n_mask[:, None, None] & j_mask[None, :, None] & r_mask[None, None, :],
-        other=0.0,
-    ).to(tl.float32)
-    w_base = w_ptr + rn.to(tl.int64)[:, None] * s_wn + rr[None, :] * s_wr
-    for i in range(0, B_OUT):
+    i_mask = ri < B_OUT_REAL
+    z_base = z_ptr + rn.to(tl.int64)[:, None] * s_zn + rr[None, :] * s_zr
+    acc = tl.zeros((B_OUT, BM, BR), dtype=tl.float32)
+    for j in range(0, B_IN):
+        z = tl.load(z_base + j * s_zj, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         s = tl.load(
-            s_ptr + i * s_si + rj[:, None] * s_sj + rr[None, :] * s_sr,
-            mask=j_mask[:, None] & r_mask[None, :],
+            s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr,
+            mask=i_mask[:, None] & r_mask[None, :],
             other=0.0,
-        ).to(tl.float32)
-        w = tl.sum(z * s[None, :, :], axis=1)
-        tl.store(w_base + i * s_wi, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
+        )
+        acc += s.to(tl.float32)[:, None, :] * z.to(tl.float32)[None, :, :]
+    w = w_ptr + rn.to(tl.int64)[None, :, None] * s_wn + ri[:, None, None] * s_wi + rr[None, None, :] * s_wr
+    tl.store(
+        w, acc.to(w_ptr.dtype.element_ty), mask=i_mask[:, None, None] & n_mask[None, :, None] & r_mask[None, None, :]
+    )

@@ -59,6 +59,8 @@ _GEMM_SMALL = [
     Config(16, 32, 128, 4, 4, split=0),
     Config(16, 128, 64, 4, 4, split=0),
     Config(16, 32, 256, 4, 3, split=0),
+    Config(16, 16, 128, 4, 4, split=0),
+    Config(16, 16, 256, 4, 3, split=0),
 ]
 _GEMM_LARGE_90 = [
     Config(128, 128, 64, 8, 3),

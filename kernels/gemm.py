@@ -24,11 +24,19 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
-def _load_a(a_base, kk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK: tl.constexpr, A_SPLIT: tl.constexpr):
+def _load_a(
+    a_base, k0, rk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK: tl.constexpr, A_SPLIT: tl.constexpr, BK: tl.constexpr
+):
     if A_CHUNK > 0:
-        a_koff = (kk // A_CHUNK) * s_ac + (kk % A_CHUNK) * s_ak
+        if A_CHUNK % BK == 0:
+            # No step straddles a chunk, so the chunk is one scalar per step and the offsets stay visibly
+            # contiguous: 16-byte loads instead of one load per element.
+            a_koff = (k0 // A_CHUNK) * s_ac + (k0 % A_CHUNK + rk) * s_ak
+        else:
+            kk = k0 + rk
+            a_koff = (kk // A_CHUNK) * s_ac + (kk % A_CHUNK) * s_ak
     else:
-        a_koff = kk * s_ak
+        a_koff = (k0 + rk) * s_ak
     a_mask = n_mask[:, None] & k_mask[None, :]
     a = tl.load(a_base + a_koff[None, :], mask=a_mask, other=0.0)
     if A_SPLIT > 1:
@@ -102,13 +110,13 @@ def grouped_gemm_kernel(
         k_mask = kk < k_end
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         gdc_wait()
-        a = _load_a(a_base, kk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK, A_SPLIT)
+        a = _load_a(a_base, k_start, rk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK, A_SPLIT, BK)
         acc = _mma(a, b, acc, IEEE)
         k_loop = k_start + BK
     for k0 in range(k_loop, k_end, BK):
         kk = k0 + rk
         k_mask = kk < k_end
-        a = _load_a(a_base, kk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK, A_SPLIT)
+        a = _load_a(a_base, k0, rk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK, A_SPLIT, BK)
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _mma(a, b, acc, IEEE)
     if HAS_BIAS:

@@ -21,6 +21,7 @@ import triton
 from .blast import blast_mix_kernel, blast_vs_kernel, mix_tile
 from .configs import SMALL_N, Config, ConfigTable, bucket, default, space
 from .gemm import grouped_gemm_kernel
+from .monarch import interleave_kernel, interleave_tile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _state = threading.local()
@@ -271,11 +272,10 @@ def blast_forward(
 
     def mix(z: torch.Tensor) -> torch.Tensor:
         w = _empty((1, N, b_out, r), x)
-        b_in_pow2 = triton.next_power_of_2(b_in)
-        bm, br = mix_tile(b_in_pow2)
+        bm, br = mix_tile(b_out_pow2)
         blast_mix_kernel[(triton.cdiv(N, bm), triton.cdiv(r, br))](
             z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:],
-            B_IN_P2=b_in_pow2, BM=bm, BR=br, num_warps=4,
+            B_OUT=b_out_pow2, BM=bm, BR=br, num_warps=4, num_stages=3,
         )  # fmt: skip
         return w
 
@@ -295,6 +295,9 @@ def blast_forward(
         w = vs(vs_cfg)
     u(w, _choose("gemm", f"blast_u|{shape_key}|split{w.shape[0]}", N, x.device, lambda c: u(w, c)))
     return y
+
+
+MONARCH_DIRECT_MAX_N = 64  # above this many tokens stage 2 writes block-major and a second pass interleaves
 
 
 def monarch_forward(
@@ -327,11 +330,20 @@ def monarch_forward(
         return h
 
     def stage2(h: torch.Tensor, cfg: Config) -> None:
+        # Few tokens: store straight into y's interleaved columns. Many: block-major o, then one interleave pass.
+        direct = N <= MONARCH_DIRECT_MAX_N
+        o = y if direct else _empty((N, b, out_blk), x)
         _gemm(
             h, (h.stride(1), m * h.stride(3), h.stride(3), h.stride(2), h.stride(0)), w2, w2.stride(),
-            y, (0, y.stride(0), 1, b), N=N, K=R, C=out_blk, G=b, cfg=cfg,
-            bias=bias, bias_strides=(1, b), a_chunk=m, a_split=h.shape[0], consumer=True, g_fast=True,
+            o, (0, y.stride(0), 1, b) if direct else (0, *o.stride()), N=N, K=R, C=out_blk, G=b, cfg=cfg,
+            bias=bias, bias_strides=(1, b), a_chunk=m, a_split=h.shape[0], consumer=True, g_fast=direct,
         )  # fmt: skip
+        if not direct:
+            b_pow2 = triton.next_power_of_2(b)
+            bm, bs = interleave_tile(b_pow2)
+            interleave_kernel[(triton.cdiv(N, bm), triton.cdiv(out_blk, bs))](
+                o, y, N, b, out_blk, *o.stride(), y.stride(0), B_P2=b_pow2, BM=bm, BS=bs, num_warps=4
+            )
 
     h = stage1(_choose("gemm", f"monarch_1|{shape_key}", N, x.device, stage1))
     stage2(h, _choose("gemm", f"monarch_2|{shape_key}|split{h.shape[0]}", N, x.device, lambda c: stage2(h, c)))

@@ -70,7 +70,8 @@ CASES = {
     "blast-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40),  # above BLAST_FUSED_MAX_N: V GEMM, mix, U
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
-    "monarch-b4": lambda g, dt: _monarch(g, dt, 70, 4, 32, 16, 24),
+    "monarch-b4": lambda g, dt: _monarch(g, dt, 70, 4, 32, 16, 24),  # above MONARCH_DIRECT_MAX_N: interleave pass
+    "monarch-wide": lambda g, dt: _monarch(g, dt, 21, 2, 64, 12, 10),  # chunk of 32: contiguous A steps
     "lowrank-1tok": lambda g, dt: _lowrank(g, dt, 1, 30, 21, 5),
     "lowrank-odd": lambda g, dt: _lowrank(g, dt, 41, 19, 26, 12, bias=False),
 }
@@ -106,7 +107,7 @@ def test_every_config(kernel, cfg, gen):
     if kernel == "blast_vs":
         cases = ["blast-odd", "blast-b5"]
     else:
-        cases = ["blast-1tok", "blast-many", "monarch-b4", "lowrank-odd"]
+        cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd"]
     with launch.forced(**{kernel: cfg}):
         for case in cases:
             fn, ref, args = CASES[case](gen, dtype)
@@ -182,8 +183,8 @@ def test_split_reductions(gen):
             _check(fn, ref, args, dtype, f"{case} split")
 
 
-# Layer-sized cases for the GPU: every config of both halves on shapes no tile divides, at N = 1, a few, the
-# small-N limit and a large odd count, in every dtype; splits and dependent launches take their production paths.
+# Layer-sized cases for the GPU, on shapes no tile divides; splits and dependent launches take their production
+# paths. Every config in bfloat16 at the small-N limit and a large odd count; every dtype at N = 1, a few, and many.
 GPU_SHAPES = {
     "blast": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200),
     "monarch": lambda g, dt, n: _monarch(g, dt, n, 8, 200, 96, 136),
@@ -192,17 +193,24 @@ GPU_SHAPES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("structure", list(GPU_SHAPES))
+def test_gpu_every_config_layer_sized(structure, gen):
+    arch = launch._arch(torch.device("cuda"))
+    for n in (16, 1000):
+        for kernel in configs.KERNELS if structure == "blast" else ("gemm",):
+            for cfg in configs.space(kernel, arch, small=n <= configs.SMALL_N, b_out_pow2=8):
+                with launch.forced(**{kernel: cfg}):
+                    fn, ref, args = GPU_SHAPES[structure](gen, torch.bfloat16, n)
+                    _check(fn, ref, args, torch.bfloat16, f"{structure} N={n} {kernel} {cfg}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("structure", list(GPU_SHAPES))
-def test_gpu_every_config_layer_sized(structure, dtype, gen):
-    arch = launch._arch(torch.device("cuda"))
-    for n in (1, 3, 16, 1000):
-        small = n <= configs.SMALL_N
-        for kernel in configs.KERNELS if structure == "blast" else ("gemm",):
-            for cfg in configs.space(kernel, arch, small=small, b_out_pow2=8):
-                with launch.forced(**{kernel: cfg}):
-                    fn, ref, args = GPU_SHAPES[structure](gen, dtype, n)
-                    _check(fn, ref, args, dtype, f"{structure} N={n} {dtype} {kernel} {cfg}")
+def test_gpu_dtypes_layer_sized(structure, dtype, gen):
+    for n in (1, 3, 16, 200, 1000):
+        fn, ref, args = GPU_SHAPES[structure](gen, dtype, n)
+        _check(fn, ref, args, dtype, f"{structure} N={n} {dtype}")
 
 
 @pytest.mark.gpu
