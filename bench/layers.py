@@ -170,7 +170,7 @@ def rel_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out.double() - expected).norm() / expected.norm())
 
 
-def run(args) -> dict:
+def run(args) -> dict:  # noqa: C901
     ceilings = Ceilings.measure()
     print(f"ceilings: {asdict(ceilings)}", flush=True)
     dtype = torch.bfloat16
@@ -228,6 +228,7 @@ def run(args) -> dict:
         "pdl": launch.USE_PDL,
         "blast_fused_max_n": launch.BLAST_FUSED_MAX_N,
         "monarch_direct_max_n": launch.MONARCH_DIRECT_MAX_N,
+        "mix": args.mix,
         "ceilings": asdict(ceilings),
         "rows": rows,
     }
@@ -285,6 +286,12 @@ def main(argv=None) -> int:
         help=f"Monarch stores interleaved outputs directly up to this N (default {launch.MONARCH_DIRECT_MAX_N}), "
         "else block-major plus an interleave pass",
     )
+    ap.add_argument(
+        "--mix",
+        choices=("dot", "fma"),
+        default="dot",
+        help="BLAST's S stage for many tokens: batched MMAs (default) or CUDA-core FMAs",
+    )
     ap.add_argument("--eager", action="store_true", help="also time our op without a CUDA graph (launch overhead)")
     ap.add_argument("--profile", action="store_true", help="also record each kernel's time (torch.profiler)")
     ap.add_argument("--json", dest="json_path", help="write rows, ceilings and machine here")
@@ -303,6 +310,7 @@ def main(argv=None) -> int:
     launch.USE_PDL = args.pdl
     launch.BLAST_FUSED_MAX_N = args.blast_fused_max_n
     launch.MONARCH_DIRECT_MAX_N = args.monarch_direct_max_n
+    launch.MIX_DOT = args.mix == "dot"
     result = run(args)
     if args.json_path:
         with open(args.json_path, "w") as f:

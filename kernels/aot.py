@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from .blast import blast_mix_kernel, blast_vs_kernel, mix_tile
+from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel, mix_tile
 from .configs import Config
 from .gemm import grouped_gemm_kernel
 from .monarch import interleave_kernel, interleave_tile
@@ -69,6 +69,10 @@ def compile_variant(variant: Variant, config: Config, arch: int):
         constexprs.setdefault("B_OUT", 16)
         constexprs.pop("IEEE")
         constexprs["BM"], constexprs["BR"] = mix_tile(constexprs["B_OUT"])
+    elif variant.kernel == "blast_mix_dot":
+        fn = _jit(blast_mix_dot_kernel)
+        constexprs = {"BJ": 16, "BI": 16, **constexprs, "BM": config.BM, "BR": config.BN}
+        constexprs.pop("IEEE")
     elif variant.kernel == "interleave":
         fn = _jit(interleave_kernel)
         constexprs = {"B_P2": 16, **constexprs}
@@ -108,6 +112,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
                 cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
+        cases.append((arch, Config(32, 32, 0, 4, 1), Variant("blast_mix_dot", "bfloat16")))
         bm, bs = interleave_tile(16)
         cases.append((arch, Config(bm, bs, 0, 4, 1), Variant("interleave", "bfloat16")))
     cases.append((90, space("gemm", 90, small=False)[0], Variant("gemm", "float16")))

@@ -124,3 +124,39 @@ def blast_mix_kernel(
     tl.store(
         w, acc.to(w_ptr.dtype.element_ty), mask=i_mask[:, None, None] & n_mask[None, :, None] & r_mask[None, None, :]
     )
+
+
+@triton.jit
+def blast_mix_dot_kernel(
+    z_ptr, s_ptr, w_ptr,
+    N, R, B_IN, B_OUT,
+    s_zn, s_zj, s_zr,
+    s_si, s_sj, s_sr,
+    s_wn, s_wi, s_wr,
+    BJ: tl.constexpr, BI: tl.constexpr,  # b_in, b_out rounded up to powers of two >= 16 (the MMA's minimum)
+    BM: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """The S stage as a batched matrix product on the tensor cores: for each rank r, (tokens x b_in) @ S[:, :, r]^T."""
+    rn = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.program_id(1) * BR + tl.arange(0, BR)
+    rj = tl.arange(0, BJ)
+    ri = tl.arange(0, BI)
+    n_mask = (rn < N)[None, :, None]
+    r_mask = (rr < R)[:, None, None]
+    rn64 = rn.to(tl.int64)[None, :, None]
+    z = tl.load(
+        z_ptr + rr[:, None, None] * s_zr + rn64 * s_zn + rj[None, None, :] * s_zj,
+        mask=r_mask & n_mask & (rj < B_IN)[None, None, :],
+        other=0.0,
+    )
+    st = tl.load(
+        s_ptr + rr[:, None, None] * s_sr + rj[None, :, None] * s_sj + ri[None, None, :] * s_si,
+        mask=r_mask & (rj < B_IN)[None, :, None] & (ri < B_OUT)[None, None, :],
+        other=0.0,
+    )
+    w = tl.dot(z, st)
+    tl.store(
+        w_ptr + rr[:, None, None] * s_wr + rn64 * s_wn + ri[None, None, :] * s_wi,
+        w.to(w_ptr.dtype.element_ty),
+        mask=r_mask & n_mask & (ri < B_OUT)[None, None, :],
+    )

@@ -24,19 +24,21 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
-def _load_a(
-    a_base, k0, rk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK: tl.constexpr, A_SPLIT: tl.constexpr, BK: tl.constexpr
-):
+def _step(t, k_start, k_end, rk, A_CHUNK: tl.constexpr, BK: tl.constexpr):
+    """Reduction step t: (A's chunk, A's k within it, B's k, mask). A chunked A walks each chunk in steps of BK
+    (the last one masked), so every load is a contiguous run whatever the chunk length."""
     if A_CHUNK > 0:
-        if A_CHUNK % BK == 0:
-            # No step straddles a chunk, so the chunk is one scalar per step and the offsets stay visibly
-            # contiguous: 16-byte loads instead of one load per element.
-            a_koff = (k0 // A_CHUNK) * s_ac + (k0 % A_CHUNK + rk) * s_ak
-        else:
-            kk = k0 + rk
-            a_koff = (kk // A_CHUNK) * s_ac + (kk % A_CHUNK) * s_ak
-    else:
-        a_koff = (k0 + rk) * s_ak
+        steps_per_chunk = tl.cdiv(A_CHUNK, BK)
+        chunk = t // steps_per_chunk
+        u = (t % steps_per_chunk) * BK + rk
+        return chunk, u, chunk * A_CHUNK + u, u < A_CHUNK
+    kk = k_start + t * BK + rk
+    return 0, kk, kk, kk < k_end
+
+
+@triton.jit
+def _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT: tl.constexpr):
+    a_koff = chunk * s_ac + u * s_ak
     a_mask = n_mask[:, None] & k_mask[None, :]
     a = tl.load(a_base + a_koff[None, :], mask=a_mask, other=0.0)
     if A_SPLIT > 1:
@@ -65,7 +67,7 @@ def grouped_gemm_kernel(
     s_bg, s_bc, s_bk,
     s_os, s_on, s_og, s_oc,
     s_biasg, s_biasc,
-    A_CHUNK: tl.constexpr,  # >0: reduction index k lives at chunk k // A_CHUNK (stride s_ac), offset k % A_CHUNK
+    A_CHUNK: tl.constexpr,  # >0: A's k lives at chunk k // A_CHUNK (stride s_ac), offset k % A_CHUNK (no k-split)
     A_SPLIT: tl.constexpr,  # A is the sum of this many partials, s_as apart (summed in fp32 while loading)
     PERM_M: tl.constexpr,  # >0: output column c reads B row (c % PERM_M) * PERM_B + c // PERM_M
     PERM_B: tl.constexpr,
@@ -102,21 +104,23 @@ def grouped_gemm_kernel(
     a_base = a_ptr + g * s_ag + rn.to(tl.int64)[:, None] * s_an
     b_base = b_ptr + g * s_bg + brow.to(tl.int64)[None, :] * s_bc
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    k_loop = k_start
+    if A_CHUNK > 0:
+        n_steps = (K // A_CHUNK) * tl.cdiv(A_CHUNK, BK)
+    else:
+        n_steps = tl.cdiv(k_end - k_start, BK)
+    t_loop = 0
     if WAIT:
         # Peeled first step: the weight tile is independent of the previous kernel, so it is in flight while
         # this program waits; with BK >= K it is the program's whole share of the weights.
-        kk = k_start + rk
-        k_mask = kk < k_end
+        chunk, u, kk, k_mask = _step(0, k_start, k_end, rk, A_CHUNK, BK)
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         gdc_wait()
-        a = _load_a(a_base, k_start, rk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK, A_SPLIT, BK)
+        a = _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
         acc = _mma(a, b, acc, IEEE)
-        k_loop = k_start + BK
-    for k0 in range(k_loop, k_end, BK):
-        kk = k0 + rk
-        k_mask = kk < k_end
-        a = _load_a(a_base, k0, rk, k_mask, n_mask, s_ak, s_ac, s_as, A_CHUNK, A_SPLIT, BK)
+        t_loop = 1
+    for t in range(t_loop, n_steps):
+        chunk, u, kk, k_mask = _step(t, k_start, k_end, rk, A_CHUNK, BK)
+        a = _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _mma(a, b, acc, IEEE)
     if HAS_BIAS:

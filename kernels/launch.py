@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 import triton
 
-from .blast import blast_mix_kernel, blast_vs_kernel, mix_tile
+from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel, mix_tile
 from .configs import SMALL_N, Config, ConfigTable, bucket, default, space
 from .gemm import grouped_gemm_kernel
 from .monarch import interleave_kernel, interleave_tile
@@ -151,10 +151,10 @@ def _splits(cfg: Config, programs: int, steps: int, device: torch.device) -> int
 
 def _effective(cfg: Config, dtype: torch.dtype, chunk: int = 0) -> Config:
     """The config as launched: float32 operands take half the reduction step (the tiles' shared memory is sized
-    for 2-byte types), and a chunked A operand a step that divides the chunk, so no load straddles two chunks."""
+    for 2-byte types), and a chunked A operand no longer a step than the chunk's power-of-two ceiling."""
     bk = cfg.BK // 2 if dtype == torch.float32 else cfg.BK
-    if chunk and (chunk & -chunk) >= 16:
-        bk = min(bk, chunk & -chunk)
+    if chunk:
+        bk = min(bk, triton.next_power_of_2(chunk))
     return dataclasses.replace(cfg, BK=max(16, bk))
 
 
@@ -226,6 +226,7 @@ def _partials(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.
     return _empty((splits, *shape), like, torch.float32 if splits > 1 else None)
 
 
+MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
 BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
 
 
@@ -272,6 +273,13 @@ def blast_forward(
 
     def mix(z: torch.Tensor) -> torch.Tensor:
         w = _empty((1, N, b_out, r), x)
+        if MIX_DOT and x.dtype != torch.float32:
+            bj, bi = max(16, triton.next_power_of_2(b_in)), max(16, b_out_pow2)
+            blast_mix_dot_kernel[(triton.cdiv(N, 32), triton.cdiv(r, 32))](
+                z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:],
+                BJ=bj, BI=bi, BM=32, BR=32, num_warps=4,
+            )  # fmt: skip
+            return w
         bm, br = mix_tile(b_out_pow2)
         blast_mix_kernel[(triton.cdiv(N, bm), triton.cdiv(r, br))](
             z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:],
