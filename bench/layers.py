@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -166,6 +167,13 @@ def kernel_us(fn, calls: int = 10) -> dict[str, float]:
     return {k: round(v, 2) for k, v in times.items()}
 
 
+def write_json(path: str, result: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
 def rel_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out.double() - expected).norm() / expected.norm())
 
@@ -175,10 +183,21 @@ def run(args) -> dict:  # noqa: C901
     print(f"ceilings: {asdict(ceilings)}", flush=True)
     dtype = torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
+    rows: list[dict] = []
+    result = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "dtype": "bfloat16",
+        "pdl": launch.USE_PDL,
+        "blast_fused_max_n": launch.BLAST_FUSED_MAX_N,
+        "monarch_direct_max_n": launch.MONARCH_DIRECT_MAX_N,
+        "mix": args.mix,
+        "ceilings": asdict(ceilings),
+        "rows": rows,
+    }
     torch._dynamo.config.cache_size_limit = 1024  # one compile per layer shape, not a fallback to eager
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     compiled = {s: torch.compile(OPS[s][1]) for s in args.structures}
-    rows = []
     for model, label, pattern, out_f, in_f, has_bias in LAYERS:
         if model not in args.models:
             continue
@@ -221,17 +240,9 @@ def run(args) -> dict:  # noqa: C901
                 row["dense_floor_us"] = ceilings.floor_us(io + 2 * out_f * in_f, 2 * n * out_f * in_f)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    return {
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        "dtype": "bfloat16",
-        "pdl": launch.USE_PDL,
-        "blast_fused_max_n": launch.BLAST_FUSED_MAX_N,
-        "monarch_direct_max_n": launch.MONARCH_DIRECT_MAX_N,
-        "mix": args.mix,
-        "ceilings": asdict(ceilings),
-        "rows": rows,
-    }
+                if args.json_path:  # rewritten after every row: a run cut short keeps what it measured
+                    write_json(args.json_path, result)
+    return result
 
 
 def fmt(v, spec=".1f") -> str:
@@ -313,8 +324,7 @@ def main(argv=None) -> int:
     launch.MIX_DOT = args.mix == "dot"
     result = run(args)
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json_path, result)
     if args.configs_path:
         table = launch.active_table()
         table.arch = int(result["machine"]["capability"].replace(".", ""))
