@@ -45,7 +45,7 @@ LAYERS = [
     ("gpt2-s", "c_attn 768>2304", "*.attn.c_attn", 2304, 768, True),
     ("gpt2-s", "c_fc 768>3072", "*.mlp.c_fc", 3072, 768, True),
     ("gpt2-s", "c_proj 3072>768", "*.mlp.c_proj", 768, 3072, True),
-    ("vit-b-16", "q/k/v 768>768", "*.attention.query", 768, 768, True),
+    ("vit-b-16", "q/k/v 768>768", "*.attention.attention.query", 768, 768, True),
     ("vit-b-16", "fc1 768>3072", "*.intermediate.dense", 3072, 768, True),
     ("vit-b-16", "fc2 3072>768", "*.output.dense", 768, 3072, True),
     ("dit-xl-2", "q/k/v 1152>1152", "*.attn1.to_q", 1152, 1152, True),
