@@ -2,8 +2,9 @@
 stage copies, transposes or permutes a tensor. Inputs are 2-D ``(N, in)`` with any strides; the factors are in
 their canonical layouts (DESIGN §3) and in the input's dtype.
 
-Configs come from the active :class:`ConfigTable` (see :func:`use_table`), else, while :func:`tuning` is on, from
-timing the curated space on the GPU at hand, else from the bucket's heuristic default.
+Configs come from the active :class:`ConfigTable` (see :func:`use_table`), else from the table shipped for the GPU's
+architecture (``tables/sm_XX.json``), else, while :func:`tuning` is on, from timing the curated space on the GPU at
+hand, else from the bucket's heuristic default.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import triton
@@ -100,6 +102,14 @@ def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None
     return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
 
 
+@functools.cache
+def _shipped(arch: int) -> ConfigTable:
+    """The configs tuned for this architecture that ship with the package (``tables/sm_XX.json``), if any: the
+    reference paper's layers then run tuned without tuning on the user's GPU."""
+    path = Path(__file__).parent / "tables" / f"sm_{arch}.json"
+    return ConfigTable.load(path) if path.is_file() else ConfigTable(arch)
+
+
 def _time_ms(fn: Callable[[], None]) -> float:
     """GPU time of ``fn``'s launches, replayed from a CUDA graph with L2 flushed in between: timing the Python
     launch path instead would measure ~100 µs of overhead and pick at random among small-N configs."""
@@ -119,10 +129,12 @@ def _choose(
     if force is not None:
         return force
     full_key = f"{kernel}|{key}|N{bucket(n)}"
+    arch = _arch(device)
     found = _table.get(full_key)
+    if found is None and device.type == "cuda":
+        found = _shipped(arch).get(full_key)
     if found is not None:
         return found
-    arch = _arch(device)
     if not getattr(_state, "tuning", False) or device.type != "cuda":
         return default(kernel, arch, n, b_out_pow2)
     best, best_ms, error = None, float("inf"), None

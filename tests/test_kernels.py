@@ -5,6 +5,7 @@ check; inputs are fresh random draws with odd sizes that no tile divides, and st
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,20 @@ def test_table_entry_is_used(gen):
     finally:
         launch.use_table(previous)
     fn(*args)
+
+
+def test_shipped_tables_hold_only_shipped_configs():
+    """A shipped table may only name configs of its architecture's curated space: those are the ones CI compiles
+    ahead of time (test_aot) and runs under the interpreter."""
+    tables = sorted((Path(configs.__file__).parent / "tables").glob("sm_*.json"))
+    assert tables, "no shipped config table"
+    for path in tables:
+        table = ConfigTable.load(path)
+        arch = int(path.stem.removeprefix("sm_"))
+        assert table.arch == arch and table.entries, path
+        for key, cfg in table.entries.items():
+            kernel = key.split("|")[0]
+            assert cfg in configs.space(kernel, arch), f"{path.name}: {key} -> {cfg} is not in the sm_{arch} space"
 
 
 @pytest.mark.parametrize("n", [1, 16, 200])
