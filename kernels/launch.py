@@ -1,5 +1,6 @@
-"""Launchers: one forward per structure, each a fixed sequence of the two kernels with strides set up so that no
-stage copies, transposes or permutes a tensor. Inputs are 2-D ``(N, in)`` with any strides; the factors are in
+"""Launchers: one forward per structure, each a fixed sequence of two or three kernels chosen by the token count,
+with strides set up so that no stage copies or transposes an operand (the one extra pass is Monarch's output
+interleave above 64 tokens, see ``monarch.py``). Inputs are 2-D ``(N, in)`` with any strides; the factors are in
 their canonical layouts (DESIGN §3) and in the input's dtype.
 
 Configs come from the active :class:`ConfigTable` (see :func:`use_table`), else from the table shipped for the GPU's
