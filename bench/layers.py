@@ -178,7 +178,7 @@ def rel_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out.double() - expected).norm() / expected.norm())
 
 
-def run(args) -> dict:  # noqa: C901
+def run(args) -> dict:
     ceilings = Ceilings.measure()
     print(f"ceilings: {asdict(ceilings)}", flush=True)
     dtype = torch.bfloat16

@@ -55,7 +55,6 @@ def compile_variant(variant: Variant, config: Config, arch: int):
     if variant.dtype not in _TRITON_DTYPES:
         raise ValueError(f"no kernels for dtype {variant.dtype}; choose from {', '.join(_TRITON_DTYPES)}")
     constexprs = dict(variant.constexprs)
-    constexprs["IEEE"] = variant.dtype == "float32"
     overrides: dict[str, str] = {}
     if variant.kernel == "gemm":
         fn = _jit(grouped_gemm_kernel)
@@ -66,17 +65,14 @@ def compile_variant(variant: Variant, config: Config, arch: int):
             overrides["a_ptr"] = "*fp32"
     elif variant.kernel == "blast_mix":
         fn = _jit(blast_mix_kernel)
-        constexprs.setdefault("B_OUT", 16)
-        constexprs.pop("IEEE")
+        constexprs = {"B_OUT": 16, **constexprs}
         constexprs["BM"], constexprs["BR"] = mix_tile(constexprs["B_OUT"])
     elif variant.kernel == "blast_mix_dot":
         fn = _jit(blast_mix_dot_kernel)
         constexprs = {"BJ": 16, "BI": 16, **constexprs, "BM": config.BM, "BR": config.BN}
-        constexprs.pop("IEEE")
     elif variant.kernel == "interleave":
         fn = _jit(interleave_kernel)
         constexprs = {"B_P2": 16, **constexprs}
-        constexprs.pop("IEEE")
         constexprs["BM"], constexprs["BS"] = interleave_tile(constexprs["B_P2"])
     elif variant.kernel == "blast_vs":
         fn = _jit(blast_vs_kernel)
@@ -86,6 +82,8 @@ def compile_variant(variant: Variant, config: Config, arch: int):
             overrides["w_ptr"] = "*fp32"
     else:
         raise ValueError(f"unknown kernel {variant.kernel!r}")
+    if "IEEE" in fn.arg_names:  # the kernels with a dot on the inputs' dtype: full-precision float32
+        constexprs["IEEE"] = variant.dtype == "float32"
     src = ASTSource(fn, _signature(fn, variant.dtype, overrides), constexprs=constexprs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

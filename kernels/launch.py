@@ -58,6 +58,7 @@ def tuning(enabled: bool = True) -> Iterator[None]:
         _state.tuning = previous
 
 
+@functools.cache
 def _arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 90  # the interpreter: any config runs
@@ -82,9 +83,18 @@ def _pdl_supported() -> bool:
 USE_PDL = True  # benchmarks switch dependent launches off to measure what they bring
 
 
-def _pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: sm_90+, a compiled (not interpreted) kernel, a Triton that supports it."""
-    return USE_PDL and device.type == "cuda" and not interpreting() and _arch(device) >= 90 and _pdl_supported()
+def _pdl(device: torch.device, n: int) -> bool:
+    """Programmatic dependent launch: sm_90+, a compiled (not interpreted) kernel, a Triton that supports it, and
+    small N only: there the kernel boundary is a large share of a few-µs layer, while for large N the consumer's
+    peeled first step would cost the software pipeline more than the overlap brings."""
+    return (
+        USE_PDL
+        and n <= SMALL_N
+        and device.type == "cuda"
+        and not interpreting()
+        and _arch(device) >= 90
+        and _pdl_supported()
+    )
 
 
 @contextlib.contextmanager
@@ -209,10 +219,8 @@ def _gemm(
     g_fast=False,
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
-    feeds the ``consumer`` launched right after it, which may then start early (dependent launch, sm_90). Only
-    for small N: there the kernel boundary is a large share of a few-µs layer, while for large N the consumer's
-    peeled first step would cost the software pipeline more than the overlap brings."""
-    pdl = _pdl(out.device) and N <= SMALL_N
+    feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
+    pdl = _pdl(out.device, N)
     cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per
     grid = (triton.cdiv(N, cfg.BM), triton.cdiv(C, cfg.BN), G * triton.cdiv(K, k_per))
@@ -259,7 +267,7 @@ def blast_forward(
         return y
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"
     b_out_pow2 = triton.next_power_of_2(b_out)
-    pdl = _pdl(x.device) and N <= SMALL_N
+    pdl = _pdl(x.device, N)
 
     def vs(cfg: Config) -> torch.Tensor:
         cfg = _effective(cfg, x.dtype)
