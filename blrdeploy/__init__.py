@@ -17,6 +17,14 @@ def export_onnx(model, path, inputs=None, **kwargs):
     return _export(model, path, inputs, **kwargs)
 
 
+def load_bundle(path, device="cuda", allow_jit=False):
+    """Load a device bundle: ``(model, bundle)``, BLR layers on its shipped cubins (see
+    :func:`blrdeploy.exporters.bundle.load_bundle`)."""
+    from .exporters.bundle import load_bundle as _load_bundle
+
+    return _load_bundle(path, device, allow_jit)
+
+
 try:
     __version__ = version("blrdeploy")
 except PackageNotFoundError:  # running from a checkout without an install
@@ -27,6 +35,7 @@ __all__ = [
     "export_onnx",
     "ConvertConfig",
     "load",
+    "load_bundle",
     "save",
     "CheckpointError",
     "BlastLinear",

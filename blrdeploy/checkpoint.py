@@ -90,25 +90,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuses an existing output unless --overwrite, and even then anything but an empty directory or a
-    converted checkpoint (so a mistyped -o never deletes a user's folder)."""
+def check_output_dir(path: Path, overwrite: bool, marker: str = BLR_CONFIG) -> None:
+    """Refuses an existing output unless --overwrite, and even then anything but an empty directory or one of
+    ours (holding ``marker``), so a mistyped -o never deletes a user's folder."""
     if not path.exists():
         return
     if not path.is_dir():
         raise ValueError(f"output path {path} exists and is not a directory")
     if not overwrite:
         raise ValueError(f"output directory {path} already exists; pass --overwrite to replace it")
-    if any(path.iterdir()) and not (path / BLR_CONFIG).exists():
-        raise ValueError(f"refusing to overwrite {path}: it is neither empty nor a converted checkpoint")
+    if any(path.iterdir()) and not (path / marker).exists():
+        what = "a converted checkpoint" if marker == BLR_CONFIG else f"one of ours (no {marker})"
+        raise ValueError(f"refusing to overwrite {path}: it is neither empty nor {what}")
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path, overwrite: bool):
+def atomic_directory(path: Path, overwrite: bool, marker: str = BLR_CONFIG):
     """Yields a temp directory beside ``path``; on success it replaces ``path`` in one rename, on any error
     (Ctrl-C included) it is removed and ``path`` is left as it was."""
     path = Path(path)
-    check_output_dir(path, overwrite)
+    check_output_dir(path, overwrite, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -116,9 +117,10 @@ def atomic_directory(path: Path, overwrite: bool):
     tmp.mkdir()
     try:
         yield tmp
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
         if path.exists():
             path.rename(old)
         tmp.rename(path)

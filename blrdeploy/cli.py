@@ -530,5 +530,8 @@ def _print_table(source: str, shape: tuple[int, int], rows: list[dict]) -> None:
     Console().print(table)
 
 
+from . import cli_bundle  # noqa: E402, F401  (registers package, verify-bundle, tune, run)
+
+
 def main() -> None:
     app()

@@ -2,22 +2,24 @@
 
 ``triton.compile`` with a ``GPUTarget`` turns one specialization (dtypes, constexprs, launch config) into a cubin
 and its metadata. CI compiles every shipped config this way for sm_86, sm_87 and sm_90, because the interpreter
-accepts programs the compiler rejects; the bundle packager ships the results.
+accepts programs the compiler rejects; the bundle packager compiles each :class:`~.runtime.Spec` a model needs
+with :func:`compile_spec` into a cubin and the descriptor :mod:`.cubin` launches it by.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
 from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel, mix_tile
 from .configs import Config
 from .gemm import grouped_gemm_kernel
 from .monarch import interleave_kernel, interleave_tile
+from .runtime import KERNELS, Spec, jit_function
 
 ARCHS = (86, 87, 90)
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -33,12 +35,10 @@ class Variant:
     intermediate_fp32: bool = False  # blast_vs: float32 partials (split > 1)
 
 
-def _jit(kernel) -> JITFunction:
-    # Under TRITON_INTERPRET=1, @triton.jit returns an interpreter wrapper; compile from the Python function.
-    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+_jit = jit_function
 
 
-def _signature(fn: JITFunction, dtype: str, overrides: dict[str, str]) -> dict[str, str]:
+def _signature(fn, dtype: str, overrides: dict[str, str]) -> dict[str, str]:
     sig = {}
     for p in fn.params:
         if p.is_constexpr:
@@ -110,9 +110,9 @@ def shipped() -> list[tuple[int, Config, Variant]]:
                 cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
-        cases.append((arch, Config(32, 32, 0, 4, 1), Variant("blast_mix_dot", "bfloat16")))
+        cases.append((arch, Config(32, 32, 0, 4, 3), Variant("blast_mix_dot", "bfloat16")))
         bm, bs = interleave_tile(16)
-        cases.append((arch, Config(bm, bs, 0, 4, 1), Variant("interleave", "bfloat16")))
+        cases.append((arch, Config(bm, bs, 0, 4, 3), Variant("interleave", "bfloat16")))
     cases.append((90, space("gemm", 90, small=False)[0], Variant("gemm", "float16")))
     cases.append((90, space("blast_vs", 90, small=False)[0], Variant("blast_vs", "float32")))
     return cases
@@ -138,3 +138,54 @@ def check_shipped() -> list[dict]:
             )
         results.append(row)
     return results
+
+
+def _entry_params(ptx: str, name: str) -> int:
+    match = re.search(rf"\.entry\s+{re.escape(name)}\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise RuntimeError(f"no entry {name} in the compiled PTX")
+    return match.group(1).count(".param")
+
+
+def compile_spec(spec: Spec, arch: int) -> tuple[bytes, dict]:
+    """(cubin, launch descriptor) of one specialization for compute capability ``arch``. The descriptor holds
+    what a launch needs (entry, warps, shared memory, dependent launch, parameter count) and the spec."""
+    fn = _jit(KERNELS[spec.kernel])
+    signature: dict[str, str] = {}
+    constexprs = dict(spec.constexprs)
+    attrs = {}
+    runtime = {name: (type_, hint) for name, type_, hint in spec.params}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            continue
+        type_, hint = runtime[p.name]
+        if hint == "1":
+            signature[p.name], constexprs[p.name] = "constexpr", 1
+            continue
+        signature[p.name] = type_
+        if hint == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
+    if spec.launch_pdl:
+        options["launch_pdl"] = True
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=options,
+    )
+    md = compiled.metadata
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise RuntimeError(f"{spec.kernel} needs global scratch memory; the bundle launcher provides none")
+    passed = sum(1 for t in signature.values() if t != "constexpr")
+    descriptor = {
+        "name": md.name,
+        "arch": arch,
+        "num_warps": md.num_warps,
+        "shared": md.shared,
+        "launch_pdl": bool(getattr(md, "launch_pdl", False)),
+        "scratch_params": _entry_params(compiled.asm["ptx"], md.name) - passed,
+        "triton": triton.__version__,
+        "spec": spec.to_json(),
+    }
+    return compiled.asm["cubin"], descriptor

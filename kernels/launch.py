@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import triton
 
-from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel, mix_tile
+from . import runtime
+from .blast import mix_tile
 from .configs import SMALL_N, Config, ConfigTable, bucket, default, space
-from .gemm import grouped_gemm_kernel
-from .monarch import interleave_kernel, interleave_tile
+from .monarch import interleave_tile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _state = threading.local()
@@ -47,19 +47,30 @@ def active_table() -> ConfigTable:
 
 
 @contextlib.contextmanager
-def tuning(enabled: bool = True) -> Iterator[None]:
-    """While on, a key missing from the table is tuned on the spot (time every candidate, keep the fastest).
-    Never turn it on inside CUDA-graph capture or torch.compile tracing: tuning launches and synchronizes."""
-    previous = getattr(_state, "tuning", False)
-    _state.tuning = enabled
+def tuning(enabled: bool = True, remeasure: bool = False) -> Iterator[None]:
+    """While on, a key missing from the active table is tuned on the spot (time every candidate, keep the
+    fastest); with ``remeasure`` even one the shipped table has. Never turn it on inside CUDA-graph capture or
+    torch.compile tracing: tuning launches and synchronizes."""
+    previous = getattr(_state, "tuning", False), getattr(_state, "remeasure", False)
+    _state.tuning, _state.remeasure = enabled, enabled and remeasure
     try:
         yield
     finally:
-        _state.tuning = previous
+        _state.tuning, _state.remeasure = previous
+
+
+def _arch(device: torch.device) -> int:
+    target = runtime.target()
+    return target.arch if target is not None else _device_arch(device)
+
+
+def _sm_count(device: torch.device) -> int:
+    target = runtime.target()
+    return target.sm_count if target is not None else _device_sm_count(device)
 
 
 @functools.cache
-def _arch(device: torch.device) -> int:
+def _device_arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 90  # the interpreter: any config runs
     major, minor = torch.cuda.get_device_capability(device)
@@ -67,7 +78,7 @@ def _arch(device: torch.device) -> int:
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def _device_sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: a few programs exercise the split paths
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -87,6 +98,9 @@ def _pdl(device: torch.device, n: int) -> bool:
     """Programmatic dependent launch: sm_90+, a compiled (not interpreted) kernel, a Triton that supports it, and
     small N only: there the kernel boundary is a large share of a few-µs layer, while for large N the consumer's
     peeled first step would cost the software pipeline more than the overlap brings."""
+    target = runtime.target()
+    if target is not None:  # a planned target: the bundle's cubins are launched with or without it as planned
+        return USE_PDL and n <= SMALL_N and target.pdl
     return (
         USE_PDL
         and n <= SMALL_N
@@ -136,13 +150,24 @@ def _time_ms(fn: Callable[[], None]) -> float:
 def _choose(
     kernel: str, key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None = None
 ) -> Config:
+    full_key = f"{kernel}|{key}|N{bucket(n)}"
+    chosen = _resolve(kernel, full_key, n, device, run, b_out_pow2)
+    recorder = runtime.backend()
+    if isinstance(recorder, runtime.Recorder):
+        recorder.configs[full_key] = chosen
+    return chosen
+
+
+def _resolve(
+    kernel: str, full_key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None
+) -> Config:
     force = getattr(_state, "forced", {}).get(kernel)
     if force is not None:
         return force
-    full_key = f"{kernel}|{key}|N{bucket(n)}"
     arch = _arch(device)
     found = _table.get(full_key)
-    if found is None and device.type == "cuda":
+    shipped_ok = not getattr(_state, "remeasure", False)
+    if found is None and shipped_ok and (device.type == "cuda" or runtime.target() is not None):
         found = _shipped(arch).get(full_key)
     if found is not None:
         return found
@@ -158,7 +183,7 @@ def _choose(
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
-        raise RuntimeError(f"no launch config of {kernel} runs for {key} at N={n} on sm_{arch}: {error}")
+        raise RuntimeError(f"no launch config of {kernel} runs for {full_key} on sm_{arch}: {error}")
     _table.put(full_key, best)
     return best
 
@@ -226,15 +251,14 @@ def _gemm(
     grid = (triton.cdiv(N, cfg.BM), triton.cdiv(C, cfg.BN), G * triton.cdiv(K, k_per))
     if g_fast:
         grid = grid[::-1]
-    extra = {"launch_pdl": True} if consumer and pdl else {}
-    grouped_gemm_kernel[grid](
-        a, b, out, bias if bias is not None else out,
-        N, K, C, k_per,
-        *a_strides, *b_strides, *out_strides, *bias_strides,
-        A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
-        HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
-        WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+    runtime.launch(
+        "gemm", grid,
+        (a, b, out, bias if bias is not None else out, N, K, C, k_per,
+         *a_strides, *b_strides, *out_strides, *bias_strides),
+        dict(A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
+             HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
+             WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
+        cfg.num_warps, cfg.num_stages, pdl=consumer and pdl,
     )  # fmt: skip
 
 
@@ -275,12 +299,12 @@ def blast_forward(
         per = triton.cdiv(b_in, _splits(cfg, programs, b_in, x.device))
         w = _partials(triton.cdiv(b_in, per), (N, b_out, r), x)
         grid = (triton.cdiv(N, cfg.BM), triton.cdiv(r, cfg.BN), w.shape[0])
-        blast_vs_kernel[grid](
-            x, V, S, w,
-            N, q, r, b_in, b_out, per,
-            x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(),
-            B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl,
-            BM=cfg.BM, BR=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        runtime.launch(
+            "blast_vs", grid,
+            (x, V, S, w, N, q, r, b_in, b_out, per,
+             x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride()),
+            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+            cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w
 
@@ -296,15 +320,17 @@ def blast_forward(
         w = _empty((1, N, b_out, r), x)
         if MIX_DOT and x.dtype != torch.float32:
             bj, bi = max(16, triton.next_power_of_2(b_in)), max(16, b_out_pow2)
-            blast_mix_dot_kernel[(triton.cdiv(N, 32), triton.cdiv(r, 32))](
-                z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:],
-                BJ=bj, BI=bi, BM=32, BR=32, num_warps=4,
+            runtime.launch(
+                "blast_mix_dot", (triton.cdiv(N, 32), triton.cdiv(r, 32)),
+                (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:]),
+                dict(BJ=bj, BI=bi, BM=32, BR=32), num_warps=4, num_stages=3,
             )  # fmt: skip
             return w
         bm, br = mix_tile(b_out_pow2)
-        blast_mix_kernel[(triton.cdiv(N, bm), triton.cdiv(r, br))](
-            z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:],
-            B_OUT=b_out_pow2, BM=bm, BR=br, num_warps=4, num_stages=3,
+        runtime.launch(
+            "blast_mix", (triton.cdiv(N, bm), triton.cdiv(r, br)),
+            (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:]),
+            dict(B_OUT=b_out_pow2, BM=bm, BR=br), num_warps=4, num_stages=3,
         )  # fmt: skip
         return w
 
@@ -370,8 +396,13 @@ def monarch_forward(
         if not direct:
             b_pow2 = triton.next_power_of_2(b)
             bm, bs = interleave_tile(b_pow2)
-            interleave_kernel[(triton.cdiv(N, bm), triton.cdiv(out_blk, bs))](
-                o, y, N, b, out_blk, *o.stride(), y.stride(0), B_P2=b_pow2, BM=bm, BS=bs, num_warps=4
+            runtime.launch(
+                "interleave",
+                (triton.cdiv(N, bm), triton.cdiv(out_blk, bs)),
+                (o, y, N, b, out_blk, *o.stride(), y.stride(0)),
+                dict(B_P2=b_pow2, BM=bm, BS=bs),
+                num_warps=4,
+                num_stages=3,
             )
 
     h = stage1(_choose("gemm", f"monarch_1|{shape_key}", N, x.device, stage1))

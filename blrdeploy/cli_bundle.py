@@ -1,0 +1,307 @@
+"""CLI commands for device bundles and running models: ``package``, ``verify-bundle``, ``tune``, ``run``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import app, fail
+
+
+def _stage_printer(enabled: bool):
+    """Progress of a long stage on stderr: a live bar on a terminal, a line per stage (and per 10%) elsewhere."""
+    if not enabled:
+        return None
+    last: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        step = max(1, total // 10)
+        if stage not in last or done == total or done - last[stage] >= step:
+            last[stage] = done
+            print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def _emit(data: dict) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+@app.command()
+def package(
+    checkpoint: Annotated[Path, typer.Argument(help="A converted checkpoint directory.")],
+    target: Annotated[
+        str,
+        typer.Option(
+            help="Device profile: jetson (Orin Nano 8 GB, sm_87), a40 (sm_86), h100, h200 (sm_90), a NAME.json in "
+            "$BLRDEPLOY_DEVICES, or the path of a profile JSON file."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The bundle directory to write.")],
+    archive: Annotated[bool, typer.Option(help="Also write OUTPUT.tar.gz beside the directory.")] = False,
+    dtype: Annotated[
+        str | None, typer.Option(help="float16, bfloat16 or float32. Default: the target's (jetson float16).")
+    ] = None,
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Most tokens (batch x sequence) one forward will see: kernels are compiled for every token bucket "
+            "up to it (1, 16, 64, 256, 1024, 4096, 16384)."
+        ),
+    ] = 16384,
+    tune: Annotated[
+        bool | None,
+        typer.Option(
+            help="Measure launch configs on this GPU. Default: when this GPU has the target's architecture; "
+            "otherwise configs come from the architecture's shipped table and the heuristic defaults."
+        ),
+    ] = None,
+    onnx: Annotated[bool, typer.Option(help="Include the float32 ONNX reference (large models: slow).")] = True,
+    jobs: Annotated[int | None, typer.Option(help="Parallel compile processes. Default: one per CPU.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at OUTPUT.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as JSON on stdout.")] = False,
+) -> None:
+    """Build a per-device bundle: weights in the target's dtype, every kernel the model needs compiled ahead of
+    time for the target's architecture (no GPU needed), the launch configs per layer and token bucket, the ONNX
+    reference and a sample input/expected output, and a manifest with the sha256 of every file."""
+    from .exporters import bundle
+
+    t0 = time.perf_counter()
+    try:
+        manifest = bundle.package(
+            checkpoint, target, output, dtype=dtype, max_tokens=max_tokens, tune=tune, with_onnx=onnx,
+            archive=archive, overwrite=overwrite, jobs=jobs, progress=_stage_printer(not as_json),
+        )  # fmt: skip
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    summary = {
+        "bundle": str(output),
+        "archive": str(bundle.archive_path(output)) if archive else None,
+        "target": manifest["target"]["name"],
+        "arch": f"sm_{manifest['target']['arch']}",
+        "dtype": manifest["dtype"],
+        "kernels": len(manifest["kernels"]),
+        "compile_seconds": manifest["compile_seconds"],
+        "launch_configs": manifest["launch_configs"]["sources"],
+        "buckets": manifest["buckets"],
+        "files": len(manifest["files"]),
+        "bytes": sum((output / f).stat().st_size for f in manifest["files"]),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if as_json:
+        _emit(summary)
+        return
+    typer.echo(
+        f"wrote {output}: {summary['target']} ({summary['arch']}, {summary['dtype']}), "
+        f"{summary['kernels']} kernels compiled in {summary['compile_seconds']} s, "
+        f"{summary['files']} files, {summary['bytes'] / 2**20:,.1f} MiB, {summary['seconds']} s in all"
+    )
+    typer.echo("launch configs: " + ", ".join(f"{n} {src}" for src, n in summary["launch_configs"].items()))
+    if archive:
+        typer.echo(f"archive: {summary['archive']}")
+
+
+@app.command("verify-bundle")
+def verify_bundle(
+    path: Annotated[Path, typer.Argument(help="A bundle directory or its .tar.gz archive.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout.")] = False,
+) -> None:
+    """Check a bundle: every file against its sha256, the manifest against its own; on a GPU also its
+    architecture and the sample input -> expected output through the shipped kernels.
+    Exit code: 0 pass, 1 a check failed, 2 unusable (missing, truncated, unknown format, wrong GPU)."""
+    import torch
+
+    from .exporters import bundle
+
+    checks: list[dict] = []
+    code = 0
+    try:
+        root, manifest = bundle.open_bundle(path)
+        target = bundle.target_of(manifest)
+        try:
+            n = bundle.verify_files(root, manifest)
+            checks.append({"check": "checksums", "ok": True, "detail": f"{n} files match the manifest"})
+        except bundle.ChecksumError as exc:
+            checks.append({"check": "checksums", "ok": False, "detail": str(exc)})
+            code = 1
+        if code == 0 and torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            bundle.check_gpu(target, bundle._gpu_arch(), name)
+            checks.append({"check": "architecture", "ok": True, "detail": f"sm_{target.arch} = {name}"})
+            model, b = bundle.load_bundle(root, "cuda")
+            check, _ = bundle.sample_check(model, b)
+            checks.append(
+                {
+                    "check": "sample",
+                    "ok": check.ok,
+                    "detail": f"relative error {check.relative_error:.3e} (tolerance {check.tolerance:.0e}), "
+                    f"{b.kernels.jit_launches} JIT launches",
+                }
+            )
+            code = 0 if check.ok else 1
+        elif code == 0:
+            checks.append({"check": "architecture and sample", "ok": None, "detail": "skipped: no CUDA GPU here"})
+    except ValueError as exc:  # BundleError: unusable
+        if as_json:
+            _emit({"bundle": str(path), "ok": False, "error": str(exc), "checks": checks})
+            raise typer.Exit(2) from None
+        fail(str(exc).splitlines()[0])
+    if as_json:
+        _emit({"bundle": str(path), "ok": code == 0, "target": target.name, "checks": checks})
+    else:
+        typer.echo(f"verify {path} ({target.description}, sm_{target.arch}, {manifest['dtype']})")
+        for c in checks:
+            mark = {True: "✓", False: "✗", None: "-"}[c["ok"]]
+            typer.echo(f"  {mark} {c['check']}: {c['detail']}")
+        typer.echo("passed" if code == 0 else "failed")
+    raise typer.Exit(code)
+
+
+@app.command()
+def tune(
+    bundle_dir: Annotated[Path, typer.Option("--bundle", help="The bundle directory to tune in place.")],
+    jobs: Annotated[int | None, typer.Option(help="Parallel compile processes. Default: one per CPU.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Measure a bundle's launch configs on this GPU (its architecture must be the bundle's), compile the
+    kernels the measured configs need, and rewrite the config table and manifest in place (atomically)."""
+    from .exporters import bundle
+
+    try:
+        manifest = bundle.retune(bundle_dir, jobs=jobs, progress=_stage_printer(not as_json))
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    result = {
+        "bundle": str(bundle_dir),
+        "measured_on": manifest["launch_configs"]["measured_on"],
+        "launch_configs": manifest["launch_configs"]["sources"],
+        "kernels": len(manifest["kernels"]),
+    }
+    if as_json:
+        _emit(result)
+    else:
+        typer.echo(
+            f"tuned {bundle_dir} on {result['measured_on']}: {sum(result['launch_configs'].values())} configs, "
+            f"{result['kernels']} kernels"
+        )
+
+
+@app.command()
+def run(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="A converted checkpoint directory (JIT kernels). Or use --bundle.")
+    ] = None,
+    bundle_dir: Annotated[
+        Path | None, typer.Option("--bundle", help="A bundle directory or archive: shipped kernels, no compiling.")
+    ] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            help="A .safetensors file of the model's inputs by name (input_ids, pixel_values, ...). Default: the "
+            "bundle's sample input, or the family's seeded sample (batch 1) for a checkpoint.",
+        ),
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the output tensor to this .safetensors file.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu (cpu: the PyTorch reference path).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Checkpoint only: float32, bfloat16 or float16.")] = "bfloat16",
+    allow_jit: Annotated[
+        bool, typer.Option(help="Bundle only: compile (with a warning) a launch no shipped kernel serves.")
+    ] = False,
+    repeat: Annotated[int, typer.Option(help="Timed forwards after the first.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print timings and the result as JSON on stdout.")] = False,
+) -> None:
+    """Run a converted model once on an input and report start-up time (load + first forward, which includes
+    any compilation), steady forward time and the output; with the bundle's sample input, also the check
+    against its expected output. Exit code 1 when that check fails."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from .cli import resolve_device
+    from .exporters import bundle
+
+    if (checkpoint is None) == (bundle_dir is None):
+        fail("give either a CHECKPOINT or --bundle DIR")
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    b = None
+    try:
+        if bundle_dir is not None:
+            model, b = bundle.load_bundle(bundle_dir, dev, allow_jit=allow_jit)
+        else:
+            from .checkpoint import load
+            from .exporters.onnx import sample_inputs
+
+            torch_dtype = bundle.DTYPES.get(dtype)
+            if torch_dtype is None:
+                fail(f"--dtype must be one of {', '.join(bundle.DTYPES)}, got {dtype!r}")
+            model = load(checkpoint, device=dev, dtype=torch_dtype)
+        if inputs is not None:
+            feed = load_file(str(inputs))
+        elif b is not None:
+            feed = load_file(str(b.root / b.manifest["sample"]["input"]))
+        else:
+            from .checkpoint import read_blr_config
+
+            feed = sample_inputs(model, read_blr_config(checkpoint), batch=1, seed=0)
+    except (ValueError, OSError, SafetensorError) as exc:
+        fail(str(exc).splitlines()[0])
+    load_s = time.perf_counter() - t0
+    from .job import model_output
+
+    def forward():
+        out = model_output(model, feed)  # synchronizes: copies the output to the CPU
+        return out
+
+    t1 = time.perf_counter()
+    out = forward()
+    first_s = time.perf_counter() - t1
+    times = []
+    for _ in range(max(0, repeat)):
+        t = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - t)
+    steady_ms = 1e3 * sorted(times)[len(times) // 2] if times else None
+    result = {
+        "model": str(bundle_dir or checkpoint),
+        "kernels": "PyTorch reference" if dev == "cpu" else ("shipped cubins" if b is not None else "Triton JIT"),
+        "device": dev,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "load_seconds": round(load_s, 3),
+        "first_forward_seconds": round(first_s, 3),
+        "startup_seconds": round(load_s + first_s, 3),
+        "forward_ms": None if steady_ms is None else round(steady_ms, 3),
+        "inputs": {k: list(v.shape) for k, v in feed.items()},
+        "output_shape": list(out.shape),
+        "jit_launches": b.kernels.jit_launches if b is not None and b.kernels is not None else None,
+    }
+    ok = True
+    if b is not None and inputs is None:
+        check, _ = bundle.sample_check(model, b)
+        result["sample_check"] = check.to_dict()
+        ok = check.ok
+    if output is not None:
+        save_file({"output": out.contiguous()}, str(output))
+        result["output_file"] = str(output)
+    if as_json:
+        _emit(result)
+    else:
+        typer.echo(
+            f"{result['model']}: {result['kernels']} on {dev} ({result['dtype']}); start-up "
+            f"{result['startup_seconds']:.2f} s (load {result['load_seconds']:.2f} s, first forward "
+            f"{result['first_forward_seconds']:.2f} s), forward {result['forward_ms']} ms; "
+            f"output {result['output_shape']}"
+        )
+        if "sample_check" in result:
+            c = result["sample_check"]
+            typer.echo(
+                f"  {'✓' if ok else '✗'} sample output: relative error {c['relative_error']:.3e} "
+                f"(tolerance {c['tolerance']:.0e})"
+            )
+    raise typer.Exit(0 if ok else 1)

@@ -1,0 +1,759 @@
+"""Per-device bundles (DESIGN §4): everything a GPU needs to run a converted model without compiling anything.
+
+A bundle directory holds::
+
+    manifest.json          format, target profile, tool versions, layer -> kernel -> config plan, sha256 of every file
+    manifest.sha256        sha256 of manifest.json (so a changed byte anywhere is caught)
+    checkpoint/            the converted checkpoint, weights in the target's dtype (the kernels read the factors'
+                           canonical layouts in place, so that is also the kernels' layout)
+    kernels/sm_XX/         one cubin + JSON launch descriptor per kernel specialization the model needs,
+                           launch_configs.json (the config table for every layer and token bucket)
+    onnx/model.onnx        the float32 ONNX reference (optional)
+    sample/                a seeded input and the float32 CPU reference output of the bundle's own weights
+
+Packaging plans every BLR layer at one token count per bucket up to ``max_tokens`` with the launchers' own code
+on meta tensors (:class:`~blrdeploy.kernels.runtime.Recorder`), planned for the target's architecture and SM
+count, and compiles what that plan launches with ``triton.compile(..., target=GPUTarget("cuda", arch, 32))``: no
+GPU needed. Loading verifies every checksum, refuses a GPU of another architecture, and sends every launch to the
+shipped cubins through the CUDA driver.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blrdeploy import devices
+from blrdeploy.checkpoint import BLR_CONFIG, CheckpointError, atomic_directory, read_blr_config, tool_versions
+from blrdeploy.checkpoint import verify as verify_checkpoint
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_SUM = "manifest.sha256"
+CHECKPOINT = "checkpoint"
+SAMPLE_INPUT, SAMPLE_EXPECTED = "sample/input.safetensors", "sample/expected.safetensors"
+ONNX_FILE = "onnx/model.onnx"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: missing, corrupt, truncated, of another format, or for another GPU."""
+
+
+class ChecksumError(BundleError):
+    """A file of the bundle does not match the checksum its manifest records."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _kernels_dir(arch: int) -> str:
+    return f"kernels/sm_{arch}"
+
+
+def representative_tokens(bucket: int) -> int:
+    """The token count a bucket is planned at: odd, so every stride that depends on it is planned unspecialized
+    (a cubin compiled for the odd count also serves the even ones; see runtime.Spec)."""
+    return 1 if bucket == 1 else bucket - 1
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a BLR layer's kernels depend on: structure, factor shapes and whether it has a bias."""
+
+    structure: str
+    factors: tuple[tuple[str, tuple[int, ...]], ...]
+    bias: bool
+    in_features: int
+    out_features: int
+
+    @property
+    def key(self) -> str:
+        dims = ",".join(f"{n}{'x'.join(map(str, s))}" for n, s in self.factors)
+        return f"{self.structure}:{dims}{':bias' if self.bias else ''}"
+
+    def tensors(self, device, dtype, n: int, seed: int | None = None) -> tuple:
+        """(x, *factors, bias) of this shape: empty on the meta device, seeded random elsewhere."""
+        g = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+        def make(*shape, scale=1.0):
+            if str(device) == "meta":
+                return torch.empty(*shape, device=device, dtype=dtype)
+            return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+        factors = [make(*s, scale=s[-1] ** -0.5) for _, s in self.factors]
+        return (make(n, self.in_features), *factors, make(self.out_features) if self.bias else None)
+
+
+def layer_shapes(model: torch.nn.Module) -> dict[str, LayerShape]:
+    from blrdeploy.modules import _BLRLinear
+
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _BLRLinear):
+            factors = tuple((k, tuple(v.shape)) for k, v in m.factors().items())
+            shapes[name] = LayerShape(m.structure, factors, m.bias is not None, m.in_features, m.out_features)
+    return shapes
+
+
+def _forward(structure: str):
+    from blrdeploy.kernels import launch
+
+    return {"blast": launch.blast_forward, "monarch": launch.monarch_forward, "lowrank": launch.lowrank_forward}[
+        structure
+    ]
+
+
+@dataclass
+class Plan:
+    """Per layer shape and bucket: the specs launched and the configs chosen."""
+
+    specs: dict[str, dict[int, list]] = field(default_factory=dict)  # shape key -> bucket -> [Spec]
+    configs: dict[str, dict[int, dict]] = field(default_factory=dict)  # shape key -> bucket -> {table key: Config}
+
+    def all_specs(self) -> list:
+        seen = {}
+        for per_bucket in self.specs.values():
+            for specs in per_bucket.values():
+                seen.update(dict.fromkeys(specs))
+        return list(seen)
+
+    def table(self, arch: int, source: str):
+        from blrdeploy.kernels import ConfigTable
+
+        entries = {
+            k: c for per_bucket in self.configs.values() for cfgs in per_bucket.values() for k, c in cfgs.items()
+        }
+        return ConfigTable(arch, entries, source)
+
+
+def buckets_up_to(max_tokens: int) -> list[int]:
+    from blrdeploy.kernels import BUCKETS, bucket
+
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+    return [b for b in BUCKETS if b <= bucket(max_tokens)]
+
+
+def plan(shapes: list[LayerShape], device: devices.Device, dtype: torch.dtype, buckets: list[int], table=None) -> Plan:
+    """What the launchers would launch on ``device`` for each shape and bucket, with configs from ``table``
+    (then the shipped table of the architecture, then the heuristic defaults)."""
+    from blrdeploy.kernels import ConfigTable, launch, runtime
+
+    result = Plan()
+    previous = launch.use_table(table if table is not None else ConfigTable(device.arch))
+    try:
+        for shape in shapes:
+            for b in buckets:
+                recorder = runtime.Recorder()
+                with runtime.using(recorder, runtime.Target(device.arch, device.sm_count, device.pdl)):
+                    _forward(shape.structure)(*shape.tensors("meta", dtype, representative_tokens(b)))
+                result.specs.setdefault(shape.key, {})[b] = list(recorder.specs)
+                result.configs.setdefault(shape.key, {})[b] = dict(recorder.configs)
+    finally:
+        launch.use_table(previous)
+    return result
+
+
+def measure(shapes: list[LayerShape], dtype: torch.dtype, buckets: list[int], progress: Progress | None = None):
+    """Tune every config key of these shapes on the GPU at hand (timed, not looked up): a ConfigTable."""
+    from blrdeploy.kernels import ConfigTable, launch, tuning
+
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    table = ConfigTable(10 * major + minor, source=f"measured on {name}")
+    previous = launch.use_table(table)
+    try:
+        total = len(shapes) * len(buckets)
+        for i, (shape, b) in enumerate((s, b) for s in shapes for b in buckets):
+            if progress:
+                progress("measuring launch configs", i, total)
+            with tuning(remeasure=True), torch.no_grad():
+                _forward(shape.structure)(*shape.tensors("cuda", dtype, b, seed=i))
+            torch.cuda.synchronize()
+        if progress:
+            progress("measuring launch configs", total, total)
+    finally:
+        launch.use_table(previous)
+    return table
+
+
+def _config_sources(plan_: Plan, arch: int, measured) -> dict[str, str]:
+    from blrdeploy.kernels.launch import _shipped
+
+    shipped = _shipped(arch)
+    sources = {}
+    for per_bucket in plan_.configs.values():
+        for cfgs in per_bucket.values():
+            for key in cfgs:
+                if measured is not None and measured.get(key) is not None:
+                    sources[key] = measured.source
+                elif shipped.get(key) is not None:
+                    sources[key] = f"shipped table for sm_{arch}"
+                else:
+                    sources[key] = "heuristic default"
+    return sources
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+
+
+def _compile_one(spec_json: dict, arch: int) -> tuple[bytes, dict]:
+    from blrdeploy.kernels import aot, runtime
+
+    return aot.compile_spec(runtime.Spec.from_json(spec_json), arch)
+
+
+def compile_specs(specs: list, arch: int, jobs: int | None = None, progress: Progress | None = None) -> list:
+    """(cubin, descriptor) per spec, compiled in parallel worker processes (spawned: safe after CUDA init)."""
+    import multiprocessing
+
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
+    results = [None] * len(specs)
+    if progress:
+        progress("compiling kernels", 0, len(specs))
+    env = {"TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
+    os.environ.update(env)  # inherited by the workers
+    interp = os.environ.pop("TRITON_INTERPRET", None)  # under the interpreter Triton compiles nothing
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_compile_one, s.to_json(), arch): i for i, s in enumerate(specs)}
+            for done, future in enumerate(_as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                if progress:
+                    progress("compiling kernels", done, len(specs))
+    finally:
+        if interp is not None:
+            os.environ["TRITON_INTERPRET"] = interp
+    return results
+
+
+def _as_completed(futures):
+    from concurrent.futures import as_completed
+
+    return as_completed(futures)
+
+
+def _spec_file(spec) -> str:
+    digest = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    return f"{spec.kernel}-{digest}"
+
+
+def _write_kernels(root: Path, arch: int, specs: list, compiled: list) -> dict:
+    """Writes cubins and descriptors under root; returns spec -> file stem (relative to the bundle)."""
+    kdir = root / _kernels_dir(arch)
+    kdir.mkdir(parents=True, exist_ok=True)
+    stems = {}
+    for spec, (cubin, descriptor) in zip(specs, compiled, strict=True):
+        stem = _spec_file(spec)
+        (kdir / f"{stem}.cubin").write_bytes(cubin)
+        (kdir / f"{stem}.json").write_text(json.dumps(descriptor, indent=1))
+        stems[spec] = f"{_kernels_dir(arch)}/{stem}"
+    return stems
+
+
+# ------------------------------------------------------------------------------------------------ packaging
+
+
+def _copy_checkpoint(src: Path, dst: Path, dtype: torch.dtype) -> dict:
+    """The checkpoint with floating tensors cast to ``dtype``; refuses non-finite weights, naming the tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = read_blr_config(src)
+    weights = src / cfg["weights"]["file"]
+    tensors = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if t.is_floating_point():
+                if not torch.isfinite(t).all():
+                    raise BundleError(f"{src}: tensor {name} has NaN or infinite values; refusing to package it")
+                t = t.to(dtype)
+                if not torch.isfinite(t).all():
+                    raise BundleError(f"{src}: tensor {name} overflows {str(dtype).removeprefix('torch.')}")
+            tensors[name] = t.contiguous()
+    dst.mkdir(parents=True)
+    if (src / "config.json").is_file():
+        shutil.copyfile(src / "config.json", dst / "config.json")
+    save_file(tensors, str(dst / cfg["weights"]["file"]), metadata={"format": "pt", "blrdeploy_format": "1"})
+    out = dst / cfg["weights"]["file"]
+    cfg = {
+        **cfg,
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}),
+        "weights": {"file": cfg["weights"]["file"], "bytes": out.stat().st_size, "sha256": _sha256(out)},
+        "packaged_from": {"path": str(src), "weights_sha256": cfg["weights"]["sha256"]},
+    }
+    (dst / BLR_CONFIG).write_text(json.dumps(cfg, indent=2))
+    return cfg
+
+
+def _sample(checkpoint: Path, cfg: dict, root: Path) -> dict:
+    """A seeded input and the float32 CPU reference output of the bundle's weights."""
+    from blrdeploy.exporters.onnx import sample_inputs
+    from safetensors.torch import save_file
+
+    from blrdeploy.checkpoint import load
+    from blrdeploy.job import model_output
+
+    model = load(checkpoint, device="cpu", dtype=torch.float32)
+    inputs = sample_inputs(model, cfg, batch=1, seed=0)
+    expected = model_output(model, inputs)
+    (root / "sample").mkdir()
+    save_file({k: v.contiguous() for k, v in inputs.items()}, str(root / SAMPLE_INPUT))
+    save_file({"output": expected.contiguous()}, str(root / SAMPLE_EXPECTED))
+    return {"input": SAMPLE_INPUT, "expected": SAMPLE_EXPECTED, "shape": list(expected.shape)}
+
+
+def _host_tools() -> dict:
+    """Versions of what built the bundle; ptxas is the assembler that wrote the cubins (the device's driver must
+    be of the same CUDA major version)."""
+    import platform
+    import re
+
+    import triton
+
+    versions = {**tool_versions(), "triton": triton.__version__, "python": platform.python_version()}
+    with contextlib.suppress(Exception):
+        import onnx
+
+        versions["onnx"] = onnx.__version__
+    with contextlib.suppress(Exception):
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        found = re.search(r"release (\S+),", get_ptxas_version())
+        versions["ptxas"] = found.group(1) if found else "unknown"
+    return versions
+
+
+def package(
+    checkpoint: str | Path,
+    target: str | devices.Device,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    max_tokens: int = 16384,
+    tune: bool | None = None,
+    with_onnx: bool = True,
+    archive: bool = False,
+    overwrite: bool = False,
+    jobs: int | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Build a bundle of ``checkpoint`` for ``target`` at ``out``; returns the manifest. ``tune``: measure the
+    launch configs on the GPU at hand (None: when it has the target's architecture); else they come from the
+    architecture's shipped table and the heuristic defaults. Written atomically; ``archive`` adds OUT.tar.gz."""
+    from blrdeploy.validators.onnx import TOLERANCE
+
+    from blrdeploy.checkpoint import load
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    device = target if isinstance(target, devices.Device) else devices.get(target)
+    dtype_name = dtype or device.dtype
+    if dtype_name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+    torch_dtype = DTYPES[dtype_name]
+    buckets = buckets_up_to(max_tokens)
+    try:
+        verify_checkpoint(checkpoint)
+        cfg = read_blr_config(checkpoint)
+        skeleton = load(checkpoint, device="cpu", dtype=torch_dtype)
+    except CheckpointError as e:
+        raise BundleError(str(e)) from e
+    if not cfg["layers"]:
+        raise BundleError(f"{checkpoint} has no BLR layer: there is nothing for the kernels to run")
+    shapes_by_layer = layer_shapes(skeleton)
+    del skeleton
+    shapes = list(dict.fromkeys(shapes_by_layer.values()))
+    here = _gpu_arch()
+    if tune is None:
+        tune = here == device.arch
+    if tune and here != device.arch:
+        found = "no CUDA GPU" if here is None else f"an sm_{here} GPU"
+        raise BundleError(
+            f"measuring launch configs for {device.name} (sm_{device.arch}) needs that GPU; found {found}"
+        )
+    measured = measure(shapes, torch_dtype, buckets, progress) if tune else None
+    the_plan = plan(shapes, device, torch_dtype, buckets, measured)
+    specs = the_plan.all_specs()
+    t0 = time.perf_counter()
+    compiled = compile_specs(specs, device.arch, jobs, progress)
+    compile_s = time.perf_counter() - t0
+    sources = _config_sources(the_plan, device.arch, measured)
+    with atomic_directory(out, overwrite, MANIFEST) as tmp:
+        if progress:
+            progress("writing the bundle", 0, 1)
+        bundle_cfg = _copy_checkpoint(checkpoint, tmp / CHECKPOINT, torch_dtype)
+        stems = _write_kernels(tmp, device.arch, specs, compiled)
+        table_file = _write_table(tmp, the_plan, device.arch)
+        sample = _sample(tmp / CHECKPOINT, bundle_cfg, tmp)
+        sample["tolerance"] = TOLERANCE[torch_dtype]
+        onnx_entry = None
+        if with_onnx:
+            if progress:
+                progress("exporting the ONNX reference", 0, 1)
+            from blrdeploy.exporters.onnx import export_checkpoint
+
+            export_checkpoint(tmp / CHECKPOINT, tmp / ONNX_FILE)
+            onnx_entry = {"file": ONNX_FILE}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "target": device.to_json(),
+            "dtype": dtype_name,
+            "tool_versions": _host_tools(),
+            "checkpoint": {
+                "dir": CHECKPOINT,
+                "source": bundle_cfg["source"],
+                "packaged_from_sha256": cfg["weights"]["sha256"],
+            },
+            "buckets": buckets,
+            "launch_configs": {
+                "file": table_file,
+                "measured_on": measured.source.removeprefix("measured on ") if measured is not None else None,
+                "sources": _count(sources.values()),
+            },
+            "kernels": [stems[s] for s in specs],
+            "compile_seconds": round(compile_s, 1),
+            "plans": _plan_entries(the_plan, shapes, stems, sources),
+            "layers": [{"name": n, "structure": s.structure, "plan": s.key} for n, s in shapes_by_layer.items()],
+            "onnx": onnx_entry,
+            "sample": sample,
+        }
+        _write_manifest(tmp, manifest)
+    if archive:
+        make_archive(out)
+    if progress:
+        progress("writing the bundle", 1, 1)
+    return manifest
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def _write_manifest(root: Path, manifest: dict, leaving: set[str] = frozenset()) -> None:
+    """Checksums every file under root (but the manifest's own two and those ``leaving``), then writes
+    manifest.json and its sum, each atomically; manifest.sha256 last."""
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST_SUM) and p.relative_to(root).as_posix() not in leaving
+    )
+    manifest["files"] = {p.relative_to(root).as_posix(): _sha256(p) for p in files}
+    text = json.dumps(manifest, indent=1) + "\n"
+    _atomic_write(root / MANIFEST, text)
+    _atomic_write(root / MANIFEST_SUM, hashlib.sha256(text.encode()).hexdigest() + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def archive_path(bundle: Path) -> Path:
+    return bundle.with_name(bundle.name + ".tar.gz")
+
+
+def make_archive(bundle: Path) -> Path:
+    """BUNDLE.tar.gz beside the directory, written atomically; members are under ``BUNDLE/``."""
+    bundle = Path(bundle)
+    dest = archive_path(bundle)
+    fd, tmp = tempfile.mkstemp(dir=bundle.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(bundle, arcname=bundle.name)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def _extract(archive: Path) -> Path:
+    """Extracts a bundle archive into a temporary directory (removed at exit); a truncated or corrupt archive,
+    or one with members outside its folder, is a BundleError."""
+    tmp = Path(tempfile.mkdtemp(prefix="blrdeploy-bundle-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the cubins load lazily: keep it as long as the process
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            roots = set()
+            for m in members:
+                parts = Path(m.name).parts
+                if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+                    raise BundleError(f"{archive}: member {m.name!r} is not a plain file inside the bundle folder")
+                roots.add(parts[0])
+            if len(roots) != 1:
+                raise BundleError(f"{archive}: expected one bundle folder, found {sorted(roots)[:5]}")
+            if sys.version_info >= (3, 12):
+                tar.extractall(tmp, members=members, filter="data")
+            else:
+                tar.extractall(tmp, members=members)  # noqa: S202 (members checked above)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(f"{archive} is truncated or corrupt: {type(e).__name__}: {e}") from None
+    return tmp / roots.pop()
+
+
+def open_bundle(path: str | Path) -> tuple[Path, dict]:
+    """(bundle directory, manifest) of a bundle directory or archive; checks the format, not the checksums."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"no such bundle: {path}")
+    if path.is_file():
+        path = _extract(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} has no {MANIFEST}: not a blrdeploy bundle, or its write never finished")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChecksumError(f"{manifest_path} is corrupt: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise BundleError(f"{manifest_path} has format version {version!r}; this blrdeploy reads {FORMAT_VERSION}")
+    for key in ("target", "dtype", "files", "kernels", "launch_configs", "checkpoint", "sample"):
+        if key not in manifest:
+            raise BundleError(f"{manifest_path} lacks the {key!r} field")
+    return path, manifest
+
+
+def verify_files(root: Path, manifest: dict) -> int:
+    """Every file the manifest lists has its recorded sha256, and the manifest its own; returns the file count.
+    Raises ChecksumError naming the first file that differs or is missing."""
+    sum_path = root / MANIFEST_SUM
+    if not sum_path.is_file():
+        raise ChecksumError(f"{root} has no {MANIFEST_SUM}")
+    if _sha256(root / MANIFEST) != sum_path.read_text().strip():
+        raise ChecksumError(f"{MANIFEST} does not match {MANIFEST_SUM}: the manifest was changed or corrupted")
+    for rel, digest in manifest["files"].items():
+        p = root / rel
+        if not p.is_file():
+            raise ChecksumError(f"{rel} is missing from the bundle")
+        if _sha256(p) != digest:
+            raise ChecksumError(f"{rel} does not match its sha256 in the manifest: corrupted or modified")
+    return len(manifest["files"])
+
+
+def target_of(manifest: dict) -> devices.Device:
+    try:
+        return devices.Device.from_json(manifest["target"], "the bundle's target")
+    except (TypeError, ValueError) as e:
+        raise BundleError(str(e)) from None
+
+
+def _gpu_arch(device: torch.device | None = None) -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def check_gpu(target: devices.Device, gpu_arch: int, gpu_name: str) -> None:
+    """Cubins run on the architecture they were compiled for only."""
+    if gpu_arch != target.arch:
+        raise BundleError(
+            f"this bundle is for {target.description} (sm_{target.arch}); this GPU is {gpu_name} (sm_{gpu_arch}). "
+            f"Package the checkpoint for this GPU instead (blrdeploy package CHECKPOINT --target ...)"
+        )
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict
+    target: devices.Device
+    kernels: object | None = None  # the ShippedKernels backend once activated
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+
+def _loader(root: Path, stem: str, spec):
+    cache: dict[int, object] = {}
+
+    def load_kernel(device: torch.device):
+        from blrdeploy.kernels.cubin import Kernel
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in cache:
+            descriptor = json.loads((root / f"{stem}.json").read_text())
+            cache[index] = Kernel((root / f"{stem}.cubin").read_bytes(), descriptor, device, spec)
+        return cache[index]
+
+    return load_kernel
+
+
+def shipped_kernels(root: Path, manifest: dict, allow_jit: bool = False):
+    from blrdeploy.kernels import runtime
+
+    variants = {}
+    for stem in manifest["kernels"]:
+        try:
+            descriptor = json.loads((root / f"{stem}.json").read_text())
+            spec = runtime.Spec.from_json(descriptor["spec"])
+        except (OSError, ValueError, KeyError) as e:
+            raise BundleError(f"kernel descriptor {stem}.json is unusable: {e}") from None
+        variants[spec] = _loader(root, stem, spec)
+    return runtime.ShippedKernels(variants, allow_jit=allow_jit, where=f"bundle {root}")
+
+
+def activate(bundle: Bundle, allow_jit: bool = False) -> None:
+    """Process-wide: every BLR launch goes to the bundle's cubins, planned as packaged, with its config table."""
+    from blrdeploy.kernels import ConfigTable, launch, runtime
+
+    try:
+        table = ConfigTable.load(bundle.root / bundle.manifest["launch_configs"]["file"])
+    except (OSError, ValueError) as e:
+        raise BundleError(str(e)) from None
+    kernels = shipped_kernels(bundle.root, bundle.manifest, allow_jit)
+    t = bundle.target
+    runtime.use(kernels, runtime.Target(t.arch, t.sm_count, t.pdl))
+    launch.use_table(table)
+    bundle.kernels = kernels
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cuda", allow_jit: bool = False):
+    """(model, bundle): checksums verified, the GPU's architecture checked, the model loaded in the bundle's
+    dtype with its BLR layers on the shipped cubins (nothing is compiled; ``allow_jit`` lets a launch no cubin
+    serves compile with a warning instead of failing). ``device="cpu"`` loads it for the PyTorch reference path."""
+    from blrdeploy.checkpoint import load
+
+    root, manifest = open_bundle(path)
+    verify_files(root, manifest)
+    bundle = Bundle(root, manifest, target_of(manifest))
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BundleError("no CUDA GPU is available; load the bundle with device='cpu' for the reference path")
+        check_gpu(bundle.target, _gpu_arch(device), torch.cuda.get_device_name(device))
+        activate(bundle, allow_jit)
+    try:
+        model = load(root / manifest["checkpoint"]["dir"], device=device, dtype=bundle.dtype)
+    except CheckpointError as e:
+        raise BundleError(str(e)) from e
+    return model, bundle
+
+
+def sample_check(model: torch.nn.Module, bundle: Bundle):
+    """The bundle's sample input through ``model`` against the expected output: a validators Check."""
+    from blrdeploy.validators.compare import compare
+    from safetensors.torch import load_file
+
+    from blrdeploy.job import model_output
+
+    inputs = load_file(str(bundle.root / bundle.manifest["sample"]["input"]))
+    expected = load_file(str(bundle.root / bundle.manifest["sample"]["expected"]))["output"]
+    out = model_output(model, inputs)
+    return compare("sample output", out, expected, bundle.manifest["sample"]["tolerance"]), out
+
+
+def retune(path: str | Path, jobs: int | None = None, progress: Progress | None = None) -> dict:
+    """Measure the bundle's launch configs on the GPU at hand (which must be the bundle's architecture), compile
+    the kernels the new plan needs, and rewrite the table and manifest in place. The manifest is the commit
+    point: until it is replaced the old one stays valid, and cubins only it used are removed after."""
+    from blrdeploy.checkpoint import load
+
+    root, manifest = open_bundle(path)
+    if Path(path).is_file():
+        raise BundleError("tune rewrites a bundle directory; extract the archive first")
+    verify_files(root, manifest)
+    target = target_of(manifest)
+    if not torch.cuda.is_available():
+        raise BundleError("tune measures launch configs on the GPU: no CUDA GPU is available")
+    check_gpu(target, _gpu_arch(), torch.cuda.get_device_name())
+    dtype = DTYPES[manifest["dtype"]]
+    shapes_by_layer = layer_shapes(load(root / manifest["checkpoint"]["dir"], device="cpu", dtype=dtype))
+    shapes = list(dict.fromkeys(shapes_by_layer.values()))
+    buckets = manifest["buckets"]
+    measured = measure(shapes, dtype, buckets, progress)
+    the_plan = plan(shapes, target, dtype, buckets, measured)
+    specs = the_plan.all_specs()
+    have = set(manifest["kernels"])
+    new = [s for s in specs if f"{_kernels_dir(target.arch)}/{_spec_file(s)}" not in have]
+    compiled = compile_specs(new, target.arch, jobs, progress) if new else []
+    _write_kernels(root, target.arch, new, compiled)
+    stems = {s: f"{_kernels_dir(target.arch)}/{_spec_file(s)}" for s in specs}
+    sources = _config_sources(the_plan, target.arch, measured)
+    old_files = {
+        f"{stem}{ext}" for stem in set(manifest["kernels"]) - set(stems.values()) for ext in (".cubin", ".json")
+    }
+    old_files.add(manifest["launch_configs"]["file"])
+    table_file = _write_table(root, the_plan, target.arch)
+    old_files.discard(table_file)
+    manifest.update(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        kernels=[stems[s] for s in specs],
+        launch_configs={"file": table_file, "measured_on": measured.source.removeprefix("measured on "),
+                        "sources": _count(sources.values())},
+        plans=_plan_entries(the_plan, shapes, stems, sources),
+    )  # fmt: skip
+    manifest["tool_versions"]["tuned_with"] = _host_tools()
+    _write_manifest(root, manifest, leaving=old_files)
+    for rel in old_files:  # after the commit point: a crash before it leaves the old bundle whole
+        (root / rel).unlink(missing_ok=True)
+    return manifest
+
+
+def _write_table(root: Path, the_plan: Plan, arch: int) -> str:
+    """The config table under a name of its content, so a rewrite never touches the file a manifest lists."""
+    table = the_plan.table(arch, "bundle plan")
+    digest = hashlib.sha256(json.dumps(table.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+    rel = f"{_kernels_dir(arch)}/launch_configs-{digest}.json"
+    table.save(root / rel)
+    return rel
+
+
+def _plan_entries(the_plan: Plan, shapes: list[LayerShape], stems: dict, sources: dict) -> dict:
+    """Per layer shape and bucket: the cubins launched and the configs chosen (with where each came from)."""
+    return {
+        shape.key: {
+            f"N{b}": {
+                "kernels": [stems[s] for s in the_plan.specs[shape.key][b]],
+                "configs": {k: {**c.to_dict(), "source": sources[k]} for k, c in cfgs.items()},
+            }
+            for b, cfgs in the_plan.configs[shape.key].items()
+        }
+        for shape in shapes
+    }
