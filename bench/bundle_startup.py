@@ -60,7 +60,7 @@ def main() -> None:
     package_s = time.perf_counter() - t0
     rows = []
     caches = {name: work / f"triton-cache-{name}" for name in ("bundle", "jit")}
-    for name, cache in caches.items():
+    for cache in caches.values():
         cache.mkdir(exist_ok=True)
         for f in cache.rglob("*"):
             if f.is_file():

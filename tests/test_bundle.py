@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from blrdeploy.exporters import bundle
+from blrdeploy.kernels import Config, ConfigTable, launch, runtime
+from conftest import assert_rel_close
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from blrdeploy import devices
 from blrdeploy.cli import app
-from blrdeploy.exporters import bundle
 from blrdeploy.functional import blast_reference, lowrank_reference, monarch_reference
-from blrdeploy.kernels import Config, ConfigTable, launch, runtime
-
-from conftest import assert_rel_close
 
 runner = CliRunner()
 REFERENCE = {"blast": blast_reference, "monarch": monarch_reference, "lowrank": lowrank_reference}
