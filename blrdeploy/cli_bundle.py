@@ -135,7 +135,10 @@ def verify_bundle(
             bundle.check_gpu(target, bundle._gpu_arch(), name)
             checks.append({"check": "architecture", "ok": True, "detail": f"sm_{target.arch} = {name}"})
             model, b = bundle.load_bundle(root, "cuda")
-            check, _ = bundle.sample_check(model, b)
+            try:
+                check, _ = bundle.sample_check(model, b)
+            finally:
+                b.close()
             checks.append(
                 {
                     "check": "sample",

@@ -604,10 +604,17 @@ class Bundle:
     manifest: dict
     target: devices.Device
     kernels: object | None = None  # the ShippedKernels backend once activated
+    _restore: Callable[[], None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.manifest["dtype"]]
+
+    def close(self) -> None:
+        """Give the process back the kernels and config table it had before this bundle was activated."""
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
 
 
 def _loader(root: Path, stem: str, spec):
@@ -649,15 +656,21 @@ def activate(bundle: Bundle, allow_jit: bool = False) -> None:
         raise BundleError(str(e)) from None
     kernels = shipped_kernels(bundle.root, bundle.manifest, allow_jit)
     t = bundle.target
-    runtime.use(kernels, runtime.Target(t.arch, t.sm_count, t.pdl))
-    launch.use_table(table)
-    bundle.kernels = kernels
+    previous_backend = runtime.use(kernels, runtime.Target(t.arch, t.sm_count, t.pdl))
+    previous_table = launch.use_table(table)
+
+    def restore() -> None:
+        runtime.use(*previous_backend)
+        launch.use_table(previous_table)
+
+    bundle.kernels, bundle._restore = kernels, restore
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cuda", allow_jit: bool = False):
     """(model, bundle): checksums verified, the GPU's architecture checked, the model loaded in the bundle's
     dtype with its BLR layers on the shipped cubins (nothing is compiled; ``allow_jit`` lets a launch no cubin
-    serves compile with a warning instead of failing). ``device="cpu"`` loads it for the PyTorch reference path."""
+    serves compile with a warning instead of failing). ``device="cpu"`` loads it for the PyTorch reference path.
+    ``bundle.close()`` gives the process its previous kernels back."""
     from blrdeploy.checkpoint import load
 
     root, manifest = open_bundle(path)

@@ -23,6 +23,18 @@ from blrdeploy.cli import app
 from blrdeploy.functional import blast_reference, lowrank_reference, monarch_reference
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernels():
+    """A loaded bundle switches the process's kernels and config table: every test here starts and ends on
+    the JIT kernels and the empty table."""
+    backend, table = runtime.use(runtime.JitKernels(), None), launch.use_table(ConfigTable())
+    yield
+    runtime.use(*backend)
+    launch.use_table(table)
+
+
 REFERENCE = {"blast": blast_reference, "monarch": monarch_reference, "lowrank": lowrank_reference}
 
 
@@ -351,5 +363,6 @@ def test_tune_rewrites_the_bundle_and_it_still_verifies(tmp_path):
     assert json.loads(result.stdout)["measured_on"] == torch.cuda.get_device_name()
     result = runner.invoke(app, ["verify-bundle", str(out), "--json"])
     assert result.exit_code == 0, result.output
+    assert isinstance(runtime.backend(), runtime.JitKernels), "verify-bundle left the process on the bundle"
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(src.startswith("measured on") for src in manifest["launch_configs"]["sources"])
