@@ -26,8 +26,22 @@ class CudaError(RuntimeError):
     pass
 
 
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an enum id, padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+class _LaunchAttributeValue(ctypes.Union):  # CUlaunchAttributeValue: 64 bytes; the one member we set
+    # c_ubyte, not c_char: ctypes hands a c_char array field out as a bytes copy, and writing through that
+    # would write into an immutable (possibly shared) Python object.
+    _fields_ = [("programmaticStreamSerializationAllowed", ctypes.c_int), ("raw", ctypes.c_ubyte * 64)]
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an enum id, padding to 8, the value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_ubyte * 4), ("value", _LaunchAttributeValue)]
+
+
+def pdl_attributes() -> ctypes.Array:
+    """The launch attribute list of a programmatic dependent launch (the kernel may start before the previous
+    one on the stream finishes; it waits where it calls griddepcontrol.wait)."""
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value.programmaticStreamSerializationAllowed = 1
+    return (_LaunchAttribute * 1)(attr)
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
@@ -97,9 +111,7 @@ class Kernel:
         self.threads = 32 * int(descriptor["num_warps"])
         self.scratch_params = int(descriptor["scratch_params"])
         self.pdl = bool(descriptor.get("launch_pdl", False))
-        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-        ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)  # programmaticStreamSerializationAllowed
-        self._attrs = (_LaunchAttribute * 1)(attr)
+        self._attrs = pdl_attributes()
         # One 8-byte slot per kernel parameter, reused by every launch (the driver copies the values at launch):
         # the arguments specialized to the constant 1 are not parameters; the scratch pointers stay null.
         self._passed = [

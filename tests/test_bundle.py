@@ -366,3 +366,17 @@ def test_tune_rewrites_the_bundle_and_it_still_verifies(tmp_path):
     assert isinstance(runtime.backend(), runtime.JitKernels), "verify-bundle left the process on the bundle"
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(src.startswith("measured on") for src in manifest["launch_configs"]["sources"])
+
+
+def test_launch_structs_match_the_cuda_driver_abi():
+    """cuLaunchKernelEx reads these by layout (cuda.h, 64-bit): a wrong size or offset corrupts the launch."""
+    import ctypes
+
+    from blrdeploy.kernels import cubin
+
+    assert ctypes.sizeof(cubin._LaunchAttribute) == 72 and cubin._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(cubin._LaunchConfig) == 56
+    assert (cubin._LaunchConfig.hStream.offset, cubin._LaunchConfig.attrs.offset) == (32, 40)
+    attrs = cubin.pdl_attributes()
+    raw = bytes(ctypes.string_at(ctypes.addressof(attrs), 72))
+    assert raw[:4] == (6).to_bytes(4, "little") and raw[8:12] == (1).to_bytes(4, "little") and not any(raw[12:])
