@@ -213,6 +213,20 @@ def verify(path: str | Path) -> None:
         raise CheckpointError(f"{path / cfg['weights']['file']} does not match its recorded sha256")
 
 
+def blr_module(layer: dict) -> nn.Module:
+    """The (weightless, meta-device) BLR module a blr_config.json layer entry describes."""
+    cls = MODULES.get(layer.get("structure"))
+    if cls is None:
+        raise CheckpointError(f"layer {layer.get('name')}: unknown structure {layer.get('structure')!r}")
+    try:
+        args = [layer["in_features"], layer["out_features"]]
+        if cls is not LowRankLinear:
+            args.append(layer["num_blocks"])
+        return cls(*args, layer["rank"], bias=layer["bias"], device="meta")
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"layer {layer.get('name')} of {BLR_CONFIG} is unusable: {exc}") from exc
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a converted model: skeleton on the meta device, BLR modules swapped in, tensors assigned."""
     from safetensors import SafetensorError
@@ -225,14 +239,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     src = cfg["source"]
     model = instantiate(src["library"], src["class"], read_config(path), device="meta")
     for layer in cfg["layers"]:
-        cls = MODULES.get(layer["structure"])
-        if cls is None:
-            raise CheckpointError(f"layer {layer['name']}: unknown structure {layer['structure']!r}")
-        args = [layer["in_features"], layer["out_features"]]
-        if cls is not LowRankLinear:
-            args.append(layer["num_blocks"])
+        module = blr_module(layer)
         try:
-            module = cls(*args, layer["rank"], bias=layer["bias"], device="meta")
             set_submodule(model, layer["name"], module)
         except (AttributeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"layer {layer.get('name')} of {BLR_CONFIG} is unusable: {exc}") from exc

@@ -110,14 +110,25 @@ class LayerShape:
 
 
 def layer_shapes(model: torch.nn.Module) -> dict[str, LayerShape]:
+    """Layer name -> shape of every BLR layer of a model."""
     from blrdeploy.modules import _BLRLinear
 
-    shapes = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _BLRLinear):
-            factors = tuple((k, tuple(v.shape)) for k, v in m.factors().items())
-            shapes[name] = LayerShape(m.structure, factors, m.bias is not None, m.in_features, m.out_features)
-    return shapes
+    return {name: _shape_of(m) for name, m in model.named_modules() if isinstance(m, _BLRLinear)}
+
+
+def layer_shapes_of_checkpoint(blr_config: dict) -> dict[str, LayerShape]:
+    """The same from a checkpoint's blr_config.json, with the modules built on the meta device (no weights read)."""
+    from blrdeploy.checkpoint import blr_module
+
+    try:
+        return {layer["name"]: _shape_of(blr_module(layer)) for layer in blr_config["layers"]}
+    except CheckpointError as e:
+        raise BundleError(str(e)) from e
+
+
+def _shape_of(m) -> LayerShape:
+    factors = tuple((k, tuple(v.shape)) for k, v in m.factors().items())
+    return LayerShape(m.structure, factors, m.bias is not None, m.in_features, m.out_features)
 
 
 def _forward(structure: str):
@@ -369,8 +380,6 @@ def package(
     architecture's shipped table and the heuristic defaults. Written atomically; ``archive`` adds OUT.tar.gz."""
     from blrdeploy.validators.onnx import TOLERANCE
 
-    from blrdeploy.checkpoint import load
-
     checkpoint, out = Path(checkpoint), Path(out)
     device = target if isinstance(target, devices.Device) else devices.get(target)
     dtype_name = dtype or device.dtype
@@ -381,13 +390,11 @@ def package(
     try:
         verify_checkpoint(checkpoint)
         cfg = read_blr_config(checkpoint)
-        skeleton = load(checkpoint, device="cpu", dtype=torch_dtype)
     except CheckpointError as e:
         raise BundleError(str(e)) from e
     if not cfg["layers"]:
         raise BundleError(f"{checkpoint} has no BLR layer: there is nothing for the kernels to run")
-    shapes_by_layer = layer_shapes(skeleton)
-    del skeleton
+    shapes_by_layer = layer_shapes_of_checkpoint(cfg)
     shapes = list(dict.fromkeys(shapes_by_layer.values()))
     here = _gpu_arch()
     if tune is None:
@@ -706,8 +713,6 @@ def retune(path: str | Path, jobs: int | None = None, progress: Progress | None 
     """Measure the bundle's launch configs on the GPU at hand (which must be the bundle's architecture), compile
     the kernels the new plan needs, and rewrite the table and manifest in place. The manifest is the commit
     point: until it is replaced the old one stays valid, and cubins only it used are removed after."""
-    from blrdeploy.checkpoint import load
-
     root, manifest = open_bundle(path)
     if Path(path).is_file():
         raise BundleError("tune rewrites a bundle directory; extract the archive first")
@@ -717,7 +722,10 @@ def retune(path: str | Path, jobs: int | None = None, progress: Progress | None 
         raise BundleError("tune measures launch configs on the GPU: no CUDA GPU is available")
     check_gpu(target, _gpu_arch(), torch.cuda.get_device_name())
     dtype = DTYPES[manifest["dtype"]]
-    shapes_by_layer = layer_shapes(load(root / manifest["checkpoint"]["dir"], device="cpu", dtype=dtype))
+    try:
+        shapes_by_layer = layer_shapes_of_checkpoint(read_blr_config(root / manifest["checkpoint"]["dir"]))
+    except CheckpointError as e:
+        raise BundleError(str(e)) from e
     shapes = list(dict.fromkeys(shapes_by_layer.values()))
     buckets = manifest["buckets"]
     measured = measure(shapes, dtype, buckets, progress)

@@ -255,6 +255,18 @@ def test_a_launch_no_shipped_kernel_serves_is_a_clear_error(bundles):
                 bundle._forward(shape.structure)(*shape.tensors("meta", torch.bfloat16, 1))
 
 
+def test_allow_jit_compiles_what_no_cubin_serves_with_a_warning(gen):
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the JIT fallback under the interpreter (CPU machines)")
+    kernels = runtime.ShippedKernels({}, allow_jit=True, where="test bundle")
+    x, U, V = (torch.randn(*s, generator=gen).half() for s in ((5, 64), (48, 16), (64, 16)))
+    with runtime.using(kernels, runtime.Target(87, 8, False)):
+        with pytest.warns(UserWarning, match="test bundle has no compiled kernel for gemm.*JIT"):
+            y = launch.lowrank_forward(x, U, V)
+    assert kernels.jit_launches == 2
+    assert_rel_close(y, lowrank_reference(x.double(), U.double(), V.double(), None), 5e-3, "JIT fallback")
+
+
 def test_package_refuses_bad_input(bundles, tmp_path):
     ckpt, out = bundles["jetson"]
     cases = [
