@@ -120,34 +120,43 @@ def verify_bundle(
     from .exporters import bundle
 
     checks: list[dict] = []
-    code = 0
+    code, target, manifest = 0, None, None
+
+    def failed(check: str, detail: str) -> None:
+        nonlocal code
+        checks.append({"check": check, "ok": False, "detail": detail})
+        code = 1
+
     try:
-        root, manifest = bundle.open_bundle(path)
-        target = bundle.target_of(manifest)
         try:
+            root, manifest = bundle.open_bundle(path)
+            target = bundle.target_of(manifest)
             n = bundle.verify_files(root, manifest)
             checks.append({"check": "checksums", "ok": True, "detail": f"{n} files match the manifest"})
         except bundle.ChecksumError as exc:
-            checks.append({"check": "checksums", "ok": False, "detail": str(exc)})
-            code = 1
+            failed("checksums", str(exc))
         if code == 0 and torch.cuda.is_available():
             name = torch.cuda.get_device_name()
             bundle.check_gpu(target, bundle._gpu_arch(), name)
             checks.append({"check": "architecture", "ok": True, "detail": f"sm_{target.arch} = {name}"})
-            model, b = bundle.load_bundle(root, "cuda")
             try:
-                check, _ = bundle.sample_check(model, b)
-            finally:
-                b.close()
-            checks.append(
-                {
-                    "check": "sample",
-                    "ok": check.ok,
-                    "detail": f"relative error {check.relative_error:.3e} (tolerance {check.tolerance:.0e}), "
-                    f"{b.kernels.jit_launches} JIT launches",
-                }
-            )
-            code = 0 if check.ok else 1
+                model, b = bundle.load_bundle(root, "cuda")
+                try:
+                    check, _ = bundle.sample_check(model, b)
+                finally:
+                    b.close()
+            except (bundle.ChecksumError, RuntimeError) as exc:  # a kernel missing, or refused by the driver
+                failed("sample", f"{type(exc).__name__}: {exc}")
+            else:
+                checks.append(
+                    {
+                        "check": "sample",
+                        "ok": check.ok,
+                        "detail": f"relative error {check.relative_error:.3e} (tolerance {check.tolerance:.0e}), "
+                        f"{b.kernels.jit_launches} JIT launches",
+                    }
+                )
+                code = 0 if check.ok else 1
         elif code == 0:
             checks.append({"check": "architecture and sample", "ok": None, "detail": "skipped: no CUDA GPU here"})
     except ValueError as exc:  # BundleError: unusable
@@ -156,9 +165,10 @@ def verify_bundle(
             raise typer.Exit(2) from None
         fail(str(exc).splitlines()[0])
     if as_json:
-        _emit({"bundle": str(path), "ok": code == 0, "target": target.name, "checks": checks})
+        _emit({"bundle": str(path), "ok": code == 0, "target": target and target.name, "checks": checks})
     else:
-        typer.echo(f"verify {path} ({target.description}, sm_{target.arch}, {manifest['dtype']})")
+        what = f" ({target.description}, sm_{target.arch}, {manifest['dtype']})" if target is not None else ""
+        typer.echo(f"verify {path}{what}")
         for c in checks:
             mark = {True: "✓", False: "✗", None: "-"}[c["ok"]]
             typer.echo(f"  {mark} {c['check']}: {c['detail']}")
@@ -222,7 +232,8 @@ def run(
 ) -> None:
     """Run a converted model once on an input and report start-up time (load + first forward, which includes
     any compilation), steady forward time and the output; with the bundle's sample input, also the check
-    against its expected output. Exit code 1 when that check fails."""
+    against its expected output. Exit code: 0 done, 1 the sample check failed, 2 the model or input cannot be run
+    (unusable bundle or checkpoint, a GPU of another architecture, a launch no shipped kernel serves)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
@@ -262,14 +273,19 @@ def run(
         out = model_output(model, feed)  # synchronizes: copies the output to the CPU
         return out
 
-    t1 = time.perf_counter()
-    out = forward()
-    first_s = time.perf_counter() - t1
     times = []
-    for _ in range(max(0, repeat)):
-        t = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - t)
+    try:
+        t1 = time.perf_counter()
+        out = forward()
+        first_s = time.perf_counter() - t1
+        for _ in range(max(0, repeat)):
+            t = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t)
+    except RuntimeError as exc:  # MissingKernel, CudaError: the bundle cannot serve this input on this machine
+        if b is None:
+            raise
+        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
     steady_ms = 1e3 * sorted(times)[len(times) // 2] if times else None
     result = {
         "model": str(bundle_dir or checkpoint),

@@ -22,11 +22,20 @@ def _kernels():
     return launch
 
 
+def _on_shipped_kernels() -> bool:
+    from .kernels import runtime
+
+    return isinstance(runtime.backend(), runtime.ShippedKernels)
+
+
 def _on_kernels(reference: Callable, launcher_name: str, x: torch.Tensor, factors, bias, out_features: int):
     if x.dtype not in _KERNEL_DTYPES:
         return reference(x, *factors, bias)
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)
+    if _on_shipped_kernels() and (x2.stride(-1) != 1 or x2.stride(0) != in_features or x2.data_ptr() % 16):
+        # A bundle's cubins are specialized for a contiguous, 16-byte-aligned input, as packaging planned it.
+        x2 = x2.clone(memory_format=torch.contiguous_format) if x2.is_contiguous() else x2.contiguous()
     y = getattr(_kernels(), launcher_name)(x2, *factors, bias)
     return y.view(*x.shape[:-1], out_features)
 

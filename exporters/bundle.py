@@ -2,8 +2,8 @@
 
 A bundle directory holds::
 
-    manifest.json          format, target profile, tool versions, layer -> kernel -> config plan, sha256 of every file
-    manifest.sha256        sha256 of manifest.json (so a changed byte anywhere is caught)
+    manifest.json          format, target profile, tool versions, layer -> kernel -> config plan, sha256 of every
+                           file, and the sha256 of its own content (so a changed byte anywhere is caught)
     checkpoint/            the converted checkpoint, weights in the target's dtype (the kernels read the factors'
                            canonical layouts in place, so that is also the kernels' layout)
     kernels/sm_XX/         one cubin + JSON launch descriptor per kernel specialization the model needs,
@@ -26,14 +26,14 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -43,7 +43,7 @@ from blrdeploy.checkpoint import verify as verify_checkpoint
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-MANIFEST_SUM = "manifest.sha256"
+SELF_SUM = "manifest_sha256"  # the manifest's own checksum, over its canonical JSON without this field
 CHECKPOINT = "checkpoint"
 SAMPLE_INPUT, SAMPLE_EXPECTED = "sample/input.safetensors", "sample/expected.safetensors"
 ONNX_FILE = "onnx/model.onnx"
@@ -254,7 +254,14 @@ def compile_specs(specs: list, arch: int, jobs: int | None = None, progress: Pro
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_compile_one, s.to_json(), arch): i for i, s in enumerate(specs)}
             for done, future in enumerate(_as_completed(futures), 1):
-                results[futures[future]] = future.result()
+                spec = specs[futures[future]]
+                try:
+                    results[futures[future]] = future.result()
+                except Exception as e:  # the worker's compiler error, reported per kernel
+                    raise BundleError(
+                        f"compiling {spec.kernel} {dict(spec.constexprs)} warps={spec.num_warps} "
+                        f"stages={spec.num_stages} for sm_{arch} failed: {type(e).__name__}: {str(e)[:500]}"
+                    ) from None
                 if progress:
                     progress("compiling kernels", done, len(specs))
     finally:
@@ -340,7 +347,7 @@ def _sample(checkpoint: Path, cfg: dict, root: Path) -> dict:
     return {"input": SAMPLE_INPUT, "expected": SAMPLE_EXPECTED, "shape": list(expected.shape)}
 
 
-def _host_tools() -> dict:
+def _host_tools(arch: int) -> dict:
     """Versions of what built the bundle; ptxas is the assembler that wrote the cubins (the device's driver must
     be of the same CUDA major version)."""
     import platform
@@ -356,7 +363,11 @@ def _host_tools() -> dict:
     with contextlib.suppress(Exception):
         from triton.backends.nvidia.compiler import get_ptxas_version
 
-        found = re.search(r"release (\S+),", get_ptxas_version())
+        try:
+            text = get_ptxas_version(arch)  # Triton >= 3.9 picks the assembler by architecture
+        except TypeError:
+            text = get_ptxas_version()
+        found = re.search(r"release (\S+),", text)
         versions["ptxas"] = found.group(1) if found else "unknown"
     return versions
 
@@ -432,7 +443,7 @@ def package(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "target": device.to_json(),
             "dtype": dtype_name,
-            "tool_versions": _host_tools(),
+            "tool_versions": _host_tools(device.arch),
             "checkpoint": {
                 "dir": CHECKPOINT,
                 "source": bundle_cfg["source"],
@@ -454,6 +465,8 @@ def package(
         _write_manifest(tmp, manifest)
     if archive:
         make_archive(out)
+    elif overwrite:
+        archive_path(out).unlink(missing_ok=True)  # the replaced bundle's archive would no longer match it
     if progress:
         progress("writing the bundle", 1, 1)
     return manifest
@@ -466,18 +479,26 @@ def _count(values) -> dict[str, int]:
     return counts
 
 
+def _canonical_sum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != SELF_SUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _write_manifest(root: Path, manifest: dict, leaving: set[str] = frozenset()) -> None:
-    """Checksums every file under root (but the manifest's own two and those ``leaving``), then writes
-    manifest.json and its sum, each atomically; manifest.sha256 last."""
+    """Checksums every file under root (but the manifest and those ``leaving``), fsyncs them, then writes
+    manifest.json with its own checksum in one atomic replace: the single commit point of a bundle."""
     files = sorted(
         p
         for p in root.rglob("*")
-        if p.is_file() and p.name not in (MANIFEST, MANIFEST_SUM) and p.relative_to(root).as_posix() not in leaving
-    )
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+        and p.relative_to(root).as_posix() not in leaving
+    )  # fmt: skip
+    for p in files:
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
     manifest["files"] = {p.relative_to(root).as_posix(): _sha256(p) for p in files}
-    text = json.dumps(manifest, indent=1) + "\n"
-    _atomic_write(root / MANIFEST, text)
-    _atomic_write(root / MANIFEST_SUM, hashlib.sha256(text.encode()).hexdigest() + "\n")
+    manifest[SELF_SUM] = _canonical_sum(manifest)
+    _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -517,29 +538,33 @@ def make_archive(bundle: Path) -> Path:
 
 
 def _extract(archive: Path) -> Path:
-    """Extracts a bundle archive into a temporary directory (removed at exit); a truncated or corrupt archive,
-    or one with members outside its folder, is a BundleError."""
+    """Extracts a bundle archive into a temporary directory (removed at exit) and returns the folder holding its
+    manifest (the archive's one top folder, or its root). A truncated or corrupt archive, or a member that is not
+    a plain file or folder inside it, is a BundleError."""
     tmp = Path(tempfile.mkdtemp(prefix="blrdeploy-bundle-"))
-    atexit.register(shutil.rmtree, tmp, True)  # the cubins load lazily: keep it as long as the process
+    atexit.register(shutil.rmtree, tmp, True)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            roots = set()
-            for m in members:
-                parts = Path(m.name).parts
+            members = []
+            for m in tar.getmembers():
+                parts = [p for p in PurePosixPath(m.name).parts if p != "."]
                 if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
                     raise BundleError(f"{archive}: member {m.name!r} is not a plain file inside the bundle folder")
-                roots.add(parts[0])
-            if len(roots) != 1:
-                raise BundleError(f"{archive}: expected one bundle folder, found {sorted(roots)[:5]}")
-            if sys.version_info >= (3, 12):
+                if parts:
+                    members.append(m)
+            if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
                 tar.extractall(tmp, members=members, filter="data")
             else:
                 tar.extractall(tmp, members=members)  # noqa: S202 (members checked above)
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BundleError(f"{archive} is truncated or corrupt: {type(e).__name__}: {e}") from None
-    return tmp / roots.pop()
+    if (tmp / MANIFEST).is_file():
+        return tmp
+    found = [d for d in tmp.iterdir() if (d / MANIFEST).is_file()]
+    if len(found) != 1:
+        raise BundleError(f"{archive} holds no bundle: no {MANIFEST} at its root or in one top folder")
+    return found[0]
 
 
 def open_bundle(path: str | Path) -> tuple[Path, dict]:
@@ -568,11 +593,8 @@ def open_bundle(path: str | Path) -> tuple[Path, dict]:
 def verify_files(root: Path, manifest: dict) -> int:
     """Every file the manifest lists has its recorded sha256, and the manifest its own; returns the file count.
     Raises ChecksumError naming the first file that differs or is missing."""
-    sum_path = root / MANIFEST_SUM
-    if not sum_path.is_file():
-        raise ChecksumError(f"{root} has no {MANIFEST_SUM}")
-    if _sha256(root / MANIFEST) != sum_path.read_text().strip():
-        raise ChecksumError(f"{MANIFEST} does not match {MANIFEST_SUM}: the manifest was changed or corrupted")
+    if manifest.get(SELF_SUM) != _canonical_sum(manifest):
+        raise ChecksumError(f"{MANIFEST} does not match its own checksum: the manifest was changed or corrupted")
     for rel, digest in manifest["files"].items():
         p = root / rel
         if not p.is_file():
@@ -624,7 +646,7 @@ class Bundle:
             self._restore = None
 
 
-def _loader(root: Path, stem: str, spec):
+def _loader(image: bytes, descriptor: dict, spec):
     cache: dict[int, object] = {}
 
     def load_kernel(device: torch.device):
@@ -632,28 +654,64 @@ def _loader(root: Path, stem: str, spec):
 
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in cache:
-            descriptor = json.loads((root / f"{stem}.json").read_text())
-            cache[index] = Kernel((root / f"{stem}.cubin").read_bytes(), descriptor, device, spec)
+            cache[index] = Kernel(image, descriptor, torch.device("cuda", index), spec)
         return cache[index]
 
     return load_kernel
 
 
+def _read_listed(root: Path, manifest: dict, rel: str) -> bytes:
+    """A file's bytes, checked against the manifest (which must list it): what is launched is what was verified."""
+    digest = manifest["files"].get(rel)
+    if digest is None:
+        raise ChecksumError(f"{rel} is named by the manifest's kernels but not among its checksummed files")
+    try:
+        data = (root / rel).read_bytes()
+    except OSError:
+        raise ChecksumError(f"{rel} is missing from the bundle") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ChecksumError(f"{rel} does not match its sha256 in the manifest: corrupted or modified")
+    return data
+
+
 def shipped_kernels(root: Path, manifest: dict, allow_jit: bool = False):
+    """The bundle's cubins as a launch backend; every cubin and descriptor is read (and checked) now, so a later
+    change on disk cannot reach a launch."""
     from blrdeploy.kernels import runtime
 
     variants = {}
     for stem in manifest["kernels"]:
+        image = _read_listed(root, manifest, f"{stem}.cubin")
         try:
-            descriptor = json.loads((root / f"{stem}.json").read_text())
+            descriptor = json.loads(_read_listed(root, manifest, f"{stem}.json"))
             spec = runtime.Spec.from_json(descriptor["spec"])
-        except (OSError, ValueError, KeyError) as e:
+        except (ValueError, KeyError) as e:
             raise BundleError(f"kernel descriptor {stem}.json is unusable: {e}") from None
-        variants[spec] = _loader(root, stem, spec)
-    return runtime.ShippedKernels(variants, allow_jit=allow_jit, where=f"bundle {root}")
+        variants[spec] = _loader(image, descriptor, spec)
+    return runtime.ShippedKernels(
+        variants, allow_jit=allow_jit, where=f"bundle {root}", max_tokens=manifest["buckets"][-1]
+    )
 
 
-def activate(bundle: Bundle, allow_jit: bool = False) -> None:
+def check_driver(manifest: dict) -> None:
+    """The cubins' assembler (ptxas) must not be of a newer CUDA major version than the driver."""
+    from blrdeploy.kernels.cubin import driver_version
+
+    ptxas = manifest["tool_versions"].get("ptxas", "")
+    driver = driver_version()
+    try:
+        needs = int(ptxas.split(".")[0])
+    except ValueError:
+        return
+    if needs > driver // 1000:
+        raise BundleError(
+            f"the bundle's cubins were assembled by ptxas {ptxas} (CUDA {needs}); this GPU's driver supports CUDA "
+            f"{driver // 1000}.{driver % 1000 // 10}: update the driver, or package with a Triton whose ptxas is "
+            f"CUDA {driver // 1000}"
+        )
+
+
+def activate(bundle: Bundle, allow_jit: bool = False, device: torch.device | None = None) -> None:
     """Process-wide: every BLR launch goes to the bundle's cubins, planned as packaged, with its config table."""
     from blrdeploy.kernels import ConfigTable, launch, runtime
 
@@ -662,6 +720,19 @@ def activate(bundle: Bundle, allow_jit: bool = False) -> None:
     except (OSError, ValueError) as e:
         raise BundleError(str(e)) from None
     kernels = shipped_kernels(bundle.root, bundle.manifest, allow_jit)
+    if device is not None:  # load every module now: a driver that refuses them fails here, not mid-forward
+        from blrdeploy.kernels.cubin import CudaError
+
+        check_driver(bundle.manifest)
+        try:
+            for load_kernel in kernels.variants.values():
+                load_kernel(device)
+        except CudaError as e:
+            tools = bundle.manifest["tool_versions"]
+            raise BundleError(
+                f"{e} (cubins from Triton {tools.get('triton')}, ptxas {tools.get('ptxas')}, "
+                f"for sm_{bundle.target.arch})"
+            ) from None
     t = bundle.target
     previous_backend = runtime.use(kernels, runtime.Target(t.arch, t.sm_count, t.pdl))
     previous_table = launch.use_table(table)
@@ -688,11 +759,14 @@ def load_bundle(path: str | Path, device: str | torch.device = "cuda", allow_jit
         if not torch.cuda.is_available():
             raise BundleError("no CUDA GPU is available; load the bundle with device='cpu' for the reference path")
         check_gpu(bundle.target, _gpu_arch(device), torch.cuda.get_device_name(device))
-        activate(bundle, allow_jit)
+        activate(bundle, allow_jit, device)
     try:
         model = load(root / manifest["checkpoint"]["dir"], device=device, dtype=bundle.dtype)
-    except CheckpointError as e:
-        raise BundleError(str(e)) from e
+    except BaseException as e:
+        bundle.close()
+        if isinstance(e, CheckpointError):
+            raise BundleError(str(e)) from e
+        raise
     return model, bundle
 
 
@@ -750,7 +824,7 @@ def retune(path: str | Path, jobs: int | None = None, progress: Progress | None 
                         "sources": _count(sources.values())},
         plans=_plan_entries(the_plan, shapes, stems, sources),
     )  # fmt: skip
-    manifest["tool_versions"]["tuned_with"] = _host_tools()
+    manifest["tool_versions"]["tuned_with"] = _host_tools(target.arch)
     _write_manifest(root, manifest, leaving=old_files)
     for rel in old_files:  # after the commit point: a crash before it leaves the old bundle whole
         (root / rel).unlink(missing_ok=True)

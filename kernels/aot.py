@@ -8,6 +8,7 @@ with :func:`compile_spec` into a cubin and the descriptor :mod:`.cubin` launches
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -166,7 +167,10 @@ def compile_spec(spec: Spec, arch: int) -> tuple[bytes, dict]:
         signature[p.name] = type_
         if hint == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
+    # FMA contraction as the JIT does it (Triton's default unless TRITON_DEFAULT_FP_FUSION=0), so a bundle
+    # computes bit for bit what the JIT path computes.
+    fp_fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION", "1") not in ("0", "")
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": fp_fusion}
     if spec.launch_pdl:
         options["launch_pdl"] = True
     compiled = triton.compile(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import torch
 
@@ -73,9 +74,26 @@ def _check(result: int, what: str) -> None:
 
 
 def driver_version() -> int:
+    """The CUDA version the driver supports, e.g. 12080 for 12.8."""
     v = ctypes.c_int()
     _check(_cuda().cuDriverGetVersion(ctypes.byref(v)), "cuDriverGetVersion")
     return v.value
+
+
+def _make_current(index: int) -> None:
+    """Make the device's primary context (the one torch uses) current on this thread, without synchronizing
+    anything (a first launch may happen while a CUDA graph is being captured)."""
+    cuda = _cuda()
+    ctx = ctypes.c_void_p()
+    _check(cuda.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+    device = ctypes.c_int()
+    if ctx.value:
+        _check(cuda.cuCtxGetDevice(ctypes.byref(device)), "cuCtxGetDevice")
+        if device.value == index:
+            return
+    _check(cuda.cuDeviceGet(ctypes.byref(device), index), "cuDeviceGet")
+    _check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
+    _check(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
 class Kernel:
@@ -83,9 +101,11 @@ class Kernel:
 
     def __init__(self, image: bytes, descriptor: dict, device: torch.device, spec) -> None:
         cuda = _cuda()
-        torch.cuda.init()  # the primary context torch uses is then current on this thread
-        with torch.cuda.device(device):
-            torch.cuda.current_stream(device).synchronize()  # makes the context current if torch had not yet
+        torch.cuda.init()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device_index = index
+        with torch.cuda.device(index):
+            _make_current(index)
             self._image = ctypes.create_string_buffer(image, len(image))
             self.module = ctypes.c_void_p()
             _check(cuda.cuModuleLoadData(ctypes.byref(self.module), self._image), "loading a cubin (cuModuleLoadData)")
@@ -95,7 +115,6 @@ class Kernel:
             self.shared = int(descriptor["shared"])
             if self.shared > _STATIC_SHARED_LIMIT:
                 optin, static = ctypes.c_int(), ctypes.c_int()
-                index = device.index if device.index is not None else torch.cuda.current_device()
                 _check(cuda.cuDeviceGetAttribute(ctypes.byref(optin), _SHARED_OPTIN, index), "cuDeviceGetAttribute")
                 if self.shared > optin.value:
                     raise CudaError(
@@ -124,16 +143,19 @@ class Kernel:
             1, 1, 1, self.threads, 1, 1, self.shared, None, self._attrs if self.pdl else None, 1 if self.pdl else 0
         )
         self._launch = _cuda().cuLaunchKernelEx
+        self._lock = threading.Lock()  # the slots and config are shared; ctypes drops the GIL during the call
 
     def launch(self, grid, args: tuple) -> None:
         """On torch's current stream of the first argument's device (every kernel's first argument is a tensor)."""
-        stream = torch.cuda.current_stream(args[0].device).cuda_stream
-        slots = self._slots
-        for j, (i, is_pointer) in enumerate(self._passed):
-            slots[j] = args[i].data_ptr() if is_pointer else args[i] & 0xFFFFFFFF
         gx, gy, gz = (*grid, 1, 1)[:3]
         if gx <= 0 or gy <= 0 or gz <= 0:
             return
-        config = self._config
-        config.gridDimX, config.gridDimY, config.gridDimZ, config.hStream = gx, gy, gz, stream
-        _check(self._launch(ctypes.byref(config), self.function, self._params, None), "cuLaunchKernelEx")
+        stream = torch.cuda.current_stream(args[0].device).cuda_stream
+        with self._lock:
+            slots = self._slots
+            for j, (i, is_pointer) in enumerate(self._passed):
+                slots[j] = args[i].data_ptr() if is_pointer else args[i] & 0xFFFFFFFF
+            config = self._config
+            config.gridDimX, config.gridDimY, config.gridDimZ, config.hStream = gx, gy, gz, stream
+            result = self._launch(ctypes.byref(config), self.function, self._params, None)
+        _check(result, "cuLaunchKernelEx")

@@ -176,8 +176,11 @@ class ShippedKernels:
 
     name = "shipped"
 
-    def __init__(self, variants: dict[Spec, object], allow_jit: bool = False, where: str = "bundle") -> None:
+    def __init__(
+        self, variants: dict[Spec, object], allow_jit: bool = False, where: str = "bundle", max_tokens: int = 0
+    ) -> None:
         self.variants = dict(variants)
+        self.max_tokens = max_tokens  # the largest token bucket planned for (0: unknown)
         self.allow_jit = allow_jit
         self.where = where
         self.by_family: dict[tuple, list[Spec]] = {}
@@ -205,9 +208,16 @@ class ShippedKernels:
             what = f"{kernel} {dict(actual.constexprs)} warps={num_warps} stages={num_stages}"
             if not self.allow_jit:
                 classes = ", ".join(f"{n}:{t}" + (f":{h}" if h else "") for n, t, h in actual.params)
+                n = dict(zip(runtime_params(kernel), args, strict=True)).get("N", 0)
+                why = (
+                    f"this launch has {n} tokens, more than the {self.max_tokens} the bundle was packaged for "
+                    "(package --max-tokens)"
+                    if self.max_tokens and n > self.max_tokens
+                    else f"arguments: {classes}"
+                )
                 raise MissingKernel(
-                    f"the {self.where} has no compiled kernel for {what} with these arguments ({classes}); "
-                    "package the model again, or allow JIT compilation (--allow-jit)"
+                    f"the {self.where} has no compiled kernel for {what}; {why}. Package the model again, or allow "
+                    "JIT compilation (--allow-jit)"
                 )
             if self.jit_launches == 0:
                 warnings.warn(
@@ -216,7 +226,12 @@ class ShippedKernels:
             self.jit_launches += 1
             JitKernels().launch(kernel, grid, args, constexprs, num_warps, num_stages, launch_pdl)
             return
-        self.variants[found](args[0].device).launch(grid, args)  # every kernel's first argument is a tensor
+        device = args[0].device  # every kernel's first argument is a tensor
+        if device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):  # its cubin lives in that device's context
+                self.variants[found](device).launch(grid, args)
+            return
+        self.variants[found](device).launch(grid, args)
 
 
 # ------------------------------------------------------------------------------------------------ active state

@@ -98,7 +98,7 @@ def test_manifest_lists_every_file_and_plan(bundles):
     _, out = bundles["jetson"]
     manifest = json.loads((out / "manifest.json").read_text())
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert set(manifest["files"]) == on_disk - {"manifest.json", "manifest.sha256"}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
     assert manifest["dtype"] == "float16" and manifest["onnx"] == {"file": "onnx/model.onnx"}
     assert manifest["buckets"] == [1, 16, 64, 256, 1024, 4096, 16384]
     assert {"blrdeploy", "torch", "triton"} <= set(manifest["tool_versions"])
@@ -154,6 +154,15 @@ def test_archive_round_trip_and_truncation(bundles, tmp_path):
         assert "Traceback" not in result.output
 
 
+def test_archive_of_the_bundle_contents_is_accepted(bundles, tmp_path):
+    """An archive made with ``tar -C BUNDLE -czf x.tar.gz .`` (members ./manifest.json, ...) works too."""
+    _, out = bundles["jetson"]
+    flat = tmp_path / "flat.tar.gz"
+    subprocess.run(["tar", "-C", str(out), "-czf", str(flat), "."], check=True)
+    result = runner.invoke(app, ["verify-bundle", str(flat)])
+    assert result.exit_code == 0, result.output
+
+
 def test_archive_with_escaping_member_is_refused(tmp_path):
     evil = tmp_path / "evil.tar.gz"
     payload = tmp_path / "x"
@@ -206,7 +215,7 @@ def _shipped_under_interpreter(root: Path, manifest: dict, log: list):
     for stem in manifest["kernels"]:
         spec = runtime.Spec.from_json(json.loads((root / f"{stem}.json").read_text())["spec"])
         variants[spec] = lambda device, spec=spec: _Interpreted(spec, log)
-    return runtime.ShippedKernels(variants)
+    return runtime.ShippedKernels(variants, max_tokens=manifest["buckets"][-1])
 
 
 @pytest.mark.parametrize("name", ["jetson", "a40-lowrank"])
@@ -253,6 +262,8 @@ def test_a_launch_no_shipped_kernel_serves_is_a_clear_error(bundles):
         with launch.forced(gemm=Config(32, 32, 32, 4, 2)):  # a config the bundle was not compiled for
             with pytest.raises(runtime.MissingKernel, match="no compiled kernel for gemm.*--allow-jit"):
                 bundle._forward(shape.structure)(*shape.tensors("meta", torch.bfloat16, 1))
+            with pytest.raises(runtime.MissingKernel, match="has 1000 tokens, more than the 256 the bundle was"):
+                bundle._forward(shape.structure)(*shape.tensors("meta", torch.bfloat16, 1000))
 
 
 def test_allow_jit_compiles_what_no_cubin_serves_with_a_warning(gen):
