@@ -82,7 +82,7 @@ def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, aliases, buffers
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -169,7 +169,7 @@ def save(
             "layers": blr_layers(model),
             "tied": aliases,
             "non_persistent_buffers": buffers,
-            "weights": {"file": WEIGHTS, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
+            "weights": {"file": WEIGHTS, "bytes": weights.stat().st_size, "sha256": file_sha256(weights)},
             "tool_versions": tool_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
@@ -179,23 +179,33 @@ def save(
     return path
 
 
+def read_format_file(
+    path: Path, what: str, version: int, required: tuple[str, ...], error: type, corrupt: type | None = None
+) -> dict:
+    """A JSON file of ours: present (else ``error`` saying the folder is not ``what``), parseable (else
+    ``corrupt``, default ``error``), of format ``version`` and with the ``required`` fields."""
+    if not path.is_file():
+        raise error(f"{path.parent} has no {path.name}: not {what}, or its write never finished")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise (corrupt or error)(f"{path} is corrupt: {exc}") from None
+    found = data.get("format_version") if isinstance(data, dict) else None
+    if found != version:
+        raise error(f"{path} has format version {found!r}; this blrdeploy reads {version}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise error(f"{path} lacks the {missing[0]!r} field")
+    return data
+
+
 def read_blr_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"no such checkpoint directory: {path}")
-    cfg_path = path / BLR_CONFIG
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path} has no {BLR_CONFIG}: not a converted checkpoint, or its write never finished")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path} is corrupt: {exc}") from exc
-    version = cfg.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path} has format version {version!r}; this blrdeploy reads {FORMAT_VERSION}")
-    for key in ("source", "layers", "weights"):
-        if key not in cfg:
-            raise CheckpointError(f"{cfg_path} lacks the {key!r} field")
+    cfg = read_format_file(
+        path / BLR_CONFIG, "a converted checkpoint", FORMAT_VERSION, ("source", "layers", "weights"), CheckpointError
+    )
     weights = path / cfg["weights"]["file"]
     if not weights.is_file():
         raise CheckpointError(f"{path} is incomplete: {weights.name} is missing")
@@ -209,7 +219,7 @@ def verify(path: str | Path) -> None:
     """Full check of the weights against the recorded sha256 (load checks only the size)."""
     path = Path(path)
     cfg = read_blr_config(path)
-    if _sha256(path / cfg["weights"]["file"]) != cfg["weights"]["sha256"]:
+    if file_sha256(path / cfg["weights"]["file"]) != cfg["weights"]["sha256"]:
         raise CheckpointError(f"{path / cfg['weights']['file']} does not match its recorded sha256")
 
 

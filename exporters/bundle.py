@@ -38,7 +38,15 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from blrdeploy import devices
-from blrdeploy.checkpoint import BLR_CONFIG, CheckpointError, atomic_directory, read_blr_config, tool_versions
+from blrdeploy.checkpoint import (
+    BLR_CONFIG,
+    CheckpointError,
+    atomic_directory,
+    file_sha256,
+    read_blr_config,
+    read_format_file,
+    tool_versions,
+)
 from blrdeploy.checkpoint import verify as verify_checkpoint
 
 FORMAT_VERSION = 1
@@ -58,14 +66,6 @@ class BundleError(ValueError):
 
 class ChecksumError(BundleError):
     """A file of the bundle does not match the checksum its manifest records."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _kernels_dir(arch: int) -> str:
@@ -323,7 +323,7 @@ def _copy_checkpoint(src: Path, dst: Path, dtype: torch.dtype) -> dict:
     cfg = {
         **cfg,
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}),
-        "weights": {"file": cfg["weights"]["file"], "bytes": out.stat().st_size, "sha256": _sha256(out)},
+        "weights": {"file": cfg["weights"]["file"], "bytes": out.stat().st_size, "sha256": file_sha256(out)},
         "packaged_from": {"path": str(src), "weights_sha256": cfg["weights"]["sha256"]},
     }
     (dst / BLR_CONFIG).write_text(json.dumps(cfg, indent=2))
@@ -496,7 +496,7 @@ def _write_manifest(root: Path, manifest: dict, leaving: set[str] = frozenset())
     for p in files:
         with p.open("rb") as f:
             os.fsync(f.fileno())
-    manifest["files"] = {p.relative_to(root).as_posix(): _sha256(p) for p in files}
+    manifest["files"] = {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
     manifest[SELF_SUM] = _canonical_sum(manifest)
     _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
@@ -574,19 +574,9 @@ def open_bundle(path: str | Path) -> tuple[Path, dict]:
         raise BundleError(f"no such bundle: {path}")
     if path.is_file():
         path = _extract(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{path} has no {MANIFEST}: not a blrdeploy bundle, or its write never finished")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChecksumError(f"{manifest_path} is corrupt: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise BundleError(f"{manifest_path} has format version {version!r}; this blrdeploy reads {FORMAT_VERSION}")
-    for key in ("target", "dtype", "files", "kernels", "launch_configs", "checkpoint", "sample"):
-        if key not in manifest:
-            raise BundleError(f"{manifest_path} lacks the {key!r} field")
+    required = ("target", "dtype", "files", "kernels", "launch_configs", "checkpoint", "sample", "buckets")
+    manifest = read_format_file(path / MANIFEST, "a blrdeploy bundle", FORMAT_VERSION, required, BundleError,
+                                ChecksumError)  # fmt: skip
     return path, manifest
 
 
@@ -599,7 +589,7 @@ def verify_files(root: Path, manifest: dict) -> int:
         p = root / rel
         if not p.is_file():
             raise ChecksumError(f"{rel} is missing from the bundle")
-        if _sha256(p) != digest:
+        if file_sha256(p) != digest:
             raise ChecksumError(f"{rel} does not match its sha256 in the manifest: corrupted or modified")
     return len(manifest["files"])
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from blrdeploy import devices
+from blrdeploy.checkpoint import file_sha256
 from blrdeploy.cli import app
 from blrdeploy.functional import blast_reference, lowrank_reference, monarch_reference
 
@@ -304,7 +305,7 @@ def test_package_refuses_nan_weights_naming_the_tensor(bundles, tmp_path):
     tensors[name][0, 0, 0] = float("nan")
     save_file(tensors, str(weights), metadata={"format": "pt"})
     cfg = json.loads((bad / "blr_config.json").read_text())
-    cfg["weights"].update(bytes=weights.stat().st_size, sha256=bundle._sha256(weights))
+    cfg["weights"].update(bytes=weights.stat().st_size, sha256=file_sha256(weights))
     (bad / "blr_config.json").write_text(json.dumps(cfg))
     with pytest.raises(bundle.BundleError, match=re.escape(name) + ".*NaN"):
         bundle.package(bad, "jetson", tmp_path / "out", with_onnx=False, max_tokens=1)
