@@ -49,7 +49,7 @@ from blrdeploy.checkpoint import (
 )
 from blrdeploy.checkpoint import verify as verify_checkpoint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
 MANIFEST = "manifest.json"
 SELF_SUM = "manifest_sha256"  # the manifest's own checksum, over its canonical JSON without this field
 CHECKPOINT = "checkpoint"
@@ -509,6 +509,11 @@ def _atomic_write(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:  # the rename itself is durable before anything that relies on it (retune deletes old files next)
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -574,9 +579,12 @@ def open_bundle(path: str | Path) -> tuple[Path, dict]:
         raise BundleError(f"no such bundle: {path}")
     if path.is_file():
         path = _extract(path)
-    required = ("target", "dtype", "files", "kernels", "launch_configs", "checkpoint", "sample", "buckets")
-    manifest = read_format_file(path / MANIFEST, "a blrdeploy bundle", FORMAT_VERSION, required, BundleError,
-                                ChecksumError)  # fmt: skip
+    manifest = read_format_file(path / MANIFEST, "a blrdeploy bundle", FORMAT_VERSION, (), BundleError, ChecksumError)
+    if manifest.get(SELF_SUM) != _canonical_sum(manifest):  # before trusting any field of it
+        raise ChecksumError(f"{MANIFEST} does not match its own checksum: the manifest was changed or corrupted")
+    for key in ("target", "dtype", "files", "kernels", "launch_configs", "checkpoint", "sample", "buckets"):
+        if key not in manifest:
+            raise BundleError(f"{path / MANIFEST} lacks the {key!r} field")
     return path, manifest
 
 
@@ -687,12 +695,14 @@ def check_driver(manifest: dict) -> None:
     """The cubins' assembler (ptxas) must not be of a newer CUDA major version than the driver."""
     from blrdeploy.kernels.cubin import driver_version
 
-    ptxas = manifest["tool_versions"].get("ptxas", "")
-    driver = driver_version()
-    try:
-        needs = int(ptxas.split(".")[0])
-    except ValueError:
+    tools = manifest["tool_versions"]
+    versions = [tools.get("ptxas", ""), tools.get("tuned_with", {}).get("ptxas", "")]  # retune may add cubins
+    majors = {int(v.split(".")[0]): v for v in versions if v.split(".")[0].isdigit()}
+    if not majors:
         return
+    needs = max(majors)
+    ptxas = majors[needs]
+    driver = driver_version()
     if needs > driver // 1000:
         raise BundleError(
             f"the bundle's cubins were assembled by ptxas {ptxas} (CUDA {needs}); this GPU's driver supports CUDA "

@@ -148,6 +148,15 @@ def _entry_params(ptx: str, name: str) -> int:
     return match.group(1).count(".param")
 
 
+def _default_fp_fusion() -> bool:
+    try:
+        from triton import knobs
+
+        return bool(knobs.language.default_fp_fusion)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_DEFAULT_FP_FUSION", "1").lower() not in ("0", "", "false", "off", "no")
+
+
 def compile_spec(spec: Spec, arch: int) -> tuple[bytes, dict]:
     """(cubin, launch descriptor) of one specialization for compute capability ``arch``. The descriptor holds
     what a launch needs (entry, warps, shared memory, dependent launch, parameter count) and the spec."""
@@ -169,7 +178,7 @@ def compile_spec(spec: Spec, arch: int) -> tuple[bytes, dict]:
             attrs[(i,)] = [["tt.divisibility", 16]]
     # FMA contraction as the JIT does it (Triton's default unless TRITON_DEFAULT_FP_FUSION=0), so a bundle
     # computes bit for bit what the JIT path computes.
-    fp_fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION", "1") not in ("0", "")
+    fp_fusion = _default_fp_fusion()
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": fp_fusion}
     if spec.launch_pdl:
         options["launch_pdl"] = True

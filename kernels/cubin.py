@@ -21,6 +21,7 @@ _CACHE_PREFER_SHARED = 2  # CU_FUNC_CACHE_PREFER_SHARED
 _SHARED_OPTIN = 97  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _STATIC_SHARED_LIMIT = 49152
+_INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT
 
 
 class CudaError(RuntimeError):
@@ -151,11 +152,18 @@ class Kernel:
         if gx <= 0 or gy <= 0 or gz <= 0:
             return
         stream = torch.cuda.current_stream(args[0].device).cuda_stream
+        result = self._submit((gx, gy, gz), args, stream)
+        if result == _INVALID_CONTEXT:  # a thread whose first CUDA work is this launch
+            _make_current(self.device_index)
+            result = self._submit((gx, gy, gz), args, stream)
+        _check(result, "cuLaunchKernelEx")
+
+    def _submit(self, grid: tuple[int, int, int], args: tuple, stream: int) -> int:
         with self._lock:
             slots = self._slots
             for j, (i, is_pointer) in enumerate(self._passed):
                 slots[j] = args[i].data_ptr() if is_pointer else args[i] & 0xFFFFFFFF
             config = self._config
-            config.gridDimX, config.gridDimY, config.gridDimZ, config.hStream = gx, gy, gz, stream
-            result = self._launch(ctypes.byref(config), self.function, self._params, None)
-        _check(result, "cuLaunchKernelEx")
+            config.gridDimX, config.gridDimY, config.gridDimZ = grid
+            config.hStream = stream
+            return self._launch(ctypes.byref(config), self.function, self._params, None)

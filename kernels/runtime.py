@@ -124,6 +124,11 @@ def _fast_classes(kernel: str, args: tuple) -> tuple:
 
 
 @functools.cache
+def _several_gpus() -> bool:
+    return torch.cuda.device_count() > 1
+
+
+@functools.cache
 def _unspecialized_index(kernel: str) -> int:
     names = runtime_params(kernel)
     return next((i for i, n in enumerate(names) if n in UNSPECIALIZED), -1)
@@ -227,7 +232,7 @@ class ShippedKernels:
             JitKernels().launch(kernel, grid, args, constexprs, num_warps, num_stages, launch_pdl)
             return
         device = args[0].device  # every kernel's first argument is a tensor
-        if device.index is not None and device.index != torch.cuda.current_device():
+        if _several_gpus() and device.index is not None and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):  # its cubin lives in that device's context
                 self.variants[found](device).launch(grid, args)
             return

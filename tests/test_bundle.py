@@ -139,6 +139,17 @@ def test_verify_bundle_passes_then_fails_on_any_flipped_byte(bundles, tmp_path):
     assert runner.invoke(app, ["verify-bundle", str(copy)]).exit_code == 0
 
 
+def test_bundle_of_another_format_version_is_unusable(bundles, tmp_path):
+    _, out = bundles["a40"]
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["verify-bundle", str(old)])
+    assert result.exit_code == 2 and "format version 1; this blrdeploy reads 2" in result.output, result.output
+
+
 def test_archive_round_trip_and_truncation(bundles, tmp_path):
     _, out = bundles["jetson"]
     archive = bundle.archive_path(out)
