@@ -1,0 +1,101 @@
+"""CLI command ``roofline``: predicted per-layer time of dense, the PyTorch reference and our kernels on a device."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import app, fail
+
+# The reference paper's token counts per family (prefill / batch), plus single-token decode for the LLMs.
+DEFAULT_TOKENS = {"llama": [1, 1024], "gpt2": [1, 384], "vit": [197, 197 * 64], "dit": [16384]}
+
+
+def _layers(model: str, structure: str) -> tuple[list[dict], str | None]:
+    """(BLR layer entries, family) of a converted checkpoint directory or of a built-in model's conversion plan
+    (the reference paper's preset where the model has one for the structure, else half the parameters)."""
+    from .checkpoint import BLR_CONFIG, read_blr_config
+
+    if (Path(model) / BLR_CONFIG).is_file():
+        cfg = read_blr_config(model)
+        return cfg["layers"], cfg["source"].get("family")
+    from .convert import ConvertConfig
+    from .job import run_convert
+    from .models import builtin
+
+    spec = builtin(model)
+    preset = "paper" if structure in spec.paper else None
+    summary = run_convert(model, None, ConvertConfig(structure=structure, preset=preset), dry_run=True)
+    return summary["layers"], spec.family
+
+
+@app.command()
+def roofline(
+    model: Annotated[str, typer.Argument(help="A converted checkpoint directory or a built-in model name.")],
+    target: Annotated[
+        str, typer.Option(help="Device profile: jetson, a40, h100, h200, a NAME in $BLRDEPLOY_DEVICES, or a JSON file.")
+    ],
+    structure: Annotated[str, typer.Option(help="Built-in models only: blast, monarch or lowrank.")] = "blast",
+    tokens: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated token counts. Default: the reference paper's (and 1 for LLMs)."),
+    ] = None,
+    png: Annotated[Path | None, typer.Option(help="Write the roofline figure (PNG) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows and totals as JSON on stdout.")] = False,
+) -> None:
+    """Predict, per BLR layer shape and token count, the arithmetic intensity and time of dense, of the PyTorch
+    reference and of our kernels on the target's bandwidth and fp16 peak (max of memory and math time per stage),
+    and the converted layers' predicted speedup over dense. Attention, norms and the layers kept dense are not
+    modeled; the stages are as blrdeploy.roofline describes."""
+    from . import devices
+    from . import roofline as rl
+
+    try:
+        device = devices.get(target)
+        layers, family = _layers(model, structure)
+        counts = [int(t) for t in tokens.split(",")] if tokens else DEFAULT_TOKENS.get(family or "", [1, 1024])
+        if not layers:
+            raise ValueError(f"{model} has no BLR layer to predict")
+        if any(n < 1 for n in counts):
+            raise ValueError("--tokens must be positive integers")
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    rows = rl.predict(layers, device, counts)
+    totals = rl.totals(rows)
+    if png is not None:
+        try:
+            rl.plot(rows, device, png)
+        except ImportError:
+            fail("--png needs matplotlib: pip install matplotlib (or blrdeploy[plot])")
+    if as_json:
+        data = {"model": model, "target": device.to_json(), "rows": [r.to_json() for r in rows], "totals": totals}
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {device.description} (predicted)")
+    for col in ("layer shape", "×", "N", "AI dense", "AI ours", "dense µs", "PyTorch µs", "ours µs", "dense/ours"):
+        table.add_column(col, justify="left" if col == "layer shape" else "right")
+    for r in rows:
+        us = {p: 1e6 * r.seconds[p] for p in rl.PATHS}
+        table.add_row(
+            r.shape, str(r.count), str(r.tokens), f"{r.intensity['dense']:.1f}", f"{r.intensity['kernels']:.1f}",
+            f"{us['dense']:.1f}", f"{us['pytorch']:.1f}", f"{us['kernels']:.1f}", f"{us['dense'] / us['kernels']:.2f}",
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    for n, t in totals.items():
+        console.print(
+            f"N={n}: converted layers {1e6 * t['dense']:,.1f} µs dense, {1e6 * t['pytorch']:,.1f} µs PyTorch, "
+            f"{1e6 * t['kernels']:,.1f} µs ours; predicted speedup {t['speedup_kernels']:.2f}x "
+            f"(PyTorch BLR {t['speedup_pytorch']:.2f}x)",
+            soft_wrap=True,
+        )
+    if png is not None:
+        console.print(f"figure: {png}")

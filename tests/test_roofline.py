@@ -1,0 +1,69 @@
+"""Roofline predictions: the modeled FLOPs equal the layers' own counts, fused paths move fewer bytes than the
+PyTorch reference, and the command writes its table, JSON and figure on a CPU."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from blrdeploy import devices, roofline
+from blrdeploy.checkpoint import blr_layers, blr_module
+from blrdeploy.cli import app
+
+runner = CliRunner()
+LAYERS = [
+    {"name": "a", "structure": "blast", "in_features": 512, "out_features": 768, "num_blocks": [4, 2], "rank": 64,
+     "bias": True},
+    {"name": "b", "structure": "monarch", "in_features": 512, "out_features": 768, "num_blocks": 4, "rank": 64,
+     "bias": False},
+    {"name": "c", "structure": "lowrank", "in_features": 512, "out_features": 768, "num_blocks": None, "rank": 48,
+     "bias": False},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda entry: entry["structure"])
+@pytest.mark.parametrize("n", [1, 64, 65, 1000])
+def test_modeled_flops_are_the_layers_own(layer, n):
+    module = blr_module(layer)
+    for path in ("pytorch", "kernels"):
+        assert sum(s.flops for s in roofline.stages(layer, path, n)) == module.flops(n), path
+    assert sum(s.flops for s in roofline.stages(layer, "dense", n)) == 2 * n * 512 * 768
+    kernels = sum(s.bytes for s in roofline.stages(layer, "kernels", n))
+    pytorch = sum(s.bytes for s in roofline.stages(layer, "pytorch", n))
+    assert kernels <= pytorch
+    if layer["structure"] != "lowrank":
+        assert kernels < pytorch  # an intermediate pass saved
+    assert blr_layers  # the checkpoint's layer entries are what predict() takes
+
+
+def test_prediction_is_memory_bound_at_one_token_and_scales_with_the_device():
+    h100, jetson = devices.get("h100"), devices.get("jetson")
+    rows = roofline.predict(LAYERS + [dict(LAYERS[0], name="a2")], h100, [1, 4096])
+    assert [r.count for r in rows[:3]] == [2, 1, 1] and {r.tokens for r in rows} == {1, 4096}
+    one = rows[0]
+    assert one.seconds["dense"] == pytest.approx(one.bytes["dense"] / (h100.bandwidth_gbs * 1e9))
+    slow = roofline.predict(LAYERS, jetson, [1])[0]
+    assert slow.seconds["dense"] / one.seconds["dense"] == pytest.approx(h100.bandwidth_gbs / jetson.bandwidth_gbs)
+    totals = roofline.totals(rows)
+    assert totals[1]["speedup_kernels"] > 1  # fewer weight bytes than dense
+
+
+def test_roofline_command_table_json_png(tmp_path):
+    png = tmp_path / "r.png"
+    result = runner.invoke(app, ["roofline", "llama-tiny", "--target", "jetson", "--json", "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["target"]["name"] == "jetson" and {r["tokens"] for r in data["rows"]} == {1, 1024}
+    assert set(data["totals"]) == {"1", "1024"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = runner.invoke(app, ["roofline", "gpt2-tiny", "--target", "a40", "--structure", "monarch",
+                                 "--tokens", "1,7"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "predicted speedup" in result.output and "N=7" in result.output
+    for args, message in [
+        (["llama-tiny", "--target", "tpu"], "unknown target"),
+        (["llama-tiny", "--target", "h100", "--tokens", "0"], "--tokens must be positive"),
+        (["no-such-model", "--target", "h100"], "unknown built-in model"),
+    ]:
+        result = runner.invoke(app, ["roofline", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
