@@ -238,9 +238,10 @@ def blr_module(layer: dict) -> nn.Module:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a converted model: skeleton on the meta device, BLR modules swapped in, tensors assigned."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Rebuild a converted model: skeleton on the meta device, BLR modules swapped in, tensors assigned. Each
+    stored tensor is cast to ``dtype`` before it is moved to ``device``, one at a time: the device never holds more
+    than the final weights (no float32 copy of a bfloat16 model, no dense weight)."""
+    from safetensors import SafetensorError, safe_open
 
     from .sources import instantiate, read_config
 
@@ -255,7 +256,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         except (AttributeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"layer {layer.get('name')} of {BLR_CONFIG} is unusable: {exc}") from exc
     try:
-        tensors = load_file(str(path / cfg["weights"]["file"]), device=str(device))
+        tensors = {}
+        with safe_open(str(path / cfg["weights"]["file"]), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                tensors[key] = t.to(device)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read {path / cfg['weights']['file']}: {exc}") from exc
     buffers = {k: tensors.pop(k) for k in cfg.get("non_persistent_buffers", []) if k in tensors}

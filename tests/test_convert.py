@@ -131,6 +131,24 @@ def test_load_dtype_and_meta_skeleton(tmp_path, monkeypatch):
     assert devices == ["meta"]
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in loaded.parameters())
     assert not any(b.is_meta for b in loaded.buffers())
+    reference = load(tmp_path / "c", dtype=torch.float32)
+    for (name, p), q in zip(loaded.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q.to(torch.bfloat16)), name
+
+
+@pytest.mark.gpu
+def test_gpu_load_holds_no_more_than_the_final_weights(tmp_path):
+    """Loading a float32 checkpoint as bfloat16 on the GPU: peak GPU memory during load <= 1.15x the weights."""
+    model = build_builtin("gpt2-mini").model
+    convert(model, ConvertConfig(structure="blast", steps=2))
+    save(model, tmp_path / "c")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loaded = load(tmp_path / "c", device="cuda", dtype=torch.bfloat16)
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in loaded.state_dict().values()}.values())
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak <= 1.15 * weights, f"peak {peak / 2**20:.1f} MiB for {weights / 2**20:.1f} MiB of weights"
 
 
 # --------------------------------------------------------------------------------------------------- bad input
