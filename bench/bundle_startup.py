@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 def _cli(*args: str, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "blrdeploy", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode not in (0,):
+    if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}")
     return json.loads(proc.stdout) if "--json" in args else {}
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -247,33 +247,37 @@ def compile_specs(specs: list, arch: int, jobs: int | None = None, progress: Pro
     results = [None] * len(specs)
     if progress:
         progress("compiling kernels", 0, len(specs))
-    env = {"TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
-    os.environ.update(env)  # inherited by the workers
-    interp = os.environ.pop("TRITON_INTERPRET", None)  # under the interpreter Triton compiles nothing
-    try:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_compile_one, s.to_json(), arch): i for i, s in enumerate(specs)}
-            for done, future in enumerate(_as_completed(futures), 1):
-                spec = specs[futures[future]]
-                try:
-                    results[futures[future]] = future.result()
-                except Exception as e:  # the worker's compiler error, reported per kernel
-                    raise BundleError(
-                        f"compiling {spec.kernel} {dict(spec.constexprs)} warps={spec.num_warps} "
-                        f"stages={spec.num_stages} for sm_{arch} failed: {type(e).__name__}: {str(e)[:500]}"
-                    ) from None
-                if progress:
-                    progress("compiling kernels", done, len(specs))
-    finally:
-        if interp is not None:
-            os.environ["TRITON_INTERPRET"] = interp
+    with _worker_environment(), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_compile_one, s.to_json(), arch): i for i, s in enumerate(specs)}
+        for done, future in enumerate(as_completed(futures), 1):
+            spec = specs[futures[future]]
+            try:
+                results[futures[future]] = future.result()
+            except Exception as e:  # the worker's compiler error, reported per kernel
+                raise BundleError(
+                    f"compiling {spec.kernel} {dict(spec.constexprs)} warps={spec.num_warps} "
+                    f"stages={spec.num_stages} for sm_{arch} failed: {type(e).__name__}: {str(e)[:500]}"
+                ) from None
+            if progress:
+                progress("compiling kernels", done, len(specs))
     return results
 
 
-def _as_completed(futures):
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
+@contextlib.contextmanager
+def _worker_environment():
+    """What the spawned compile workers inherit: no TRITON_INTERPRET (under the interpreter Triton compiles
+    nothing) and FMA contraction stated (Triton's default, which Triton 3.9 warns about when unset)."""
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _spec_file(spec) -> str:
