@@ -270,8 +270,7 @@ def run(
     from .job import model_output
 
     def forward():
-        out = model_output(model, feed)  # synchronizes: copies the output to the CPU
-        return out
+        return model_output(model, feed)  # synchronizes: copies the output to the CPU
 
     times = []
     try:

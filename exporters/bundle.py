@@ -301,12 +301,11 @@ def _write_kernels(root: Path, arch: int, specs: list, compiled: list) -> dict:
 # ------------------------------------------------------------------------------------------------ packaging
 
 
-def _copy_checkpoint(src: Path, dst: Path, dtype: torch.dtype) -> dict:
+def _copy_checkpoint(src: Path, cfg: dict, dst: Path, dtype: torch.dtype) -> dict:
     """The checkpoint with floating tensors cast to ``dtype``; refuses non-finite weights, naming the tensor."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    cfg = read_blr_config(src)
     weights = src / cfg["weights"]["file"]
     tensors = {}
     with safe_open(str(weights), framework="pt") as f:
@@ -429,7 +428,7 @@ def package(
     with atomic_directory(out, overwrite, MANIFEST) as tmp:
         if progress:
             progress("writing the bundle", 0, 1)
-        bundle_cfg = _copy_checkpoint(checkpoint, tmp / CHECKPOINT, torch_dtype)
+        bundle_cfg = _copy_checkpoint(checkpoint, cfg, tmp / CHECKPOINT, torch_dtype)
         stems = _write_kernels(tmp, device.arch, specs, compiled)
         table_file = _write_table(tmp, the_plan, device.arch)
         sample = _sample(tmp / CHECKPOINT, bundle_cfg, tmp)

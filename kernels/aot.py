@@ -36,9 +36,6 @@ class Variant:
     intermediate_fp32: bool = False  # blast_vs: float32 partials (split > 1)
 
 
-_jit = jit_function
-
-
 def _signature(fn, dtype: str, overrides: dict[str, str]) -> dict[str, str]:
     sig = {}
     for p in fn.params:
@@ -58,25 +55,25 @@ def compile_variant(variant: Variant, config: Config, arch: int):
     constexprs = dict(variant.constexprs)
     overrides: dict[str, str] = {}
     if variant.kernel == "gemm":
-        fn = _jit(grouped_gemm_kernel)
+        fn = jit_function(grouped_gemm_kernel)
         flags = ("HAS_BIAS", "WAIT", "LAUNCH_DEPS", "G_FAST")
         constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, **dict.fromkeys(flags, False), **constexprs}
         constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
         if constexprs["A_SPLIT"] > 1:
             overrides["a_ptr"] = "*fp32"
     elif variant.kernel == "blast_mix":
-        fn = _jit(blast_mix_kernel)
+        fn = jit_function(blast_mix_kernel)
         constexprs = {"B_OUT": 16, **constexprs}
         constexprs["BM"], constexprs["BR"] = mix_tile(constexprs["B_OUT"])
     elif variant.kernel == "blast_mix_dot":
-        fn = _jit(blast_mix_dot_kernel)
+        fn = jit_function(blast_mix_dot_kernel)
         constexprs = {"BJ": 16, "BI": 16, **constexprs, "BM": config.BM, "BR": config.BN}
     elif variant.kernel == "interleave":
-        fn = _jit(interleave_kernel)
+        fn = jit_function(interleave_kernel)
         constexprs = {"B_P2": 16, **constexprs}
         constexprs["BM"], constexprs["BS"] = interleave_tile(constexprs["B_P2"])
     elif variant.kernel == "blast_vs":
-        fn = _jit(blast_vs_kernel)
+        fn = jit_function(blast_vs_kernel)
         constexprs = {"B_OUT": 16, "LAUNCH_DEPS": False, **constexprs}
         constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
         if variant.intermediate_fp32:
@@ -160,7 +157,7 @@ def _default_fp_fusion() -> bool:
 def compile_spec(spec: Spec, arch: int) -> tuple[bytes, dict]:
     """(cubin, launch descriptor) of one specialization for compute capability ``arch``. The descriptor holds
     what a launch needs (entry, warps, shared memory, dependent launch, parameter count) and the spec."""
-    fn = _jit(KERNELS[spec.kernel])
+    fn = jit_function(KERNELS[spec.kernel])
     signature: dict[str, str] = {}
     constexprs = dict(spec.constexprs)
     attrs = {}
