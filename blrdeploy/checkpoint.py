@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,6 +103,26 @@ def check_output_dir(path: Path, overwrite: bool, marker: str = BLR_CONFIG) -> N
     if any(path.iterdir()) and not (path / marker).exists():
         what = "a converted checkpoint" if marker == BLR_CONFIG else f"one of ours (no {marker})"
         raise ValueError(f"refusing to overwrite {path}: it is neither empty nor {what}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replaces ``path`` with ``text`` in one rename (fsynced file and folder): readers see the old or the new file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:  # the rename itself is durable before anything that relies on it (retune deletes old files next)
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

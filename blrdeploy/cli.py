@@ -530,7 +530,7 @@ def _print_table(source: str, shape: tuple[int, int], rows: list[dict]) -> None:
     Console().print(table)
 
 
-from . import cli_bundle, cli_roofline  # noqa: E402, F401  (register package, verify-bundle, tune, run, roofline)
+from . import cli_bench, cli_bundle, cli_roofline  # noqa: E402, F401  (register bench, package, verify-bundle, tune, run, roofline)
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ from blrdeploy.checkpoint import (
     BLR_CONFIG,
     CheckpointError,
     atomic_directory,
+    atomic_write_text,
     file_sha256,
     read_blr_config,
     read_format_file,
@@ -501,25 +502,7 @@ def _write_manifest(root: Path, manifest: dict, leaving: set[str] = frozenset())
             os.fsync(f.fileno())
     manifest["files"] = {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
     manifest[SELF_SUM] = _canonical_sum(manifest)
-    _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:  # the rename itself is durable before anything that relies on it (retune deletes old files next)
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def archive_path(bundle: Path) -> Path:

@@ -1,0 +1,129 @@
+"""``blrdeploy bench``: models built without dense weights, the static-cache decoder against transformers'
+``generate``, the command's table and JSON on a CPU, and on a GPU the CUDA-graph and compile modes and the memory
+cap."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from blrdeploy import bench
+from blrdeploy.cli import app
+from blrdeploy.modules import _BLRLinear
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("text, size", [("8GB", 8_000_000_000), ("7.5GiB", int(7.5 * 2**30)), ("512 MB", 512e6),
+                                         ("123", 123), ("2gib", 2 * 2**30)])  # fmt: skip
+def test_parse_size(text, size):
+    assert bench.parse_size(text) == int(size)
+
+
+@pytest.mark.parametrize("text", ["", "GB", "8 XB", "-1GB", "0"])
+def test_parse_size_refuses_nonsense(text):
+    with pytest.raises(ValueError, match="memory size"):
+        bench.parse_size(text)
+
+
+def test_blr_variant_has_no_dense_weight_and_keeps_ties():
+    target = bench.resolve("gpt2-tiny", dtype=torch.float32)
+    dense_variant, blr_variant = target.variants
+    blr = blr_variant.build()
+    assert not any(t.is_meta for t in [*blr.parameters(), *blr.buffers()])
+    converted = {name for name, m in blr.named_modules() if isinstance(m, _BLRLinear)}
+    assert converted == {layer["name"] for layer in blr_variant.layers} and converted
+    assert blr.lm_head.weight is blr.transformer.wte.weight  # tied, materialized once
+    assert bench.weight_bytes(blr)[0] == blr_variant.params < dense_variant.params
+    dense = dense_variant.build()
+    assert bench.weight_bytes(dense)[0] == dense_variant.params
+    for name, p in dense.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if p.dim() > 1:
+            assert 0.005 < p.std() < 2, name  # filled at an init scale, not left empty
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
+def test_decoder_matches_generate(model):
+    """The static-cache decoder with its explicit 4-D mask produces transformers' own greedy tokens."""
+    target = bench.resolve(model, dtype=torch.float32, seed=3)
+    blr = target.variants[1].build()
+    prompt = torch.randint(0, target.config["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(1))
+    tokens = bench.Decoder(blr, prompt, 12, "eager").run_eager()
+    with torch.no_grad():
+        ref = blr.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+                           do_sample=False, pad_token_id=0)  # fmt: skip
+    assert tokens == ref[0, 7:].tolist()
+
+
+def test_bench_command_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "llama-tiny", "--new-tokens", "6", "--budget", "0.05", "--json", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert json.loads(out.read_text()) == data
+    dense, blr = data["variants"]
+    assert (dense["name"], blr["name"]) == ("dense", "blast") and not dense["error"] and not blr["error"]
+    assert [(r["batch"], r["seq"], r["mode"]) for r in blr["prefill"]] == [(1, 64, "eager")]  # 1024 capped at 64
+    assert blr["decode"][0]["new_tokens"] == 6 and blr["decode"][0]["tokens_per_s"] > 0
+    assert blr["weight_bytes"] < dense["weight_bytes"] and data["speedup"]["weights_smaller"] > 1
+    assert data["speedup"]["prefill"][0]["vs_dense_same_mode"] > 0
+
+    table = runner.invoke(app, ["bench", "vit-tiny", "--batch", "2,3", "--budget", "0.05"])
+    assert table.exit_code == 0, table.output
+    assert "prefill batch 2 (34 tok), ms" in table.stdout and "prefill batch 3" in table.stdout
+    assert "weights" in table.stdout and "decode" not in table.stdout  # a ViT has no decode
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["llama-tiny", "--memory-limit", "8GB", "--device", "cpu"], "needs --device cuda"),
+        (["llama-tiny", "--modes", "eager,fast"], "unknown mode"),
+        (["llama-tiny", "--modes", "graph", "--device", "cpu"], "needs a CUDA GPU"),
+        (["llama-tiny", "--batch", "0"], "positive"),
+        (["llama-tiny", "--only", "both"], "--only"),
+        (["no-such-model"], "neither a built-in model"),
+        (["llama-tiny", "--new-tokens", "1"], "at least 2"),
+    ],
+)
+def test_bench_refuses_bad_input(args, message):
+    res = runner.invoke(app, ["bench", *args])
+    assert res.exit_code == 2
+    assert message in res.output
+
+
+def test_bench_reads_a_converted_checkpoint(tmp_path):
+    from blrdeploy import save
+
+    target = bench.resolve("gpt2-tiny", dtype=torch.float32)
+    save(target.variants[1].build(), tmp_path / "ckpt")
+    res = runner.invoke(app, ["bench", str(tmp_path / "ckpt"), "--no-decode", "--budget", "0.05", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["structure"] == "blast" and "checkpoint" in data["weights"]
+    assert data["variants"][1]["params"] == target.variants[1].params
+
+
+@pytest.mark.gpu
+def test_gpu_bench_modes_and_decode_graph():
+    target = bench.resolve("llama-tiny", device="cuda", dtype=torch.bfloat16)
+    config = bench.BenchConfig(new_tokens=10, budget_s=0.05)
+    result = bench.run_bench(target, config, torch.device("cuda"), torch.bfloat16)
+    for v in result["variants"]:
+        assert v["error"] is None, v["error"]
+        assert {r["mode"] for r in v["prefill"]} == set(bench.MODES)
+        assert all(r["tokens_match_eager"] for r in v["decode"] if r["mode"] != "eager"), v["decode"]
+        assert v["peak_memory_bytes"] >= v["weight_bytes"]
+
+
+@pytest.mark.gpu
+def test_gpu_memory_limit_dense_fails_blr_runs():
+    """llama-3.2-1b: 2.47 GB of dense weights, 1.52 GB as BLAST (paper preset). A 2 GB cap admits only BLAST."""
+    res = runner.invoke(app, ["bench", "llama-3.2-1b", "--memory-limit", "2GB", "--modes", "graph", "--seq", "128",
+                              "--new-tokens", "4", "--budget", "0.05", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    dense, blr = json.loads(res.stdout)["variants"]
+    assert dense["error"].startswith("out of memory") and "2.00 GB" in dense["error"] and "2.47 GB" in dense["error"]
+    assert blr["error"] is None and blr["peak_memory_bytes"] <= 2e9 and blr["prefill"][0]["ms"] > 0
