@@ -25,6 +25,25 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 BLR_CONFIG = "blr_config.json"
 MODULES = {"blast": BlastLinear, "monarch": MonarchLinear, "lowrank": LowRankLinear}
+# A source checkpoint's text side, carried along so a converted LLM still turns text into text (blrdeploy run).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json",
+)  # fmt: skip
+
+
+def copy_tokenizer(src: Path | None, dst: Path) -> list[str]:
+    """Copies the tokenizer files ``src`` has into ``dst``; returns their names."""
+    if src is None or not Path(src).is_dir():
+        return []
+    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return copied
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
 class CheckpointError(ValueError):
@@ -160,9 +179,11 @@ def save(
     source: dict | None = None,
     extra: dict | None = None,
     overwrite: bool = False,
+    tokenizer_from: Path | None = None,
 ) -> Path:
     """Write a converted model. ``source`` describes where it came from (id, family, library, class);
-    by default it is read off the model. ``extra`` adds fields to blr_config.json (e.g. the conversion config)."""
+    by default it is read off the model. ``extra`` adds fields to blr_config.json (e.g. the conversion config).
+    ``tokenizer_from``: a source checkpoint directory whose tokenizer files are copied along."""
     from safetensors.torch import save_file
 
     from .sources import config_dict, family_of
@@ -181,6 +202,7 @@ def save(
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
     with atomic_directory(path, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_dict(model), indent=2, default=str))
+        copy_tokenizer(tokenizer_from, tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "blrdeploy_format": str(FORMAT_VERSION)})
         weights = tmp / WEIGHTS
         blr_config = {

@@ -196,7 +196,8 @@ def _print_bench(result: dict) -> None:
     smaller = result["speedup"].get("weights_smaller")
     table.add_row("weights", "", *weights, *([fmt_ratio(smaller)] if len(variants) == 2 else []))
     if any("peak_memory_bytes" in v for v in variants):
-        table.add_row("peak GPU memory", "", *[human_bytes(v.get("peak_memory_bytes", 0)) for v in variants],
+        peaks = [human_bytes(v["peak_memory_bytes"]) if "weight_bytes" in v else "—" for v in variants]  # built?
+        table.add_row("peak GPU memory", "", *peaks,
                       *([""] if len(variants) == 2 else []))  # fmt: skip
     console.print(table)
     for v in variants:

@@ -221,6 +221,14 @@ def run(
             "bundle's sample input, or the family's seeded sample (batch 1) for a checkpoint.",
         ),
     ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="LLMs whose checkpoint carries a tokenizer: generate greedily from this text, print text."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="With --prompt: tokens to generate.")] = 32,
+    memory_limit: Annotated[
+        str | None, typer.Option(help="Cap this process's GPU memory, e.g. 8GB or 7.5GiB (as on an 8 GB Jetson).")
+    ] = None,
     output: Annotated[Path | None, typer.Option(help="Write the output tensor to this .safetensors file.")] = None,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu (cpu: the PyTorch reference path).")] = "auto",
     dtype: Annotated[str, typer.Option(help="Checkpoint only: float32, bfloat16 or float16.")] = "bfloat16",
@@ -230,10 +238,13 @@ def run(
     repeat: Annotated[int, typer.Option(help="Timed forwards after the first.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print timings and the result as JSON on stdout.")] = False,
 ) -> None:
-    """Run a converted model once on an input and report start-up time (load + first forward, which includes
-    any compilation), steady forward time and the output; with the bundle's sample input, also the check
-    against its expected output. Exit code: 0 done, 1 the sample check failed, 2 the model or input cannot be run
-    (unusable bundle or checkpoint, a GPU of another architecture, a launch no shipped kernel serves)."""
+    """Run a converted model by hand. Text in, text out with --prompt (LLMs whose checkpoint carries a tokenizer:
+    greedy generation). Otherwise tensor in, tensor out: one input (--input, the bundle's sample, or a seeded one),
+    with start-up time (load + first forward, which includes any compilation), steady forward time and the output;
+    with the bundle's sample input, also the check against its expected output. Exit code: 0 done, 1 the sample
+    check failed, 2 the model or input cannot be run (unusable bundle or checkpoint, a GPU of another architecture,
+    a launch no shipped kernel serves, out of the memory allowed)."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
@@ -243,6 +254,17 @@ def run(
     if (checkpoint is None) == (bundle_dir is None):
         fail("give either a CHECKPOINT or --bundle DIR")
     dev = resolve_device(device)
+    if memory_limit is not None:
+        from .bench import limit_gpu_memory, parse_size
+
+        if not dev.startswith("cuda"):
+            fail("--memory-limit caps GPU memory: it needs a CUDA GPU")
+        try:
+            limit_gpu_memory(parse_size(memory_limit), torch.device(dev))
+        except ValueError as exc:
+            fail(str(exc))
+    if prompt is not None and (inputs is not None or output is not None):
+        fail("--prompt runs text in, text out: it does not take --input or --output")
     t0 = time.perf_counter()
     b = None
     try:
@@ -256,6 +278,9 @@ def run(
             if torch_dtype is None:
                 fail(f"--dtype must be one of {', '.join(bundle.DTYPES)}, got {dtype!r}")
             model = load(checkpoint, device=dev, dtype=torch_dtype)
+        if prompt is not None:
+            return _generate_text(model, b.root / bundle.CHECKPOINT if b else checkpoint, prompt, max_new_tokens,
+                                  time.perf_counter() - t0, as_json)  # fmt: skip
         if inputs is not None:
             feed = load_file(str(inputs))
         elif b is not None:
@@ -266,6 +291,8 @@ def run(
             feed = sample_inputs(model, read_blr_config(checkpoint), batch=1, seed=0)
     except (ValueError, OSError, SafetensorError) as exc:
         fail(str(exc).splitlines()[0])
+    except torch.OutOfMemoryError:
+        fail(f"out of memory loading the model{' under --memory-limit ' + memory_limit if memory_limit else ''}")
     load_s = time.perf_counter() - t0
     from .job import model_output
 
@@ -323,3 +350,48 @@ def run(
                 f"(tolerance {c['tolerance']:.0e})"
             )
     raise typer.Exit(0 if ok else 1)
+
+
+def _generate_text(model, checkpoint: Path, prompt: str, max_new_tokens: int, load_s: float, as_json: bool) -> None:
+    """Greedy generation with transformers' generate on the loaded model and the checkpoint's tokenizer."""
+    import torch
+
+    from .checkpoint import has_tokenizer
+
+    if not has_tokenizer(checkpoint):
+        fail(f"{checkpoint} carries no tokenizer (tokenizer.json / tokenizer_config.json): use --input for tensors")
+    if not hasattr(model, "generate"):
+        fail(f"{type(model).__name__} does not generate text; run it on tensors with --input")
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read the tokenizer in {checkpoint}: {str(exc).splitlines()[0]}")
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        fail("--prompt encodes to no tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)  # fmt: skip
+    seconds = time.perf_counter() - t
+    new = out[0, ids.shape[1] :].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    result = {
+        "model": str(checkpoint), "prompt": prompt, "text": text, "prompt_tokens": ids.shape[1],
+        "new_tokens": len(new), "token_ids": new, "load_seconds": round(load_s, 3),
+        "generate_seconds": round(seconds, 3), "tokens_per_s": round(len(new) / seconds, 2),
+    }  # fmt: skip
+    if as_json:
+        _emit(result)
+    else:
+        typer.echo(text)
+        typer.echo(
+            f"[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s; load {load_s:.2f} s]",
+            err=True,
+        )

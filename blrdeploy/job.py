@@ -158,7 +158,8 @@ def run_convert(
         source_info = {"id": source.id, "family": summary["family"], "library": source.library}
         source_info["class"] = source.class_name
         extra = {"conversion": config.to_dict(), "summary": {k: v for k, v in summary.items() if k != "seconds"}}
-        save(model, output, source=source_info, extra=extra, overwrite=overwrite)
+        tokenizer = None if source.builtin is not None else Path(source.id)
+        save(model, output, source=source_info, extra=extra, overwrite=overwrite, tokenizer_from=tokenizer)
     summary["seconds"] = time.perf_counter() - t0
     summary["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     summary["layers"] = [e.to_dict() for e in the_plan.layers]

@@ -43,6 +43,7 @@ from blrdeploy.checkpoint import (
     CheckpointError,
     atomic_directory,
     atomic_write_text,
+    copy_tokenizer,
     file_sha256,
     read_blr_config,
     read_format_file,
@@ -322,6 +323,7 @@ def _copy_checkpoint(src: Path, cfg: dict, dst: Path, dtype: torch.dtype) -> dic
     dst.mkdir(parents=True)
     if (src / "config.json").is_file():
         shutil.copyfile(src / "config.json", dst / "config.json")
+    copy_tokenizer(src, dst)
     save_file(tensors, str(dst / cfg["weights"]["file"]), metadata={"format": "pt", "blrdeploy_format": "1"})
     out = dst / cfg["weights"]["file"]
     cfg = {

@@ -127,3 +127,52 @@ def test_gpu_memory_limit_dense_fails_blr_runs():
     dense, blr = json.loads(res.stdout)["variants"]
     assert dense["error"].startswith("out of memory") and "2.00 GB" in dense["error"] and "2.47 GB" in dense["error"]
     assert blr["error"] is None and blr["peak_memory_bytes"] <= 2e9 and blr["prefill"][0]["ms"] > 0
+
+
+def _hf_checkpoint_with_tokenizer(path):
+    """gpt2-tiny saved as a Hugging Face checkpoint with a word-level tokenizer built here (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from blrdeploy.sources import build_builtin
+
+    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    build_builtin("gpt2-tiny", seed=5).model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_run_text_in_text_out(tmp_path):
+    """A converted LLM keeps its source's tokenizer; run --prompt returns what generate makes of the prompt."""
+    from blrdeploy import load
+
+    src, out = tmp_path / "hf", tmp_path / "blast"
+    tokenizer = _hf_checkpoint_with_tokenizer(src)
+    res = runner.invoke(app, ["convert", str(src), "-o", str(out), "--steps", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert (out / "tokenizer.json").is_file()
+    res = runner.invoke(app, ["run", str(out), "--prompt", "w5 w9 w17", "--max-new-tokens", "6", "--dtype",
+                              "float32", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    model = load(out, dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 17]])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert data["token_ids"] == ref[0, 3:].tolist() and data["prompt_tokens"] == 3
+    assert data["text"] == tokenizer.decode(ref[0, 3:], skip_special_tokens=True) and data["text"].strip()
+
+    plain = runner.invoke(app, ["run", str(out), "--prompt", "w5", "--max-new-tokens", "2", "--dtype", "float32"])
+    assert plain.exit_code == 0 and plain.stdout.strip().split()[0].startswith("w")
+
+
+def test_run_prompt_needs_a_tokenizer(tmp_path):
+    from blrdeploy import save
+
+    save(bench.resolve("gpt2-tiny", dtype=torch.float32).variants[1].build(), tmp_path / "ckpt")
+    res = runner.invoke(app, ["run", str(tmp_path / "ckpt"), "--prompt", "hello"])
+    assert res.exit_code == 2 and "carries no tokenizer" in res.output
+    res = runner.invoke(app, ["run", str(tmp_path / "ckpt"), "--memory-limit", "1GB", "--device", "cpu"])
+    assert res.exit_code == 2 and "needs a CUDA GPU" in res.output
