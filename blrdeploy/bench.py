@@ -172,6 +172,7 @@ class Target:
     variants: list[Variant]
     config: dict  # the model config (for sequence lengths, vocabulary)
     note: str = ""
+    kept: list[dict] = field(default_factory=list)  # the linears both variants keep dense (LM head, ...)
 
 
 def _skeleton(library: str, class_name: str, config: dict) -> nn.Module:
@@ -232,9 +233,25 @@ def resolve(
         return materialize(_skeleton(library, class_name, config), device, dtype, seed)
 
     dense_params = weight_bytes(skeleton)[0]
+    converted = {layer["name"] for layer in layers}
+    kept = [_linear_entry(name, m) for name, m in skeleton.named_modules() if _is_linear(m) and name not in converted]
     blr_params = weight_bytes(_blr_skeleton(skeleton, layers))[0]
     variants = [Variant("dense", dense, dense_params), Variant(blr_name, blr, blr_params, layers)]
-    return Target(model, family, blr_name, variants, config, note)
+    return Target(model, family, blr_name, variants, config, note, kept)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _linear_entry(name: str, module: nn.Module) -> dict:
+    """A dense linear as a roofline layer entry (GPT-2's Conv1D stores its weight as (in, out))."""
+    if isinstance(module, nn.Linear):
+        i, o = module.in_features, module.out_features
+    else:
+        i, o = module.weight.shape
+    return {"name": name, "structure": "dense", "in_features": int(i), "out_features": int(o),
+            "num_blocks": None, "rank": None, "bias": module.bias is not None}  # fmt: skip
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:

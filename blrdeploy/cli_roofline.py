@@ -15,22 +15,14 @@ from .cli import app, fail
 DEFAULT_TOKENS = {"llama": [1, 1024], "gpt2": [1, 384], "vit": [197, 197 * 64], "dit": [16384]}
 
 
-def _layers(model: str, structure: str) -> tuple[list[dict], str | None]:
-    """(BLR layer entries, family) of a converted checkpoint directory or of a built-in model's conversion plan
-    (the reference paper's preset where the model has one for the structure, else half the parameters)."""
-    from .checkpoint import BLR_CONFIG, read_blr_config
+def _layers(model: str, structure: str) -> tuple[list[dict], list[dict], str]:
+    """(BLR layer entries, linears kept dense, family) of a converted checkpoint directory or of a built-in model's
+    conversion plan (the reference paper's preset where the model has one for the structure, else half the
+    parameters). Nothing is allocated: the model is a skeleton on the meta device."""
+    from .bench import resolve
 
-    if (Path(model) / BLR_CONFIG).is_file():
-        cfg = read_blr_config(model)
-        return cfg["layers"], cfg["source"].get("family")
-    from .convert import ConvertConfig
-    from .job import run_convert
-    from .models import builtin
-
-    spec = builtin(model)
-    preset = "paper" if structure in spec.paper else None
-    summary = run_convert(model, None, ConvertConfig(structure=structure, preset=preset), dry_run=True)
-    return summary["layers"], spec.family
+    target = resolve(model, structure)
+    return target.variants[1].layers, target.kept, target.family
 
 
 @app.command()
@@ -45,18 +37,32 @@ def roofline(
         typer.Option(help="Comma-separated token counts. Default: the reference paper's (and 1 for LLMs)."),
     ] = None,
     png: Annotated[Path | None, typer.Option(help="Write the roofline figure (PNG) here.")] = None,
+    measured: Annotated[
+        Path | None,
+        typer.Option(
+            help="A `blrdeploy bench --json` result of the same model: its measured speedups (on the GPU it ran on) "
+            "are shown beside the predicted ones."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows and totals as JSON on stdout.")] = False,
 ) -> None:
     """Predict, per BLR layer shape and token count, the arithmetic intensity and time of dense, of the PyTorch
     reference and of our kernels on the target's bandwidth and fp16 peak (max of memory and math time per stage),
-    and the converted layers' predicted speedup over dense. Attention, norms and the layers kept dense are not
+    the converted layers' predicted speedup over dense, and over all linear layers (those kept dense, like the LM
+    head, run the same in both); with --measured, the speedup bench measured beside it. Attention and norms are not
     modeled; the stages are as blrdeploy.roofline describes."""
     from . import devices
     from . import roofline as rl
 
     try:
         device = devices.get(target)
-        layers, family = _layers(model, structure)
+        layers, kept, family = _layers(model, structure)
+        seen = None
+        if measured is not None:
+            try:
+                seen = rl.measured_speedups(json.loads(measured.read_text()))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"--measured {measured}: not a blrdeploy bench --json result ({exc})") from None
         counts = [int(t) for t in tokens.split(",")] if tokens else DEFAULT_TOKENS.get(family or "", [1, 1024])
         if not layers:
             raise ValueError(f"{model} has no BLR layer to predict")
@@ -65,7 +71,9 @@ def roofline(
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     rows = rl.predict(layers, device, counts)
-    totals = rl.totals(rows)
+    totals = rl.totals(rows, kept, device)
+    for n, t in totals.items():
+        t["measured"] = None if seen is None else seen.get(n)
     if png is not None:
         try:
             rl.plot(rows, device, png)
@@ -91,11 +99,19 @@ def roofline(
     console = Console()
     console.print(table)
     for n, t in totals.items():
-        console.print(
+        line = (
             f"N={n}: converted layers {1e6 * t['dense']:,.1f} µs dense, {1e6 * t['pytorch']:,.1f} µs PyTorch, "
             f"{1e6 * t['kernels']:,.1f} µs ours; predicted speedup {t['speedup_kernels']:.2f}x "
-            f"(PyTorch BLR {t['speedup_pytorch']:.2f}x)",
-            soft_wrap=True,
+            f"(PyTorch BLR {t['speedup_pytorch']:.2f}x)"
         )
+        if "speedup_all_linears" in t:
+            line += f", all linears {t['speedup_all_linears']:.2f}x"
+        if t["measured"]:
+            line += f"; measured end to end {t['measured']['speedup']:.2f}x ({t['measured']['what']})"
+        elif seen is not None:
+            line += "; not measured at this N"
+        console.print(line, soft_wrap=True)
+    if seen is not None:
+        console.print("measured on the GPU bench ran on, whole model (attention and norms included)", soft_wrap=True)
     if png is not None:
         console.print(f"figure: {png}")

@@ -45,7 +45,7 @@ def stages(layer: dict, path: str, n: int, elem: int = 2) -> list[Stage]:
     """The memory and math of ``path`` for one layer (a blr_config.json layer entry) at ``n`` tokens."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; one of {', '.join(PATHS)}")
-    i, o, r = layer["in_features"], layer["out_features"], layer["rank"]
+    i, o, r = layer["in_features"], layer["out_features"], layer.get("rank")
     bias = o * elem if layer.get("bias") else 0
     e = elem
     if path == "dense":
@@ -130,16 +130,40 @@ def predict(layers: list[dict], device: Device, tokens: list[int]) -> list[Row]:
     return rows
 
 
-def totals(rows: list[Row]) -> dict[int, dict]:
-    """Per token count: predicted seconds of all converted layers per path, and dense's speedup over each."""
+def totals(rows: list[Row], kept: list[dict] = (), device: Device | None = None) -> dict[int, dict]:
+    """Per token count: predicted seconds of all converted layers per path and dense's speedup over each; with
+    ``kept`` (the linears both models keep dense, e.g. the LM head) also the seconds of all linear layers and the
+    speedup over them, which is the model's as far as its linears go (attention and norms are not modeled)."""
     out: dict[int, dict] = {}
     for row in rows:
         t = out.setdefault(row.tokens, dict.fromkeys(PATHS, 0.0))
         for p in PATHS:
             t[p] += row.count * row.seconds[p]
-    for t in out.values():
+    for n, t in out.items():
         t["speedup_kernels"] = t["dense"] / t["kernels"]
         t["speedup_pytorch"] = t["dense"] / t["pytorch"]
+        if kept and device is not None:
+            t["kept_dense"] = sum(s.seconds(device) for layer in kept for s in stages(layer, "dense", n))
+            t["speedup_all_linears"] = (t["dense"] + t["kept_dense"]) / (t["kernels"] + t["kept_dense"])
+    return out
+
+
+def measured_speedups(bench_result: dict) -> dict[int, dict]:
+    """From ``blrdeploy bench --json``: per token count, dense's best time over the BLR model's best (prefill),
+    and at one token the BLR model's best decode tokens/s over dense's."""
+    variants = bench_result.get("variants") or []
+    if len(variants) != 2 or any(v.get("error") for v in variants):
+        raise ValueError("the bench result must hold a dense and a BLR model that both ran")
+    dense, blr = variants
+    out: dict[int, dict] = {}
+    for row in blr["prefill"]:
+        mine = min(r["ms"] for r in blr["prefill"] if r["tokens"] == row["tokens"])
+        theirs = [r["ms"] for r in dense["prefill"] if r["tokens"] == row["tokens"]]
+        if theirs:
+            out[row["tokens"]] = {"speedup": min(theirs) / mine, "what": "prefill, best mode each"}
+    if blr["decode"] and dense["decode"]:
+        best = max(r["tokens_per_s"] for r in blr["decode"]) / max(r["tokens_per_s"] for r in dense["decode"])
+        out[1] = {"speedup": best, "what": "decode tokens/s, best mode each"}
     return out
 
 

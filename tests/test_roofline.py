@@ -63,7 +63,30 @@ def test_roofline_command_table_json_png(tmp_path):
     for args, message in [
         (["llama-tiny", "--target", "tpu"], "unknown target"),
         (["llama-tiny", "--target", "h100", "--tokens", "0"], "--tokens must be positive"),
-        (["no-such-model", "--target", "h100"], "unknown built-in model"),
+        (["no-such-model", "--target", "h100"], "neither a built-in model"),
     ]:
         result = runner.invoke(app, ["roofline", *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_roofline_beside_a_measured_bench(tmp_path):
+    """The predicted speedups of all linears (the LM head kept dense) next to what bench measured, per N."""
+    bench_json = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "llama-tiny", "--seq", "64", "--new-tokens", "4", "--budget", "0.05",
+                              "-o", str(bench_json)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result = runner.invoke(app, ["roofline", "llama-tiny", "--target", "h100", "--tokens", "1,64,128",
+                                 "--measured", str(bench_json), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    totals = json.loads(result.stdout)["totals"]
+    measured = json.loads(bench_json.read_text())
+    prefill = {r["name"]: min(x["ms"] for x in r["prefill"]) for r in measured["variants"]}
+    assert totals["64"]["measured"]["speedup"] == pytest.approx(prefill["dense"] / prefill["blast"])
+    assert totals["1"]["measured"]["what"].startswith("decode") and totals["128"]["measured"] is None
+    for t in totals.values():  # the kept LM head dilutes the converted layers' speedup towards 1
+        assert t["kept_dense"] > 0
+        assert min(1, t["speedup_kernels"]) <= t["speedup_all_linears"] <= max(1, t["speedup_kernels"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    result = runner.invoke(app, ["roofline", "llama-tiny", "--target", "h100", "--measured", str(bad)])
+    assert result.exit_code == 2 and "dense and a BLR model" in result.output
