@@ -34,6 +34,7 @@ from torch import nn
 
 from .checkpoint import BLR_CONFIG, blr_module, load, read_blr_config
 from .convert import ConvertConfig, plan
+from .job import unique_params
 from .models import BUILTIN, FAMILIES, main_output
 from .modules import _BLRLinear, set_submodule
 from .sources import BUILTIN_CLASS, identify, instantiate, read_config
@@ -232,10 +233,10 @@ def resolve(
     def dense():
         return materialize(_skeleton(library, class_name, config), device, dtype, seed)
 
-    dense_params = weight_bytes(skeleton)[0]
+    dense_params = unique_params(skeleton)[0]
     converted = {layer["name"] for layer in layers}
     kept = [_linear_entry(name, m) for name, m in skeleton.named_modules() if _is_linear(m) and name not in converted]
-    blr_params = weight_bytes(_blr_skeleton(skeleton, layers))[0]
+    blr_params = unique_params(_blr_skeleton(skeleton, layers))[0]
     variants = [Variant("dense", dense, dense_params), Variant(blr_name, blr, blr_params, layers)]
     return Target(model, family, blr_name, variants, config, note, kept)
 
@@ -252,17 +253,6 @@ def _linear_entry(name: str, module: nn.Module) -> dict:
         i, o = module.weight.shape
     return {"name": name, "structure": "dense", "in_features": int(i), "out_features": int(o),
             "num_blocks": None, "rank": None, "bias": module.bias is not None}  # fmt: skip
-
-
-def weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """(parameters, bytes), tied ones once."""
-    seen, count, size = set(), 0, 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            count += p.numel()
-            size += p.numel() * p.element_size()
-    return count, size
 
 
 # ---------------------------------------------------------------------------------------------------- the harness
@@ -540,7 +530,7 @@ def run_variant(
         t0 = time.perf_counter()
         model = variant.build()
         result["build_s"] = round(time.perf_counter() - t0, 3)
-        result["params"], result["weight_bytes"] = weight_bytes(model)
+        result["params"], result["weight_bytes"] = unique_params(model)
         result["blr_layers"] = sum(isinstance(m, _BLRLinear) for m in model.modules())
         for batch, seq in shapes_for(target, config):
             feed = prefill_inputs(target, model, batch, seq, config.seed, device)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from blrdeploy import bench
 from blrdeploy.cli import app
+from blrdeploy.job import unique_params
 from blrdeploy.modules import _BLRLinear
 
 runner = CliRunner()
@@ -35,9 +36,9 @@ def test_blr_variant_has_no_dense_weight_and_keeps_ties():
     converted = {name for name, m in blr.named_modules() if isinstance(m, _BLRLinear)}
     assert converted == {layer["name"] for layer in blr_variant.layers} and converted
     assert blr.lm_head.weight is blr.transformer.wte.weight  # tied, materialized once
-    assert bench.weight_bytes(blr)[0] == blr_variant.params < dense_variant.params
+    assert unique_params(blr)[0] == blr_variant.params < dense_variant.params
     dense = dense_variant.build()
-    assert bench.weight_bytes(dense)[0] == dense_variant.params
+    assert unique_params(dense)[0] == dense_variant.params
     for name, p in dense.named_parameters():
         assert torch.isfinite(p).all(), name
         if p.dim() > 1:
