@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import triton
 
 from . import runtime
 from .blast import mix_tile
@@ -29,6 +28,17 @@ from .monarch import interleave_tile
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _state = threading.local()
 _table = ConfigTable()
+
+
+def _cdiv(a: int, b: int) -> int:
+    # Host-side arithmetic in plain Python: triton.cdiv / next_power_of_2 are JIT-aware wrappers costing ~5 µs a
+    # call, ~10 calls per layer forward, which an eager (no CUDA graph) model pays on every layer.
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length()
 
 
 def interpreting() -> bool:
@@ -202,7 +212,7 @@ def _effective(cfg: Config, dtype: torch.dtype, chunk: int = 0) -> Config:
     for 2-byte types), and a chunked A operand no longer a step than the chunk's power-of-two ceiling."""
     bk = cfg.BK // 2 if dtype == torch.float32 else cfg.BK
     if chunk:
-        bk = min(bk, triton.next_power_of_2(chunk))
+        bk = min(bk, _pow2(chunk))
     return dataclasses.replace(cfg, BK=max(16, bk))
 
 
@@ -232,10 +242,10 @@ def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor)
     """(splits, reduction length per split) for a producer launch; 1 split when the config's split is 1."""
     device = like.device
     cfg = _effective(cfg, like.dtype)
-    programs = triton.cdiv(N, cfg.BM) * triton.cdiv(C, cfg.BN) * G
-    splits = _splits(cfg, programs, triton.cdiv(K, cfg.BK), device)
-    k_per = triton.cdiv(triton.cdiv(K, splits), cfg.BK) * cfg.BK
-    return triton.cdiv(K, k_per), k_per
+    programs = _cdiv(N, cfg.BM) * _cdiv(C, cfg.BN) * G
+    splits = _splits(cfg, programs, _cdiv(K, cfg.BK), device)
+    k_per = _cdiv(_cdiv(K, splits), cfg.BK) * cfg.BK
+    return _cdiv(K, k_per), k_per
 
 
 def _gemm(
@@ -248,7 +258,7 @@ def _gemm(
     pdl = _pdl(out.device, N)
     cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per
-    grid = (triton.cdiv(N, cfg.BM), triton.cdiv(C, cfg.BN), G * triton.cdiv(K, k_per))
+    grid = (_cdiv(N, cfg.BM), _cdiv(C, cfg.BN), G * _cdiv(K, k_per))
     if g_fast:
         grid = grid[::-1]
     runtime.launch(
@@ -290,15 +300,15 @@ def blast_forward(
     if N == 0:
         return y
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"
-    b_out_pow2 = triton.next_power_of_2(b_out)
+    b_out_pow2 = _pow2(b_out)
     pdl = _pdl(x.device, N)
 
     def vs(cfg: Config) -> torch.Tensor:
         cfg = _effective(cfg, x.dtype)
-        programs = triton.cdiv(N, cfg.BM) * triton.cdiv(r, cfg.BN)
-        per = triton.cdiv(b_in, _splits(cfg, programs, b_in, x.device))
-        w = _partials(triton.cdiv(b_in, per), (N, b_out, r), x)
-        grid = (triton.cdiv(N, cfg.BM), triton.cdiv(r, cfg.BN), w.shape[0])
+        programs = _cdiv(N, cfg.BM) * _cdiv(r, cfg.BN)
+        per = _cdiv(b_in, _splits(cfg, programs, b_in, x.device))
+        w = _partials(_cdiv(b_in, per), (N, b_out, r), x)
+        grid = (_cdiv(N, cfg.BM), _cdiv(r, cfg.BN), w.shape[0])
         runtime.launch(
             "blast_vs", grid,
             (x, V, S, w, N, q, r, b_in, b_out, per,
@@ -319,16 +329,16 @@ def blast_forward(
     def mix(z: torch.Tensor) -> torch.Tensor:
         w = _empty((1, N, b_out, r), x)
         if MIX_DOT and x.dtype != torch.float32:
-            bj, bi = max(16, triton.next_power_of_2(b_in)), max(16, b_out_pow2)
+            bj, bi = max(16, _pow2(b_in)), max(16, b_out_pow2)
             runtime.launch(
-                "blast_mix_dot", (triton.cdiv(N, 32), triton.cdiv(r, 32)),
+                "blast_mix_dot", (_cdiv(N, 32), _cdiv(r, 32)),
                 (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:]),
                 dict(BJ=bj, BI=bi, BM=32, BR=32), num_warps=4, num_stages=3,
             )  # fmt: skip
             return w
         bm, br = mix_tile(b_out_pow2)
         runtime.launch(
-            "blast_mix", (triton.cdiv(N, bm), triton.cdiv(r, br)),
+            "blast_mix", (_cdiv(N, bm), _cdiv(r, br)),
             (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:]),
             dict(B_OUT=b_out_pow2, BM=bm, BR=br), num_warps=4, num_stages=3,
         )  # fmt: skip
@@ -394,11 +404,11 @@ def monarch_forward(
             bias=bias, bias_strides=(1, b), a_chunk=m, a_split=h.shape[0], consumer=True, g_fast=direct,
         )  # fmt: skip
         if not direct:
-            b_pow2 = triton.next_power_of_2(b)
+            b_pow2 = _pow2(b)
             bm, bs = interleave_tile(b_pow2)
             runtime.launch(
                 "interleave",
-                (triton.cdiv(N, bm), triton.cdiv(out_blk, bs)),
+                (_cdiv(N, bm), _cdiv(out_blk, bs)),
                 (o, y, N, b, out_blk, *o.stride(), y.stride(0)),
                 dict(B_P2=b_pow2, BM=bm, BS=bs),
                 num_warps=4,
