@@ -414,12 +414,14 @@ class Decoder:
         return int(self.token)
 
     @torch.no_grad()
-    def run_eager(self) -> list[int]:
+    def run_eager(self, tokens: int | None = None) -> list[int]:
+        """The first ``tokens`` (default all) new tokens, stepped without a graph."""
+        steps = (tokens or self.new_tokens) - 1
         self.prefill()
         first = [self.first_token()]
-        for _ in range(self.new_tokens - 1):
+        for _ in range(steps):
             self.step()
-        return first + self.out[0, : self.new_tokens - 1].tolist()
+        return first + self.out[0, :steps].tolist()
 
 
 @torch.no_grad()
@@ -435,6 +437,8 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, mode: s
         dec.prefill()
         dec.step()  # warm
         dec.prefill()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the prompt's forward is not decode time
         start = time.perf_counter()
         for _ in range(steps):
             dec.step()
@@ -458,7 +462,8 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, mode: s
     tokens = [first] + dec.out[0, :steps].tolist()
     result = {"tokens_per_s": 1e3 * steps / ms, "ms_per_token": ms / steps, "setup_s": setup}
     if check_tokens:  # the same forward (compiled or not) stepped without the graph: replay must not change a token
-        reference = Decoder(model, prompt, min(check_tokens, new_tokens), mode).run_eager()
+        # Same cache length, so the same attention shapes (and, compiled, the same graph) as the timed run.
+        reference = Decoder(model, prompt, new_tokens, mode).run_eager(min(check_tokens, new_tokens))
         result["tokens_match_unreplayed"] = tokens[: len(reference)] == reference
     del graph, dec
     return result
@@ -494,6 +499,12 @@ def shapes_for(target: Target, config: BenchConfig) -> list[tuple[int, int | Non
         return [(b, None) for b, _ in shapes]
     limit = target.config.get("max_position_embeddings") or target.config.get("n_positions") or 1024
     return [(b, min(s or 1024, limit)) for b, s in shapes]
+
+
+def decode_length(target: Target, config: BenchConfig) -> int:
+    """New tokens to decode: as asked, but within the model's position table after the prompt."""
+    limit = target.config.get("max_position_embeddings") or target.config.get("n_positions")
+    return config.new_tokens if not limit else min(config.new_tokens, limit - config.prompt_tokens)
 
 
 def _oom_message(variant: str, limit: int | None, weights: int) -> str:
@@ -540,24 +551,35 @@ def run_variant(
                 row.update(time_prefill(model, feed, mode, device, config.budget_s))
                 result["prefill"].append(row)
                 _free_compiled(mode)
-        if config.decode and target.family in LLM_FAMILIES:
+        new_tokens = decode_length(target, config)
+        if config.decode and target.family in LLM_FAMILIES and new_tokens < 2:
+            result["decode_error"] = f"the prompt ({config.prompt_tokens} tokens) fills the model's position table"
+        elif config.decode and target.family in LLM_FAMILIES:
             vocab = target.config.get("vocab_size")
             g = torch.Generator().manual_seed(config.seed)
             prompt = torch.randint(0, vocab, (1, config.prompt_tokens), generator=g).to(device)
             for mode in config.modes:
-                report(f"{variant.name}: decode {config.new_tokens} tokens, {mode}")
-                row = {"mode": mode, "new_tokens": config.new_tokens, "prompt_tokens": config.prompt_tokens}
-                row.update(time_decode(model, prompt, config.new_tokens, mode, config.check_tokens if mode != "eager"
-                                       else 0))  # fmt: skip
+                report(f"{variant.name}: decode {new_tokens} tokens, {mode}")
+                row = {"mode": mode, "new_tokens": new_tokens, "prompt_tokens": config.prompt_tokens}
+                check = config.check_tokens if mode != "eager" else 0
+                try:
+                    row.update(time_decode(model, prompt, new_tokens, mode, check))
+                except (TypeError, AttributeError, NotImplementedError) as exc:  # no static-cache support
+                    result["decode_error"] = f"this model/transformers cannot decode on a static cache: {exc}"
+                    break
                 result["decode"].append(row)
                 _free_compiled(mode)
     except torch.OutOfMemoryError:
         elem = torch.empty((), dtype=dtype).element_size()
         result["error"] = _oom_message(variant.name, memory_limit, variant.params * elem)
         result["failed_at"] = step
+    except Exception as exc:  # keep what was measured (the other model's results) and say what broke, and where
+        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        result["failed_at"] = step
     finally:
         if cuda:
             result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+            result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         del model
         _free(device)
     return result
@@ -613,9 +635,16 @@ def run_bench(
     from .checkpoint import tool_versions
 
     progress = progress or (lambda _: None)
-    limit = limit_gpu_memory(memory_limit, device) if memory_limit and device.type == "cuda" else None
     chosen = [v for v in target.variants if only is None or v.name in only or (v.name != "dense" and "blr" in only)]
-    variants = [run_variant(target, v, config, device, dtype, progress, memory_limit) for v in chosen]
+    cuda = device.type == "cuda"
+    # Events, streams and graphs use the current device: make it the one asked for.
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+        limit = limit_gpu_memory(memory_limit, device) if memory_limit and cuda else None
+        try:
+            variants = [run_variant(target, v, config, device, dtype, progress, memory_limit) for v in chosen]
+        finally:
+            if limit is not None:  # the cap is process-wide: lift it for whatever runs next in this process
+                torch.cuda.set_per_process_memory_fraction(1.0, device.index or torch.cuda.current_device())
     return {
         "model": target.id,
         "family": target.family,

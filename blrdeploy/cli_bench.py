@@ -203,6 +203,8 @@ def _print_bench(result: dict) -> None:
     for v in variants:
         if v["error"]:
             console.print(f"[red]{v['name']}: {v['error']}[/red] (at: {v.get('failed_at')})", soft_wrap=True)
+        if v.get("decode_error"):
+            console.print(f"{v['name']}: decode not measured: {v['decode_error']}", soft_wrap=True)
         for row in v["decode"]:
             if row.get("tokens_match_unreplayed") is False:
                 console.print(f"[red]{v['name']}: {row['mode']} decode tokens from the CUDA graph differ from the same "

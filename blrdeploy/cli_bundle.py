@@ -263,8 +263,15 @@ def run(
             limit_gpu_memory(parse_size(memory_limit), torch.device(dev))
         except ValueError as exc:
             fail(str(exc))
-    if prompt is not None and (inputs is not None or output is not None):
-        fail("--prompt runs text in, text out: it does not take --input or --output")
+    if prompt is not None:
+        from .checkpoint import has_tokenizer
+
+        if inputs is not None or output is not None:
+            fail("--prompt runs text in, text out: it does not take --input or --output")
+        if max_new_tokens < 1:
+            fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if checkpoint is not None and not has_tokenizer(checkpoint):
+            fail(f"{checkpoint} carries no tokenizer (tokenizer.json / tokenizer_config.json): use --input for tensors")
     t0 = time.perf_counter()
     b = None
     try:
@@ -362,8 +369,6 @@ def _generate_text(model, checkpoint: Path, prompt: str, max_new_tokens: int, lo
         fail(f"{checkpoint} carries no tokenizer (tokenizer.json / tokenizer_config.json): use --input for tensors")
     if not hasattr(model, "generate"):
         fail(f"{type(model).__name__} does not generate text; run it on tensors with --input")
-    if max_new_tokens < 1:
-        fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     from transformers import AutoTokenizer
 
     try:
@@ -375,17 +380,30 @@ def _generate_text(model, checkpoint: Path, prompt: str, max_new_tokens: int, lo
     if ids.shape[1] == 0:
         fail("--prompt encodes to no tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    t = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)  # fmt: skip
-    seconds = time.perf_counter() - t
+
+    def generate(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                  min_new_tokens=0, pad_token_id=pad)  # fmt: skip
+
+    try:
+        t = time.perf_counter()
+        generate(1)  # compiles the kernels the prompt needs: start-up, not generation speed
+        warm_s = time.perf_counter() - t
+        t = time.perf_counter()
+        out = generate(max_new_tokens)
+        seconds = time.perf_counter() - t
+    except torch.OutOfMemoryError:
+        fail("out of memory while generating (the model loaded; a shorter prompt or fewer tokens may fit)")
+    except RuntimeError as exc:  # MissingKernel, CudaError from a bundle's launches
+        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
     new = out[0, ids.shape[1] :].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     result = {
         "model": str(checkpoint), "prompt": prompt, "text": text, "prompt_tokens": ids.shape[1],
         "new_tokens": len(new), "token_ids": new, "load_seconds": round(load_s, 3),
-        "generate_seconds": round(seconds, 3), "tokens_per_s": round(len(new) / seconds, 2),
+        "warmup_seconds": round(warm_s, 3), "generate_seconds": round(seconds, 3),
+        "tokens_per_s": round(len(new) / seconds, 2),
     }  # fmt: skip
     if as_json:
         _emit(result)

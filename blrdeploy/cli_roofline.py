@@ -15,14 +15,14 @@ from .cli import app, fail
 DEFAULT_TOKENS = {"llama": [1, 1024], "gpt2": [1, 384], "vit": [197, 197 * 64], "dit": [16384]}
 
 
-def _layers(model: str, structure: str) -> tuple[list[dict], list[dict], str]:
+def _layers(model: str, structure: str) -> tuple[list[dict], list[dict], str, str]:
     """(BLR layer entries, linears kept dense, family) of a converted checkpoint directory or of a built-in model's
     conversion plan (the reference paper's preset where the model has one for the structure, else half the
-    parameters). Nothing is allocated: the model is a skeleton on the meta device."""
+    parameters), and the BLR structure. Nothing is allocated: the model is a skeleton on the meta device."""
     from .bench import resolve
 
     target = resolve(model, structure)
-    return target.variants[1].layers, target.kept, target.family
+    return target.variants[1].layers, target.kept, target.family, target.structure
 
 
 @app.command()
@@ -56,13 +56,18 @@ def roofline(
 
     try:
         device = devices.get(target)
-        layers, kept, family = _layers(model, structure)
+        layers, kept, family, blr = _layers(model, structure)
         seen = None
         if measured is not None:
             try:
-                seen = rl.measured_speedups(json.loads(measured.read_text()))
+                bench_result = json.loads(measured.read_text())
+                seen = rl.measured_speedups(bench_result)
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"--measured {measured}: not a blrdeploy bench --json result ({exc})") from None
+            benched = (bench_result.get("model"), bench_result.get("structure"))
+            if benched != (model, blr):
+                raise ValueError(f"--measured {measured} is a bench of {benched[0]!r} ({benched[1]}), not {model!r} "
+                                 f"({blr})")  # fmt: skip
         counts = [int(t) for t in tokens.split(",")] if tokens else DEFAULT_TOKENS.get(family or "", [1, 1024])
         if not layers:
             raise ValueError(f"{model} has no BLR layer to predict")

@@ -151,7 +151,8 @@ def totals(rows: list[Row], kept: list[dict] = (), device: Device | None = None)
 def measured_speedups(bench_result: dict) -> dict[int, dict]:
     """From ``blrdeploy bench --json``: per token count, dense's best time over the BLR model's best (prefill),
     and at one token the BLR model's best decode tokens/s over dense's."""
-    variants = bench_result.get("variants") or []
+    variants = bench_result.get("variants") if isinstance(bench_result, dict) else None
+    variants = variants or []
     if len(variants) != 2 or any(v.get("error") for v in variants):
         raise ValueError("the bench result must hold a dense and a BLR model that both ran")
     dense, blr = variants

@@ -86,6 +86,8 @@ def test_roofline_beside_a_measured_bench(tmp_path):
     for t in totals.values():  # the kept LM head dilutes the converted layers' speedup towards 1
         assert t["kept_dense"] > 0
         assert min(1, t["speedup_kernels"]) <= t["speedup_all_linears"] <= max(1, t["speedup_kernels"])
+    result = runner.invoke(app, ["roofline", "gpt2-tiny", "--target", "h100", "--measured", str(bench_json)])
+    assert result.exit_code == 2 and "is a bench of 'llama-tiny'" in result.output
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     result = runner.invoke(app, ["roofline", "llama-tiny", "--target", "h100", "--measured", str(bad)])
