@@ -3,7 +3,7 @@ and peak GPU memory, each under the same harness (``blrdeploy bench``).
 
 Both models get random weights (seeded) unless a converted checkpoint is given, whose BLR model is loaded as stored;
 its dense twin is then built from the checkpoint's config. Weights go straight to the device in the target dtype,
-one tensor at a time: a BLR model never has a dense weight, so a memory cap (``--memory-limit``) shows what fits.
+in one allocation: a BLR model never has a dense weight, so a memory cap (``--memory-limit``) shows what fits.
 
 Harness modes, the same for both models:
 
@@ -33,21 +33,17 @@ import torch
 from torch import nn
 
 from .checkpoint import BLR_CONFIG, blr_module, load, read_blr_config
-from .convert import ConvertConfig, plan
+from .convert import ConvertConfig, is_linear, linear_dims, plan
 from .job import unique_params
 from .models import BUILTIN, FAMILIES, main_output
 from .modules import _BLRLinear, set_submodule
-from .sources import BUILTIN_CLASS, identify, instantiate, read_config
+from .sources import builtin_config, identify, instantiate, read_config
 
 MODES = ("eager", "graph", "compile")
 LLM_FAMILIES = ("llama", "gpt2")
 # The reference paper's prefill shapes per family as (batch, sequence); ViT and DiT sequences come from the model.
 PAPER_SHAPES = {"llama": [(1, 1024)], "gpt2": [(1, 384)], "vit": [(1, None), (64, None)], "dit": [(64, None)]}
 Progress = Callable[[str], None]  # called with a description before each measured step
-
-
-class OutOfMemory(RuntimeError):
-    """A model does not fit the GPU memory allowed (``--memory-limit``, or the device's)."""
 
 
 # ------------------------------------------------------------------------------------------------- memory limit
@@ -107,8 +103,10 @@ def parameters_on_meta():
 
 def _fill(module: nn.Module, key: str, p: torch.Tensor) -> None:
     """Values for a parameter whose module has no reset_parameters (RMS norms, GPT-2's Conv1D, ...)."""
-    if p.dim() == 1:
-        (p.fill_(1.0) if key == "weight" else p.zero_()) if key in ("weight", "bias") else p.normal_(0, 0.02)
+    if p.dim() == 1 and key == "weight":  # a norm's scale
+        p.fill_(1.0)
+    elif p.dim() == 1 and key == "bias":
+        p.zero_()
     else:
         p.normal_(0, 0.02)
 
@@ -126,11 +124,10 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed
     torch.manual_seed(seed)
     unique: dict[int, tuple[torch.Tensor, torch.dtype, int]] = {}  # id -> (meta param, dtype, offset)
     size = 0
-    for p in model.parameters():
-        if id(p) not in unique:
-            kind = dtype if p.is_floating_point() else p.dtype
-            unique[id(p)] = (p, kind, size)
-            size += -(-p.numel() * kind.itemsize // _ALIGN) * _ALIGN
+    for p in model.parameters():  # each tied parameter once
+        kind = dtype if p.is_floating_point() else p.dtype
+        unique[id(p)] = (p, kind, size)
+        size += -(-p.numel() * kind.itemsize // _ALIGN) * _ALIGN
     slab = torch.empty(size, dtype=torch.uint8, device=device)
     made = {
         key: nn.Parameter(slab[off : off + p.numel() * kind.itemsize].view(kind).view(p.shape), requires_grad=False)
@@ -197,9 +194,7 @@ def resolve(
     device = torch.device(device)
     if model in BUILTIN:
         spec = BUILTIN[model]
-        library, class_name = BUILTIN_CLASS[spec.family]
-        config = spec.make_config()
-        config = config if isinstance(config, dict) else {**config.to_dict(), "architectures": [class_name]}
+        library, class_name, config = builtin_config(model)
         use_preset = "paper" if preset == "paper" or (preset == "auto" and structure in spec.paper) else None
         conv = ConvertConfig(structure=structure, preset=use_preset, params_ratio=params_ratio)
         skeleton = _skeleton(library, class_name, config)
@@ -235,22 +230,15 @@ def resolve(
 
     dense_params = unique_params(skeleton)[0]
     converted = {layer["name"] for layer in layers}
-    kept = [_linear_entry(name, m) for name, m in skeleton.named_modules() if _is_linear(m) and name not in converted]
+    kept = [_linear_entry(name, m) for name, m in skeleton.named_modules() if is_linear(m) and name not in converted]
     blr_params = unique_params(_blr_skeleton(skeleton, layers))[0]
     variants = [Variant("dense", dense, dense_params), Variant(blr_name, blr, blr_params, layers)]
     return Target(model, family, blr_name, variants, config, note, kept)
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
 def _linear_entry(name: str, module: nn.Module) -> dict:
-    """A dense linear as a roofline layer entry (GPT-2's Conv1D stores its weight as (in, out))."""
-    if isinstance(module, nn.Linear):
-        i, o = module.in_features, module.out_features
-    else:
-        i, o = module.weight.shape
+    """A dense linear as a roofline layer entry."""
+    _, i, o = linear_dims(module)
     return {"name": name, "structure": "dense", "in_features": int(i), "out_features": int(o),
             "num_blocks": None, "rank": None, "bias": module.bias is not None}  # fmt: skip
 
@@ -493,18 +481,39 @@ class BenchConfig:
             raise ValueError(f"--prompt-tokens must be at least 1, got {self.prompt_tokens}")
 
 
+def _positions(target: Target) -> int | None:
+    """Length of a token model's position table (Llama's and GPT-2's config names), None if it has none."""
+    return target.config.get("max_position_embeddings") or target.config.get("n_positions")
+
+
 def shapes_for(target: Target, config: BenchConfig) -> list[tuple[int, int | None]]:
     shapes = list(config.shapes or PAPER_SHAPES[target.family])
     if target.family not in LLM_FAMILIES:
         return [(b, None) for b, _ in shapes]
-    limit = target.config.get("max_position_embeddings") or target.config.get("n_positions") or 1024
+    limit = _positions(target) or 1024
     return [(b, min(s or 1024, limit)) for b, s in shapes]
 
 
 def decode_length(target: Target, config: BenchConfig) -> int:
     """New tokens to decode: as asked, but within the model's position table after the prompt."""
-    limit = target.config.get("max_position_embeddings") or target.config.get("n_positions")
+    limit = _positions(target)
     return config.new_tokens if not limit else min(config.new_tokens, limit - config.prompt_tokens)
+
+
+def decodes(target: Target, config: BenchConfig) -> bool:
+    return config.decode and target.family in LLM_FAMILIES
+
+
+def chosen_variants(target: Target, only: str | None) -> list[Variant]:
+    """Both models, or ``only`` "dense" or "blr"."""
+    return [v for v in target.variants if only is None or (v.name == "dense") == (only == "dense")]
+
+
+def step_count(target: Target, config: BenchConfig, only: str | None = None) -> int:
+    """How many progress steps a run reports: per model, its build, each prefill shape and mode, each decode mode."""
+    decode_steps = len(config.modes) if decodes(target, config) and decode_length(target, config) >= 2 else 0
+    per_model = 1 + len(shapes_for(target, config)) * len(config.modes) + decode_steps
+    return len(chosen_variants(target, only)) * per_model
 
 
 def _oom_message(variant: str, limit: int | None, weights: int) -> str:
@@ -552,9 +561,9 @@ def run_variant(
                 result["prefill"].append(row)
                 _free_compiled(mode)
         new_tokens = decode_length(target, config)
-        if config.decode and target.family in LLM_FAMILIES and new_tokens < 2:
+        if decodes(target, config) and new_tokens < 2:
             result["decode_error"] = f"the prompt ({config.prompt_tokens} tokens) fills the model's position table"
-        elif config.decode and target.family in LLM_FAMILIES:
+        elif decodes(target, config):
             vocab = target.config.get("vocab_size")
             g = torch.Generator().manual_seed(config.seed)
             prompt = torch.randint(0, vocab, (1, config.prompt_tokens), generator=g).to(device)
@@ -629,13 +638,14 @@ def device_name(device: torch.device) -> str:
 
 def run_bench(
     target: Target, config: BenchConfig, device: torch.device, dtype: torch.dtype, progress: Progress | None = None,
-    memory_limit: int | None = None, only: tuple[str, ...] | None = None,
+    memory_limit: int | None = None, only: str | None = None,
 ) -> dict:  # fmt: skip
-    """Measures each variant in turn (the dense one first), freeing one before building the next."""
+    """Measures each variant (or ``only`` "dense" or "blr") in turn, the dense one first, freeing one before
+    building the next."""
     from .checkpoint import tool_versions
 
     progress = progress or (lambda _: None)
-    chosen = [v for v in target.variants if only is None or v.name in only or (v.name != "dense" and "blr" in only)]
+    chosen = chosen_variants(target, only)
     cuda = device.type == "cuda"
     # Events, streams and graphs use the current device: make it the one asked for.
     with torch.cuda.device(device) if cuda else contextlib.nullcontext():
@@ -656,17 +666,8 @@ def run_bench(
         "modes": list(config.modes),
         "variants": variants,
         "speedup": speedups(variants),
-        "tool_versions": tool_versions() | {"triton": _triton_version()},
+        "tool_versions": tool_versions("triton"),
     }
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 def fmt_ratio(x: float | None) -> str:

@@ -50,11 +50,12 @@ class CheckpointError(ValueError):
     """A converted checkpoint that is missing, incomplete, corrupt or from an unknown format version."""
 
 
-def tool_versions() -> dict:
+def tool_versions(*more: str) -> dict:
+    """Versions of blrdeploy, torch and the model libraries that are installed, plus the packages ``more`` names."""
     from . import __version__
 
     versions = {"blrdeploy": __version__, "torch": torch.__version__}
-    for name in ("transformers", "diffusers", "safetensors"):
+    for name in ("transformers", "diffusers", "safetensors", *more):
         with contextlib.suppress(ImportError):
             versions[name] = __import__(name).__version__
     return versions

@@ -37,6 +37,12 @@ def _root(
     pass
 
 
+def emit_json(data, default=None) -> None:
+    """A command's --json result on stdout; ``default`` as json.dump's."""
+    json.dump(data, sys.stdout, indent=2, default=default)
+    sys.stdout.write("\n")
+
+
 def fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -112,8 +118,7 @@ def factorize(
         fail(str(exc))
     rows = [r.to_dict() for r in reports]
     if as_json:
-        json.dump({"source": source, "shape": list(matrix.shape), "results": rows}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        emit_json({"source": source, "shape": list(matrix.shape), "results": rows})
         return
     _print_table(source, tuple(matrix.shape), rows)
 
@@ -311,8 +316,7 @@ def convert(
     except KeyboardInterrupt:
         fail("interrupted: nothing was written", code=130)
     if as_json:
-        json.dump(summary, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
+        emit_json(summary, default=str)
         return
     _print_conversion(summary)
 
@@ -395,8 +399,7 @@ def info(
         "tool_versions": cfg.get("tool_versions"),
     }
     if as_json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        emit_json(report)
         return
     from rich.console import Console
     from rich.table import Table
@@ -483,8 +486,7 @@ def validate(
     except ValueError as exc:  # Unusable and CheckpointError are ValueErrors
         fail(str(exc).splitlines()[0])
     if as_json:
-        json.dump(report.to_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        emit_json(report.to_dict())
     else:
         _print_report(report)
     raise typer.Exit(0 if report.ok else 1)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import _dtype, app, fail, resolve_device
+from .cli import _dtype, app, emit_json, fail, resolve_device
 
 
 class _steps:
@@ -137,14 +137,9 @@ def bench(
         target = bn.resolve(model, structure, preset, params_ratio or 0.5, seed, dev, torch_dtype)
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
-    variants = [v for v in target.variants if only is None or (v.name == "dense") == (only == "dense")]
-    n_shapes = len(bn.shapes_for(target, config))
-    n_decode = len(config.modes) if config.decode and target.family in bn.LLM_FAMILIES else 0
-    progress = _steps(len(variants) * (1 + n_shapes * len(config.modes) + n_decode))
+    progress = _steps(bn.step_count(target, config, only))
     try:
-        result = bn.run_bench(
-            target, config, dev, torch_dtype, progress, limit, None if only is None else (only,)
-        )  # fmt: skip
+        result = bn.run_bench(target, config, dev, torch_dtype, progress, limit, only)
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     finally:
@@ -154,8 +149,7 @@ def bench(
 
         atomic_write_text(output, json.dumps(result, indent=2) + "\n")
     if as_json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        emit_json(result)
         return
     _print_bench(result)
 

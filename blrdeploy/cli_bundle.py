@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import app, fail
+from .cli import app, emit_json, fail
 
 
 def _stage_printer(enabled: bool):
@@ -26,11 +25,6 @@ def _stage_printer(enabled: bool):
             print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
 
     return progress
-
-
-def _emit(data: dict) -> None:
-    json.dump(data, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 @app.command()
@@ -95,7 +89,7 @@ def package(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if as_json:
-        _emit(summary)
+        emit_json(summary)
         return
     typer.echo(
         f"wrote {output}: {summary['target']} ({summary['arch']}, {summary['dtype']}), "
@@ -161,11 +155,11 @@ def verify_bundle(
             checks.append({"check": "architecture and sample", "ok": None, "detail": "skipped: no CUDA GPU here"})
     except ValueError as exc:  # BundleError: unusable
         if as_json:
-            _emit({"bundle": str(path), "ok": False, "error": str(exc), "checks": checks})
+            emit_json({"bundle": str(path), "ok": False, "error": str(exc), "checks": checks})
             raise typer.Exit(2) from None
         fail(str(exc).splitlines()[0])
     if as_json:
-        _emit({"bundle": str(path), "ok": code == 0, "target": target and target.name, "checks": checks})
+        emit_json({"bundle": str(path), "ok": code == 0, "target": target and target.name, "checks": checks})
     else:
         what = f" ({target.description}, sm_{target.arch}, {manifest['dtype']})" if target is not None else ""
         typer.echo(f"verify {path}{what}")
@@ -197,7 +191,7 @@ def tune(
         "kernels": len(manifest["kernels"]),
     }
     if as_json:
-        _emit(result)
+        emit_json(result)
     else:
         typer.echo(
             f"tuned {bundle_dir} on {result['measured_on']}: {sum(result['launch_configs'].values())} configs, "
@@ -342,7 +336,7 @@ def run(
         save_file({"output": out.contiguous()}, str(output))
         result["output_file"] = str(output)
     if as_json:
-        _emit(result)
+        emit_json(result)
     else:
         typer.echo(
             f"{result['model']}: {result['kernels']} on {dev} ({result['dtype']}); start-up "
@@ -406,7 +400,7 @@ def _generate_text(model, checkpoint: Path, prompt: str, max_new_tokens: int, lo
         "tokens_per_s": round(len(new) / seconds, 2),
     }  # fmt: skip
     if as_json:
-        _emit(result)
+        emit_json(result)
     else:
         typer.echo(text)
         typer.echo(

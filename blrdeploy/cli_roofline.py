@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .cli import app, fail
+from .cli import app, emit_json, fail
 
 # The reference paper's token counts per family (prefill / batch), plus single-token decode for the LLMs.
 DEFAULT_TOKENS = {"llama": [1, 1024], "gpt2": [1, 384], "vit": [197, 197 * 64], "dit": [16384]}
@@ -86,8 +85,7 @@ def roofline(
             fail("--png needs matplotlib: pip install matplotlib (or blrdeploy[plot])")
     if as_json:
         data = {"model": model, "target": device.to_json(), "rows": [r.to_json() for r in rows], "totals": totals}
-        json.dump(data, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        emit_json(data)
         return
     from rich.console import Console
     from rich.table import Table

@@ -104,7 +104,12 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _dims(module: nn.Module) -> tuple[str, int, int]:
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear whose weight is stored transposed)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[str, int, int]:
     if isinstance(module, nn.Linear):
         return "linear", module.in_features, module.out_features
     in_features, out_features = module.weight.shape
@@ -148,7 +153,7 @@ def plan(
     tied = _tied_weight_ids(model)
     result = Plan([])
     for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not is_linear(module):
             continue
         if not _matches(name, include) or _matches(name, exclude):
             continue
@@ -157,7 +162,7 @@ def plan(
         if id(module.weight) in tied:
             result.skipped.append({"name": name, "reason": "weight is tied to another parameter"})
             continue
-        kind, in_features, out_features = _dims(module)
+        kind, in_features, out_features = linear_dims(module)
         setting = next((s for s in config.layers + preset if fnmatch.fnmatchcase(name, s[0])), None)
         try:
             if setting is None:

@@ -157,11 +157,11 @@ def measured_speedups(bench_result: dict) -> dict[int, dict]:
         raise ValueError("the bench result must hold a dense and a BLR model that both ran")
     dense, blr = variants
     out: dict[int, dict] = {}
-    for row in blr["prefill"]:
-        mine = min(r["ms"] for r in blr["prefill"] if r["tokens"] == row["tokens"])
-        theirs = [r["ms"] for r in dense["prefill"] if r["tokens"] == row["tokens"]]
+    for n in dict.fromkeys(r["tokens"] for r in blr["prefill"]):
+        mine = min(r["ms"] for r in blr["prefill"] if r["tokens"] == n)
+        theirs = [r["ms"] for r in dense["prefill"] if r["tokens"] == n]
         if theirs:
-            out[row["tokens"]] = {"speedup": min(theirs) / mine, "what": "prefill, best mode each"}
+            out[n] = {"speedup": min(theirs) / mine, "what": "prefill, best mode each"}
     if blr["decode"] and dense["decode"]:
         best = max(r["tokens_per_s"] for r in blr["decode"]) / max(r["tokens_per_s"] for r in dense["decode"])
         out[1] = {"speedup": best, "what": "decode tokens/s, best mode each"}

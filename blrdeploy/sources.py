@@ -91,11 +91,18 @@ def family_of(model: nn.Module) -> Family | None:
         return None
 
 
-def build_builtin(name: str, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> Source:
+def builtin_config(name: str) -> tuple[str, str, dict]:
+    """(library, class name, config dict) a built-in model is instantiated from."""
     spec = builtin(name)
     library, class_name = BUILTIN_CLASS[spec.family]
     config = spec.make_config()
     config = config if isinstance(config, dict) else {**config.to_dict(), "architectures": [class_name]}
+    return library, class_name, config
+
+
+def build_builtin(name: str, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> Source:
+    spec = builtin(name)
+    library, class_name, config = builtin_config(name)
     torch.manual_seed(seed)
     model = instantiate(library, class_name, config, device=device, dtype=dtype)
     return Source(model, FAMILIES[spec.family], name, library, class_name, spec)

@@ -359,9 +359,7 @@ def _host_tools(arch: int) -> dict:
     import platform
     import re
 
-    import triton
-
-    versions = {**tool_versions(), "triton": triton.__version__, "python": platform.python_version()}
+    versions = {**tool_versions("triton"), "python": platform.python_version()}
     with contextlib.suppress(Exception):
         import onnx
 
