@@ -2,7 +2,7 @@
 floor, for the reference paper's layer configs, on one CUDA GPU.
 
     python bench/layers.py [--models llama-7b,gpt2-s] [--structures blast,monarch] [--n 1,16,1024]
-                           [--no-compile] [--no-pdl] [--json OUT.json] [--configs OUT_TABLE.json]
+                           [--no-compile] [--no-pdl] [--retune] [--json OUT.json] [--configs OUT_TABLE.json]
 
 Per (layer, structure, N) it prints the medians of ``triton.testing.do_bench`` (L2 flushed between runs) in µs,
 each function captured once into a CUDA graph and replayed (GPU time, not Python's launch overhead), and the ratios
@@ -214,7 +214,7 @@ def run(args) -> dict:
                 x = torch.randn(n, in_f, generator=gen, device="cuda").to(dtype)
                 row = dict(model=model, layer=label, structure=structure, b=b, r=r, n=n, params=params)
                 try:
-                    with launch.tuning():
+                    with launch.tuning(remeasure=args.retune):
                         y = op(x, *fs, bias)
                     expected = reference(x.double(), *(f.double() for f in fs), None if bias is None else bias.double())
                     row["rel_error"] = rel_error(y, expected)
@@ -307,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="also record each kernel's time (torch.profiler)")
     ap.add_argument("--json", dest="json_path", help="write rows, ceilings and machine here")
     ap.add_argument("--configs", dest="configs_path", help="write the tuned launch configs here")
+    ap.add_argument(
+        "--retune", action="store_true", help="tune every layer afresh instead of using the shipped config table"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/layers.py needs a CUDA GPU", file=sys.stderr)

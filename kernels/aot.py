@@ -91,28 +91,27 @@ def shipped() -> list[tuple[int, Config, Variant]]:
     """Every (arch, config, variant) CI compiles: each config of each architecture's space, in one specialization
     that takes every addressing path (chunked A, permuted B rows, fused bias; float32 partials on the small-N side),
     plus the other dtypes once."""
-    from .configs import VS_ACC_LIMIT, space
+    from .configs import SMALL_N, VS_ACC_LIMIT, space
 
     cases = []
     for arch in ARCHS:
         pdl = arch >= 90  # dependent launch (griddepcontrol) exists from sm_90 on
-        for small in (True, False):
-            for cfg in space("gemm", arch, small=small):
-                c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True), ("G_FAST", True))
-                if small:
-                    c += (("A_SPLIT", 4), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
-                cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
-            for cfg in space("blast_vs", arch, small=small):
-                b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
-                c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl))
-                cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
+        for cfg in space("gemm", arch):
+            c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True), ("G_FAST", True))
+            if cfg.BM <= SMALL_N:  # a split producer's consumer, launched early
+                c += (("A_SPLIT", 16 if cfg.BM == 1 else 4), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
+            cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
+        for cfg in space("blast_vs", arch):
+            b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
+            c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl))
+            cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
         cases.append((arch, Config(32, 32, 0, 4, 3), Variant("blast_mix_dot", "bfloat16")))
         bm, bs = interleave_tile(16)
         cases.append((arch, Config(bm, bs, 0, 4, 3), Variant("interleave", "bfloat16")))
-    cases.append((90, space("gemm", 90, small=False)[0], Variant("gemm", "float16")))
-    cases.append((90, space("blast_vs", 90, small=False)[0], Variant("blast_vs", "float32")))
+    cases.append((90, space("gemm", 90, "large")[0], Variant("gemm", "float16")))
+    cases.append((90, space("blast_vs", 90, "large")[0], Variant("blast_vs", "float32")))
     return cases
 
 

@@ -63,7 +63,9 @@ def blast_vs_kernel(
             mask=k_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
-        if IEEE:
+        if BM == 1:  # one token row: multiply-and-reduce, as the grouped GEMM's GEMV path
+            z = tl.sum(tl.trans(xa).to(tl.float32) * vb.to(tl.float32), axis=0)[None, :]
+        elif IEEE:
             z = tl.dot(xa, vb, input_precision="ieee")
         else:
             z = tl.dot(xa, vb)

@@ -48,12 +48,24 @@ def bucket(n: int) -> int:
     return BUCKETS[-1]
 
 
-# The curated spaces. Every entry is compiled ahead of time for sm_86/87/90 in CI, so keep them few.
+# The curated spaces, in three tiers by token count. Every entry is compiled ahead of time for sm_86/87/90 in CI,
+# so keep them few.
+# One token (decode at batch 1) is a matrix-vector product: BM = 1 selects the kernels' multiply-and-reduce path,
+# whose tiles hold only weights (a 16-row MMA tile spends most of its registers and shared memory on masked rows),
+# so each program can keep a large share of the weights in flight. The small tier is tried too.
 # Small N is weight-bandwidth bound: 16-row tiles (the tensor cores' minimum), narrow columns, and small enough
 # shared memory per program that several programs per SM keep weight loads in flight (with one single-step 32 KB
 # tile per program, Llama-7B q/k/v/o Monarch at N=1 moved its 16.8 MB at 0.9 TB/s on an H200). Large N:
 # tensor-core tiles.
 # sm_86 (A40) and sm_87 (Orin) have 100/164 KB of shared memory per block against sm_90's 227 KB: fewer stages.
+_GEMM_ONE = [
+    Config(1, 16, 512, 4, 3, split=0),
+    Config(1, 32, 256, 4, 3, split=0),
+    Config(1, 64, 128, 4, 3, split=0),
+    Config(1, 16, 1024, 8, 2, split=0),
+    Config(1, 8, 1024, 4, 2, split=0),
+    Config(1, 32, 512, 8, 2, split=0),
+]
 _GEMM_SMALL = [
     Config(16, 64, 128, 4, 4, split=0),
     Config(16, 64, 64, 4, 6, split=0),
@@ -71,6 +83,15 @@ _GEMM_LARGE_90 = [
 ]
 _GEMM_LARGE_8X = [Config(128, 128, 32, 8, 3), Config(64, 128, 64, 4, 3), Config(128, 64, 32, 4, 3)]
 # BLAST V+S holds b_out accumulators of BM x BR: the large tiles are filtered by VS_ACC_LIMIT for the layer's b_out.
+# Its one-token tiles walk V's q rows (BK) with r contiguous (BR); split > 4 gives each program fewer input blocks.
+_VS_ONE = [
+    Config(1, 32, 256, 4, 3, split=0),
+    Config(1, 64, 128, 4, 3, split=0),
+    Config(1, 64, 256, 8, 2, split=0),
+    Config(1, 32, 256, 4, 2, split=8),
+    Config(1, 64, 256, 8, 2, split=16),
+    Config(1, 128, 64, 4, 4, split=0),
+]
 _VS_SMALL = [
     Config(16, 32, 128, 4, 4, split=0),
     Config(16, 64, 64, 4, 4, split=0),
@@ -89,30 +110,39 @@ _VS_LARGE_8X = [Config(64, 32, 64, 8, 2), Config(32, 64, 64, 4, 2), Config(64, 6
 VS_ACC_LIMIT = 32768  # b_out_pow2 * BM * BR fp32 accumulators: 128 registers a thread at 8 warps
 
 KERNELS = ("gemm", "blast_vs")
+TIERS = ("one", "small", "large")
+
+
+def tier(n: int) -> str:
+    """The tier of configs serving ``n`` tokens."""
+    return "one" if n == 1 else "small" if n <= SMALL_N else "large"
 
 
 def vs_fits(cfg: Config, b_out_pow2: int) -> bool:
     return b_out_pow2 * cfg.BM * cfg.BN <= VS_ACC_LIMIT
 
 
-def space(kernel: str, arch: int, small: bool | None = None, b_out_pow2: int | None = None) -> list[Config]:
-    """The configs tried for ``kernel`` on compute capability ``arch`` (e.g. 90); ``small`` picks one half;
-    ``b_out_pow2`` drops the BLAST V+S tiles whose accumulators would not fit for that many output blocks."""
+def space(kernel: str, arch: int, tier: str | None = None, b_out_pow2: int | None = None) -> list[Config]:
+    """The configs tried for ``kernel`` on compute capability ``arch`` (e.g. 90): all, or those of one ``tier``
+    (the one-token tier also tries the small one's); ``b_out_pow2`` drops the BLAST V+S tiles whose accumulators
+    would not fit for that many output blocks."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+    if tier not in (None, *TIERS):
+        raise ValueError(f"unknown tier {tier!r}; known: {', '.join(TIERS)}")
     hopper = arch >= 90
     if kernel == "gemm":
-        halves = (_GEMM_SMALL, _GEMM_LARGE_90 if hopper else _GEMM_LARGE_8X)
+        one, small, large = _GEMM_ONE, _GEMM_SMALL, _GEMM_LARGE_90 if hopper else _GEMM_LARGE_8X
     else:
-        halves = (_VS_SMALL, _VS_LARGE_90 if hopper else _VS_LARGE_8X)
-    configs = [*halves[0], *halves[1]] if small is None else list(halves[0] if small else halves[1])
+        one, small, large = _VS_ONE, _VS_SMALL, _VS_LARGE_90 if hopper else _VS_LARGE_8X
+    configs = {None: [*one, *small, *large], "one": [*one, *small], "small": small, "large": large}[tier]
     if kernel == "blast_vs" and b_out_pow2 is not None:
         configs = [c for c in configs if vs_fits(c, b_out_pow2)]
-    return configs
+    return list(configs)
 
 
 def default(kernel: str, arch: int, n: int, b_out_pow2: int | None = None) -> Config:
-    return space(kernel, arch, small=n <= SMALL_N, b_out_pow2=b_out_pow2)[0]
+    return space(kernel, arch, tier(n), b_out_pow2)[0]
 
 
 class ConfigTable:

@@ -49,7 +49,11 @@ def _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT: tl.cons
 
 
 @triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr):
+def _mma(a, b, acc, IEEE: tl.constexpr, GEMV: tl.constexpr):
+    if GEMV:
+        # One token row: a (1, BK) times b (BK, BN) as multiply-and-reduce on the CUDA cores. A 16-row MMA tile
+        # would spend 15/16 of its registers and shared memory on masked rows; here every register holds weights.
+        return acc + tl.sum(tl.trans(a).to(tl.float32) * b.to(tl.float32), axis=0)[None, :]
     if IEEE:
         return tl.dot(a.to(b.dtype), b, acc, input_precision="ieee")
     return tl.dot(a.to(b.dtype), b, acc)
@@ -116,13 +120,13 @@ def grouped_gemm_kernel(
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         gdc_wait()
         a = _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
-        acc = _mma(a, b, acc, IEEE)
+        acc = _mma(a, b, acc, IEEE, BM == 1)
         t_loop = 1
     for t in range(t_loop, n_steps):
         chunk, u, kk, k_mask = _step(t, k_start, k_end, rk, A_CHUNK, BK)
         a = _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = _mma(a, b, acc, IEEE)
+        acc = _mma(a, b, acc, IEEE, BM == 1)
     if HAS_BIAS:
         if split == 0:
             bias = tl.load(bias_ptr + g * s_biasg + rc * s_biasc, mask=c_mask, other=0.0)

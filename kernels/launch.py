@@ -22,7 +22,7 @@ import torch
 
 from . import runtime
 from .blast import mix_tile
-from .configs import SMALL_N, Config, ConfigTable, bucket, default, space
+from .configs import SMALL_N, Config, ConfigTable, bucket, default, space, tier
 from .monarch import interleave_tile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -184,7 +184,7 @@ def _resolve(
     if not getattr(_state, "tuning", False) or device.type != "cuda":
         return default(kernel, arch, n, b_out_pow2)
     best, best_ms, error = None, float("inf"), None
-    for cfg in space(kernel, arch, small=n <= SMALL_N, b_out_pow2=b_out_pow2):
+    for cfg in space(kernel, arch, tier(n), b_out_pow2):
         try:
             ms = _time_ms(lambda cfg=cfg: run(cfg))
         except Exception as e:  # a config the compiler or the chip refuses (e.g. shared memory): not a candidate
@@ -199,12 +199,13 @@ def _resolve(
 
 
 MAX_SPLIT = 4  # the consumer pipelines one load per partial: 8 fp32 partials overflow sm_90's shared memory
+MAX_SPLIT_ONE = 16  # one-token tiles load a (1, BK) row per partial: many partials cost little
 
 
 def _splits(cfg: Config, programs: int, steps: int, device: torch.device) -> int:
     """How many programs share one reduction of ``steps`` steps: the config's, or (0) enough to fill the GPU."""
     want = cfg.split if cfg.split > 0 else round(_sm_count(device) / max(1, programs))
-    return max(1, min(want, steps, MAX_SPLIT))
+    return max(1, min(want, steps, MAX_SPLIT_ONE if cfg.BM == 1 else MAX_SPLIT))
 
 
 def _effective(cfg: Config, dtype: torch.dtype, chunk: int = 0) -> Config:

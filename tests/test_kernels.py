@@ -69,7 +69,9 @@ CASES = {
     "blast-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False),
     "blast-b5": lambda g, dt: _blast(g, dt, 19, 5, 16, 5, 16, 48),
     "blast-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40),  # above BLAST_FUSED_MAX_N: V GEMM, mix, U
+    "blast-b5-1tok": lambda g, dt: _blast(g, dt, 1, 5, 16, 5, 16, 48),
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
+    "monarch-wide-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 64, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
     "monarch-b4": lambda g, dt: _monarch(g, dt, 70, 4, 32, 16, 24),  # above MONARCH_DIRECT_MAX_N: interleave pass
     "monarch-wide": lambda g, dt: _monarch(g, dt, 21, 2, 64, 12, 10),  # chunk of 32: contiguous A steps
@@ -105,7 +107,9 @@ def _every_config():
 def test_every_config(kernel, cfg, gen):
     """Each shipped launch config computes the same function (float16: the dtype the interpreter can run)."""
     dtype = torch.float16
-    if kernel == "blast_vs":
+    if cfg.BM == 1:  # the one-token tier: served only N = 1 (one program per row is slow under the interpreter)
+        cases = ["blast-1tok", "blast-b5-1tok"] if kernel == "blast_vs" else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
+    elif kernel == "blast_vs":
         cases = ["blast-odd", "blast-b5"]
     else:
         cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd"]
@@ -196,6 +200,10 @@ def test_split_reductions(gen):
         for case in ("blast-1tok", "blast-b5", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd"):
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} split")
+    with launch.forced(gemm=Config(1, 16, 16, 4, 2, split=0), blast_vs=Config(1, 16, 16, 4, 2, split=5)):
+        for case in ("blast-1tok", "blast-b5-1tok", "monarch-1tok", "lowrank-1tok"):
+            fn, ref, args = CASES[case](gen, dtype)
+            _check(fn, ref, args, dtype, f"{case} one-token split")
 
 
 # Layer-sized cases for the GPU, on shapes no tile divides; splits and dependent launches take their production
@@ -211,9 +219,9 @@ GPU_SHAPES = {
 @pytest.mark.parametrize("structure", list(GPU_SHAPES))
 def test_gpu_every_config_layer_sized(structure, gen):
     arch = launch._arch(torch.device("cuda"))
-    for n in (16, 1000):
+    for n in (1, 16, 1000):
         for kernel in configs.KERNELS if structure == "blast" else ("gemm",):
-            for cfg in configs.space(kernel, arch, small=n <= configs.SMALL_N, b_out_pow2=8):
+            for cfg in configs.space(kernel, arch, configs.tier(n), b_out_pow2=8):
                 with launch.forced(**{kernel: cfg}):
                     fn, ref, args = GPU_SHAPES[structure](gen, torch.bfloat16, n)
                     _check(fn, ref, args, torch.bfloat16, f"{structure} N={n} {kernel} {cfg}")
