@@ -65,6 +65,9 @@ _GEMM_ONE = [
     Config(1, 16, 1024, 8, 2, split=0),
     Config(1, 8, 1024, 4, 2, split=0),
     Config(1, 32, 512, 8, 2, split=0),
+    Config(1, 32, 1024, 8, 2, split=0),
+    Config(1, 8, 2048, 8, 1, split=0),
+    Config(1, 16, 2048, 8, 1, split=0),
 ]
 _GEMM_SMALL = [
     Config(16, 64, 128, 4, 4, split=0),
@@ -91,6 +94,9 @@ _VS_ONE = [
     Config(1, 32, 256, 4, 2, split=8),
     Config(1, 64, 256, 8, 2, split=16),
     Config(1, 128, 64, 4, 4, split=0),
+    Config(1, 32, 256, 8, 2, split=16),
+    Config(1, 128, 256, 8, 2, split=16),
+    Config(1, 64, 256, 8, 2, split=4),
 ]
 _VS_SMALL = [
     Config(16, 32, 128, 4, 4, split=0),

@@ -102,6 +102,9 @@ def _pdl_supported() -> bool:
 
 
 USE_PDL = True  # benchmarks switch dependent launches off to measure what they bring
+# Also across layers: a layer's first kernel launches early, fetches its first weight tiles and then waits for the
+# previous kernel (whatever wrote x), and a layer's last kernel lets the next launch early. Bench switch.
+CHAIN_PDL = True
 
 
 def _pdl(device: torch.device, n: int) -> bool:
@@ -255,8 +258,10 @@ def _gemm(
     g_fast=False,
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
-    feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
+    feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`); with
+    ``CHAIN_PDL`` every small-N launch is both, so the layers of a model chain too."""
     pdl = _pdl(out.device, N)
+    wait, deps = pdl and (consumer or CHAIN_PDL), pdl and (producer or CHAIN_PDL)
     cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per
     grid = (_cdiv(N, cfg.BM), _cdiv(C, cfg.BN), G * _cdiv(K, k_per))
@@ -268,8 +273,8 @@ def _gemm(
          *a_strides, *b_strides, *out_strides, *bias_strides),
         dict(A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
              HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
-             WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
-        cfg.num_warps, cfg.num_stages, pdl=consumer and pdl,
+             WAIT=wait, LAUNCH_DEPS=deps, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
+        cfg.num_warps, cfg.num_stages, pdl=wait,
     )  # fmt: skip
 
 
@@ -303,6 +308,7 @@ def blast_forward(
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"
     b_out_pow2 = _pow2(b_out)
     pdl = _pdl(x.device, N)
+    chain = pdl and CHAIN_PDL
 
     def vs(cfg: Config) -> torch.Tensor:
         cfg = _effective(cfg, x.dtype)
@@ -314,8 +320,9 @@ def blast_forward(
             "blast_vs", grid,
             (x, V, S, w, N, q, r, b_in, b_out, per,
              x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride()),
-            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
-            cfg.num_warps, cfg.num_stages,
+            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, WAIT=chain,
+                 BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+            cfg.num_warps, cfg.num_stages, pdl=chain,
         )  # fmt: skip
         return w
 

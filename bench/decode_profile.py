@@ -1,0 +1,120 @@
+"""Where a decode step's time goes: one greedy batch-1 step of a built-in LLM (dense and BLR) as a CUDA graph,
+timed over many replays and profiled kernel by kernel.
+
+    python bench/decode_profile.py [--model llama-7b] [--structure blast] [--modes graph,compile] [--json OUT]
+
+Per variant and mode it prints ms per token, the GPU time summed per kernel class (our BLR kernels, dense GEMV /
+GEMM, everything else) and the idle time between kernels (step time minus the kernels' sum). With ``--chain-ab``
+the BLR model also runs with ``launch.CHAIN_PDL`` off, to measure what chaining layers by dependent launch brings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import torch
+from blrdeploy.kernels import launch
+from common import machine
+from layers import write_json
+
+from blrdeploy.bench import Decoder, _capture, resolve
+
+
+def kernel_class(name: str) -> str:
+    if "blast" in name or "grouped_gemm" in name or "interleave" in name:
+        return "blr"
+    low = name.lower()
+    if any(k in low for k in ("gemv", "gemm", "nvjet", "cutlass", "sm90_xmma", "splitk")):
+        return "dense-linear"
+    return "other"
+
+
+@torch.no_grad()
+def profile_step(model, prompt, mode: str, tokens: int = 64) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = Decoder(model, prompt, tokens, mode)
+    dec.prefill()
+    graph, _ = _capture(dec.step, prompt.device)
+    dec.prefill()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(tokens - 1):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / (tokens - 1)
+    dec.prefill()
+    steps = 8
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    by_class: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    count = 0
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        us = e.time_range.elapsed_us() / steps
+        by_class[kernel_class(e.name)] += us
+        by_name[e.name[:60]] += us
+        count += 1
+    busy = sum(by_class.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    del graph, dec
+    return {
+        "mode": mode,
+        "ms_per_token": ms,
+        "kernels_per_token": count / steps,
+        "kernel_us": {k: round(v, 1) for k, v in by_class.items()},
+        "idle_us": round(1e3 * ms - busy, 1),
+        "top": [(n, round(v, 1)) for n, v in top],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--structure", default="blast")
+    ap.add_argument("--modes", default="graph,compile")
+    ap.add_argument("--chain-ab", action="store_true", help="also run the BLR model with CHAIN_PDL off (graph)")
+    ap.add_argument("--json", dest="json_path")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    target = resolve(args.model, args.structure, device=device)
+    prompt = torch.randint(0, 1000, (1, 16), device=device, generator=torch.Generator(device).manual_seed(0))
+    result = {"machine": machine(), "model": args.model, "structure": args.structure, "runs": []}
+    for variant in target.variants:
+        model = variant.build().eval()
+        runs = [(m, True) for m in args.modes.split(",")]
+        if args.chain_ab and variant.name != "dense":
+            runs.insert(1, ("graph", False))
+        for mode, chain in runs:
+            launch.CHAIN_PDL = chain
+            row = {"variant": variant.name, "chain_pdl": chain, **profile_step(model, prompt, mode)}
+            result["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            if args.json_path:
+                write_json(args.json_path, result)
+        del model
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    launch.CHAIN_PDL = True
+    print(f"\n{'variant':10s} {'mode':8s} {'chain':>5s} {'ms/tok':>7s} {'tok/s':>7s} {'kernels':>7s} "
+          f"{'blr µs':>8s} {'dense µs':>8s} {'other µs':>8s} {'idle µs':>8s}")  # fmt: skip
+    for r in result["runs"]:
+        k = r["kernel_us"]
+        print(
+            f"{r['variant']:10s} {r['mode']:8s} {str(r['chain_pdl']):>5s} {r['ms_per_token']:7.3f} "
+            f"{1e3 / r['ms_per_token']:7.1f} {r['kernels_per_token']:7.0f} {k.get('blr', 0):8.0f} "
+            f"{k.get('dense-linear', 0):8.0f} {k.get('other', 0):8.0f} {r['idle_us']:8.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
