@@ -4,8 +4,8 @@ timed over many replays and profiled kernel by kernel.
     python bench/decode_profile.py [--model llama-7b] [--structure blast] [--modes graph,compile] [--json OUT]
 
 Per variant and mode it prints ms per token, the GPU time summed per kernel class (our BLR kernels, dense GEMV /
-GEMM, everything else) and the idle time between kernels (step time minus the kernels' sum). With ``--chain-ab``
-the BLR model also runs with ``launch.CHAIN_PDL`` off, to measure what chaining layers by dependent launch brings.
+GEMM, everything else) and the idle time between kernels (step time minus the kernels' sum; negative where
+kernels overlap: a dependent launch's consumer is timed from its early start).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 from collections import defaultdict
 
 import torch
-from blrdeploy.kernels import launch
 from common import machine
 from layers import write_json
 
@@ -81,7 +80,6 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--structure", default="blast")
     ap.add_argument("--modes", default="graph,compile")
-    ap.add_argument("--chain-ab", action="store_true", help="also run the BLR model with CHAIN_PDL off (graph)")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -90,12 +88,8 @@ def main(argv=None) -> int:
     result = {"machine": machine(), "model": args.model, "structure": args.structure, "runs": []}
     for variant in target.variants:
         model = variant.build().eval()
-        runs = [(m, True) for m in args.modes.split(",")]
-        if args.chain_ab and variant.name != "dense":
-            runs.insert(1, ("graph", False))
-        for mode, chain in runs:
-            launch.CHAIN_PDL = chain
-            row = {"variant": variant.name, "chain_pdl": chain, **profile_step(model, prompt, mode)}
+        for mode in args.modes.split(","):
+            row = {"variant": variant.name, **profile_step(model, prompt, mode)}
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
             if args.json_path:
@@ -103,13 +97,12 @@ def main(argv=None) -> int:
         del model
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    launch.CHAIN_PDL = True
-    print(f"\n{'variant':10s} {'mode':8s} {'chain':>5s} {'ms/tok':>7s} {'tok/s':>7s} {'kernels':>7s} "
+    print(f"\n{'variant':10s} {'mode':8s} {'ms/tok':>7s} {'tok/s':>7s} {'kernels':>7s} "
           f"{'blr µs':>8s} {'dense µs':>8s} {'other µs':>8s} {'idle µs':>8s}")  # fmt: skip
     for r in result["runs"]:
         k = r["kernel_us"]
         print(
-            f"{r['variant']:10s} {r['mode']:8s} {str(r['chain_pdl']):>5s} {r['ms_per_token']:7.3f} "
+            f"{r['variant']:10s} {r['mode']:8s} {r['ms_per_token']:7.3f} "
             f"{1e3 / r['ms_per_token']:7.1f} {r['kernels_per_token']:7.0f} {k.get('blr', 0):8.0f} "
             f"{k.get('dense-linear', 0):8.0f} {k.get('other', 0):8.0f} {r['idle_us']:8.0f}"
         )

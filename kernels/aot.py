@@ -74,7 +74,7 @@ def compile_variant(variant: Variant, config: Config, arch: int):
         constexprs["BM"], constexprs["BS"] = interleave_tile(constexprs["B_P2"])
     elif variant.kernel == "blast_vs":
         fn = jit_function(blast_vs_kernel)
-        constexprs = {"B_OUT": 16, "LAUNCH_DEPS": False, "WAIT": False, **constexprs}
+        constexprs = {"B_OUT": 16, "LAUNCH_DEPS": False, **constexprs}
         constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
         if variant.intermediate_fp32:
             overrides["w_ptr"] = "*fp32"
@@ -99,11 +99,11 @@ def shipped() -> list[tuple[int, Config, Variant]]:
         for cfg in space("gemm", arch):
             c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True), ("G_FAST", True))
             if cfg.BM <= SMALL_N:  # a split producer's consumer, launched early
-                c += (("A_SPLIT", 16 if cfg.BM == 1 else 4), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
+                c += (("A_SPLIT", 16 if cfg.BM == 1 and arch >= 90 else 4), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
             cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
         for cfg in space("blast_vs", arch):
             b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
-            c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl), ("WAIT", pdl))
+            c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl))
             cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))

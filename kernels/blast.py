@@ -17,31 +17,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-
-@triton.jit
-def _vs_step(acc, xa, vb, s, BM: tl.constexpr, IEEE: tl.constexpr):
-    """z = x_j @ V[j] for one reduction step, mixed into every output block's accumulator: acc[i] += S[i, j] * z."""
-    if BM == 1:  # one token row: multiply-and-reduce, as the grouped GEMM's GEMV path
-        z = tl.sum(tl.trans(xa).to(tl.float32) * vb.to(tl.float32), axis=0)[None, :]
-    elif IEEE:
-        z = tl.dot(xa, vb, input_precision="ieee")
-    else:
-        z = tl.dot(xa, vb)
-    return acc + s.to(tl.float32)[:, None, :] * z[None, :, :]
-
-
-@triton.jit
-def _vs_weights(v_ptr, s_ptr, j, kk, k_mask, rr, r_mask, ri, i_mask, s_vj, s_vq, s_vr, s_si, s_sj, s_sr):
-    """The step's weight tiles: V[j] rows kk, columns rr, and S[:, j] columns rr."""
-    vb = tl.load(
-        v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr, mask=k_mask[:, None] & r_mask[None, :], other=0.0
-    )
-    s = tl.load(
-        s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr, mask=i_mask[:, None] & r_mask[None, :], other=0.0
-    )
-    return vb, s
+from triton.language.extra.cuda import gdc_launch_dependents
 
 
 @triton.jit
@@ -58,7 +34,6 @@ def blast_vs_kernel(
     B_OUT: tl.constexpr,  # b_out rounded up to a power of two
     IEEE: tl.constexpr,
     LAUNCH_DEPS: tl.constexpr,  # let the U stage's programs launch now (they wait for w)
-    WAIT: tl.constexpr,  # dependent launch: fetch the first V and S tiles, then wait for the kernel that writes x
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     if LAUNCH_DEPS:
@@ -78,25 +53,28 @@ def blast_vs_kernel(
     j_start = pid_s * J_PER_SPLIT
     k_steps = tl.cdiv(Q, BK)
     n_steps = (tl.minimum(j_start + J_PER_SPLIT, B_IN) - j_start) * k_steps
-    t_loop = 0
-    if WAIT:
-        # Peeled first step: V and S are weights, independent of the previous kernel, so they are in flight while
-        # this program waits for x (with one step per program, its whole share of the weights).
-        kk = rk
-        k_mask = kk < Q
-        j = j_start
-        vb, s = _vs_weights(v_ptr, s_ptr, j, kk, k_mask, rr, r_mask, ri, i_mask, s_vj, s_vq, s_vr, s_si, s_sj, s_sr)
-        gdc_wait()
-        xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _vs_step(acc, xa, vb, s, BM, IEEE)
-        t_loop = 1
-    for t in range(t_loop, n_steps):
+    for t in range(0, n_steps):
         j = j_start + t // k_steps
         kk = (t % k_steps) * BK + rk
         k_mask = kk < Q
         xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        vb, s = _vs_weights(v_ptr, s_ptr, j, kk, k_mask, rr, r_mask, ri, i_mask, s_vj, s_vq, s_vr, s_si, s_sj, s_sr)
-        acc = _vs_step(acc, xa, vb, s, BM, IEEE)
+        vb = tl.load(
+            v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
+            mask=k_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if BM == 1:  # one token row: multiply-and-reduce, as the grouped GEMM's GEMV path
+            z = tl.sum(tl.trans(xa).to(tl.float32) * vb.to(tl.float32), axis=0)[None, :]
+        elif IEEE:
+            z = tl.dot(xa, vb, input_precision="ieee")
+        else:
+            z = tl.dot(xa, vb)
+        s = tl.load(
+            s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr,
+            mask=i_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
     w = (
         w_ptr
         + pid_s * s_ws

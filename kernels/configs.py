@@ -52,7 +52,9 @@ def bucket(n: int) -> int:
 # so keep them few.
 # One token (decode at batch 1) is a matrix-vector product: BM = 1 selects the kernels' multiply-and-reduce path,
 # whose tiles hold only weights (a 16-row MMA tile spends most of its registers and shared memory on masked rows),
-# so each program can keep a large share of the weights in flight. The small tier is tried too.
+# so each program can keep a large share of the weights in flight. The small tier is tried too. Shared memory:
+# a consumer pipelines its B tile and one (1, BK) float32 row per partial, (BK*BN*2 + split*BK*4) per stage, which
+# bounds the tiles here and the split (launch.MAX_SPLIT_ONE) on 100 KB sm_86.
 # Small N is weight-bandwidth bound: 16-row tiles (the tensor cores' minimum), narrow columns, and small enough
 # shared memory per program that several programs per SM keep weight loads in flight (with one single-step 32 KB
 # tile per program, Llama-7B q/k/v/o Monarch at N=1 moved its 16.8 MB at 0.9 TB/s on an H200). Large N:
@@ -65,7 +67,6 @@ _GEMM_ONE = [
     Config(1, 16, 1024, 8, 2, split=0),
     Config(1, 8, 1024, 4, 2, split=0),
     Config(1, 32, 512, 8, 2, split=0),
-    Config(1, 32, 1024, 8, 2, split=0),
     Config(1, 8, 2048, 8, 1, split=0),
     Config(1, 16, 2048, 8, 1, split=0),
 ]
@@ -95,7 +96,6 @@ _VS_ONE = [
     Config(1, 64, 256, 8, 2, split=16),
     Config(1, 128, 64, 4, 4, split=0),
     Config(1, 32, 256, 8, 2, split=16),
-    Config(1, 128, 256, 8, 2, split=16),
     Config(1, 64, 256, 8, 2, split=4),
 ]
 _VS_SMALL = [

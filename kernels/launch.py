@@ -102,9 +102,6 @@ def _pdl_supported() -> bool:
 
 
 USE_PDL = True  # benchmarks switch dependent launches off to measure what they bring
-# Also across layers: a layer's first kernel launches early, fetches its first weight tiles and then waits for the
-# previous kernel (whatever wrote x), and a layer's last kernel lets the next launch early. Bench switch.
-CHAIN_PDL = True
 
 
 def _pdl(device: torch.device, n: int) -> bool:
@@ -202,13 +199,16 @@ def _resolve(
 
 
 MAX_SPLIT = 4  # the consumer pipelines one load per partial: 8 fp32 partials overflow sm_90's shared memory
-MAX_SPLIT_ONE = 16  # one-token tiles load a (1, BK) row per partial: many partials cost little
+# One-token consumers pipeline a (1, BK) float32 row per partial: 16 fit sm_90's 227 KB of shared memory with
+# every one-token tile; before sm_90 (100 KB on sm_86) MAX_SPLIT applies.
+MAX_SPLIT_ONE = 16
 
 
 def _splits(cfg: Config, programs: int, steps: int, device: torch.device) -> int:
     """How many programs share one reduction of ``steps`` steps: the config's, or (0) enough to fill the GPU."""
     want = cfg.split if cfg.split > 0 else round(_sm_count(device) / max(1, programs))
-    return max(1, min(want, steps, MAX_SPLIT_ONE if cfg.BM == 1 else MAX_SPLIT))
+    cap = MAX_SPLIT_ONE if cfg.BM == 1 and _arch(device) >= 90 else MAX_SPLIT
+    return max(1, min(want, steps, cap))
 
 
 def _effective(cfg: Config, dtype: torch.dtype, chunk: int = 0) -> Config:
@@ -258,10 +258,8 @@ def _gemm(
     g_fast=False,
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
-    feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`); with
-    ``CHAIN_PDL`` every small-N launch is both, so the layers of a model chain too."""
+    feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
     pdl = _pdl(out.device, N)
-    wait, deps = pdl and (consumer or CHAIN_PDL), pdl and (producer or CHAIN_PDL)
     cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per
     grid = (_cdiv(N, cfg.BM), _cdiv(C, cfg.BN), G * _cdiv(K, k_per))
@@ -273,8 +271,8 @@ def _gemm(
          *a_strides, *b_strides, *out_strides, *bias_strides),
         dict(A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
              HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
-             WAIT=wait, LAUNCH_DEPS=deps, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
-        cfg.num_warps, cfg.num_stages, pdl=wait,
+             WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
+        cfg.num_warps, cfg.num_stages, pdl=consumer and pdl,
     )  # fmt: skip
 
 
@@ -308,7 +306,6 @@ def blast_forward(
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"
     b_out_pow2 = _pow2(b_out)
     pdl = _pdl(x.device, N)
-    chain = pdl and CHAIN_PDL
 
     def vs(cfg: Config) -> torch.Tensor:
         cfg = _effective(cfg, x.dtype)
@@ -320,9 +317,8 @@ def blast_forward(
             "blast_vs", grid,
             (x, V, S, w, N, q, r, b_in, b_out, per,
              x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride()),
-            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, WAIT=chain,
-                 BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
-            cfg.num_warps, cfg.num_stages, pdl=chain,
+            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+            cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w
 
