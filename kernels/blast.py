@@ -162,3 +162,155 @@ def blast_mix_dot_kernel(
         w.to(w_ptr.dtype.element_ty),
         mask=r_mask & n_mask & (ri < B_OUT)[None, None, :],
     )
+
+
+# ----------------------------------------------------------------------------------- one token: one fused kernel
+
+ONE_VS_TILE = (64, 256)  # (ranks, q rows) per V+S step of the fused one-token kernel
+
+
+@triton.jit
+def _grid_barrier(bar_ptr, n_programs):
+    """Every program of the grid waits here until all have arrived; what each wrote before is visible after.
+    ``bar_ptr`` holds (arrived count, generation), zero at first use and left with the count back at zero, so the
+    same two words serve every later launch on the stream. Needs all programs resident at once (grid <= SMs)."""
+    tl.debug_barrier()  # the whole program's stores happen before its one arriving thread's release
+    gen = tl.atomic_add(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_programs - 1:
+        tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
+    else:
+        while tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu") == gen:
+            pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _one_vs_unit(
+    x_ptr, v_ptr, s_ptr, w_ptr, pid_r, pid_s,
+    Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
+    s_xk, s_vj, s_vq, s_vr, s_si, s_sj, s_sr, s_ws, s_wi, s_wr,
+    B_OUT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Ranks pid_r*BR.. of the mixed intermediate, summed over split pid_s's input blocks: one float32 partial."""
+    rr = pid_r * BR + tl.arange(0, BR)
+    rk = tl.arange(0, BK)
+    ri = tl.arange(0, B_OUT)
+    r_mask = rr < R
+    i_mask = ri < B_OUT_REAL
+    acc = tl.zeros((B_OUT, BR), dtype=tl.float32)
+    j_start = pid_s * J_PER_SPLIT
+    k_steps = tl.cdiv(Q, BK)
+    n_steps = (tl.minimum(j_start + J_PER_SPLIT, B_IN) - j_start) * k_steps
+    for t in range(0, n_steps):
+        j = j_start + t // k_steps
+        kk = (t % k_steps) * BK + rk
+        k_mask = kk < Q
+        xa = tl.load(x_ptr + (j * Q + kk) * s_xk, mask=k_mask, other=0.0).to(tl.float32)
+        vb = tl.load(
+            v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
+            mask=k_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        z = tl.sum(xa[:, None] * vb.to(tl.float32), axis=0)
+        s = tl.load(
+            s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr,
+            mask=i_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        acc += s.to(tl.float32) * z[None, :]
+    w = w_ptr + pid_s * s_ws + ri[:, None] * s_wi + rr[None, :] * s_wr
+    tl.store(w, acc, mask=i_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _one_u_tile(u_ptr, i, rc, c_mask, kk, k_mask, s_ui, s_up, s_ur):
+    return tl.load(
+        u_ptr + i * s_ui + rc[:, None] * s_up + kk[None, :] * s_ur, mask=c_mask[:, None] & k_mask[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _one_u_unit(
+    ub, u_ptr, w_ptr, y_ptr, bias_ptr, i, rc,
+    R, P, N_SPLIT,
+    s_ui, s_up, s_ur, s_ws, s_wi, s_wr,
+    HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Outputs rc of output block i: U[i, rc] @ (sum of the partials of w[i]); ``ub`` is the first U tile, loaded
+    by the caller (possibly long before)."""
+    rk = tl.arange(0, BK)
+    c_mask = rc < P
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for t in range(0, tl.cdiv(R, BK)):
+        kk = t * BK + rk
+        k_mask = kk < R
+        if t > 0:
+            ub = _one_u_tile(u_ptr, i, rc, c_mask, kk, k_mask, s_ui, s_up, s_ur)
+        wk = tl.zeros((BK,), dtype=tl.float32)
+        for s in range(0, N_SPLIT):  # written by other programs of this launch: read through L2, never L1
+            wk += tl.load(w_ptr + s * s_ws + i * s_wi + kk * s_wr, mask=k_mask, other=0.0, cache_modifier=".cg")
+        acc += tl.sum(ub.to(tl.float32) * wk[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + i * P + rc, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + i * P + rc, acc.to(y_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def blast_one_kernel(
+    # operands: x (in,), V (b_in, q, r), S (b_out, b_in, r), U (b_out, p, r), w (split, b_out, r) float32
+    # partials, y (out,), bias (out,), bar: 2 int32 words of the grid barrier
+    x_ptr, v_ptr, s_ptr, u_ptr, w_ptr, y_ptr, bias_ptr, bar_ptr,
+    Q, R, P, B_IN, B_OUT_REAL, J_PER_SPLIT, N_SPLIT, N_PROGRAMS,
+    s_xk,
+    s_vj, s_vq, s_vr,
+    s_si, s_sj, s_sr,
+    s_ui, s_up, s_ur,
+    s_ws, s_wi, s_wr,
+    B_OUT: tl.constexpr,  # b_out rounded up to a power of two
+    HAS_BIAS: tl.constexpr,
+    PHASE: tl.constexpr,  # 0: both stages with a grid barrier between; 1 / 2: one stage (two launches)
+    BR: tl.constexpr, BK1: tl.constexpr,  # V+S tile: ranks x q rows
+    BN: tl.constexpr, BK: tl.constexpr,  # U tile: outputs x ranks
+):  # fmt: skip
+    """A BLAST layer for one token in one launch (decode at batch 1). A persistent grid (one program per SM at most)
+    first computes the mixed intermediate w in float32 partials, waits at a grid barrier, then multiplies by U. Each
+    program fetches its first U tile before the V+S work, so from the start the whole layer's weights stream at once
+    and the second stage starts without a kernel boundary (its launch, ramp and the first stage's tail)."""
+    pid = tl.program_id(0)
+    n_rt = tl.cdiv(R, BR)
+    n_ct = tl.cdiv(P, BN)
+    n_units1 = n_rt * N_SPLIT
+    n_units2 = B_OUT_REAL * n_ct
+    if PHASE != 1:
+        i0 = pid // n_ct
+        rc0 = (pid % n_ct) * BN + tl.arange(0, BN)
+        kk0 = tl.arange(0, BK)
+        p_first = tl.where(pid < n_units2, P, 0)  # a program with no U unit loads nothing
+        ub0 = _one_u_tile(u_ptr, i0, rc0, rc0 < p_first, kk0, kk0 < R, s_ui, s_up, s_ur)
+    if PHASE != 2:
+        for unit in range(pid, n_units1, N_PROGRAMS):
+            _one_vs_unit(
+                x_ptr, v_ptr, s_ptr, w_ptr, unit % n_rt, unit // n_rt,
+                Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
+                s_xk, s_vj, s_vq, s_vr, s_si, s_sj, s_sr, s_ws, s_wi, s_wr,
+                B_OUT, BR, BK1,
+            )  # fmt: skip
+    if PHASE == 0:
+        _grid_barrier(bar_ptr, N_PROGRAMS)
+    if PHASE != 1:
+        if pid < n_units2:
+            _one_u_unit(
+                ub0, u_ptr, w_ptr, y_ptr, bias_ptr, i0, rc0, R, P, N_SPLIT,
+                s_ui, s_up, s_ur, s_ws, s_wi, s_wr, HAS_BIAS, BN, BK,
+            )  # fmt: skip
+        for unit in range(pid + N_PROGRAMS, n_units2, N_PROGRAMS):
+            i = unit // n_ct
+            rc = (unit % n_ct) * BN + tl.arange(0, BN)
+            kk = tl.arange(0, BK)
+            ub = _one_u_tile(u_ptr, i, rc, rc < P, kk, kk < R, s_ui, s_up, s_ur)
+            _one_u_unit(
+                ub, u_ptr, w_ptr, y_ptr, bias_ptr, i, rc, R, P, N_SPLIT,
+                s_ui, s_up, s_ur, s_ws, s_wi, s_wr, HAS_BIAS, BN, BK,
+            )  # fmt: skip
