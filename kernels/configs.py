@@ -113,19 +113,9 @@ _VS_LARGE_90 = [
     Config(128, 64, 64, 8, 3),
 ]
 _VS_LARGE_8X = [Config(64, 32, 64, 8, 2), Config(32, 64, 64, 4, 2), Config(64, 64, 64, 8, 2)]
-# The fused one-token BLAST kernel (blast_one): BN x BK is its U tile, split the V+S partials (its V+S tile is fixed,
-# blast.ONE_VS_TILE). One stage: its loops hold tiles in registers, nothing is pipelined through shared memory.
-_ONE = [
-    Config(1, 16, 1024, 8, 1, split=16),
-    Config(1, 16, 512, 8, 1, split=16),
-    Config(1, 32, 512, 8, 1, split=8),
-    Config(1, 8, 2048, 8, 1, split=16),
-    Config(1, 16, 1024, 8, 1, split=8),
-    Config(1, 16, 512, 4, 1, split=0),
-]
 VS_ACC_LIMIT = 32768  # b_out_pow2 * BM * BR fp32 accumulators: 128 registers a thread at 8 warps
 
-KERNELS = ("gemm", "blast_vs", "blast_one")
+KERNELS = ("gemm", "blast_vs")
 TIERS = ("one", "small", "large")
 
 
@@ -149,10 +139,8 @@ def space(kernel: str, arch: int, tier: str | None = None, b_out_pow2: int | Non
     hopper = arch >= 90
     if kernel == "gemm":
         one, small, large = _GEMM_ONE, _GEMM_SMALL, _GEMM_LARGE_90 if hopper else _GEMM_LARGE_8X
-    elif kernel == "blast_vs":
+    else:
         one, small, large = _VS_ONE, _VS_SMALL, _VS_LARGE_90 if hopper else _VS_LARGE_8X
-    else:  # blast_one serves one token only
-        one, small, large = _ONE, [], []
     configs = {None: [*one, *small, *large], "one": [*one, *small], "small": small, "large": large}[tier]
     if kernel == "blast_vs" and b_out_pow2 is not None:
         configs = [c for c in configs if vs_fits(c, b_out_pow2)]

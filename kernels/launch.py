@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import runtime
-from .blast import ONE_VS_TILE, mix_tile
+from .blast import mix_tile
 from .configs import SMALL_N, Config, ConfigTable, bucket, default, space, tier
 from .monarch import interleave_tile
 
@@ -285,47 +285,6 @@ def _partials(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.
     return _empty((splits, *shape), like, torch.float32 if splits > 1 else None)
 
 
-ONE_FUSED = True  # BLAST at N = 1: one fused launch (blast_one_kernel) instead of V+S then U; bench switch
-_barriers: dict[torch.device, torch.Tensor] = {}
-
-
-def _barrier(device: torch.device) -> torch.Tensor | None:
-    """The fused one-token kernel's grid-barrier words on ``device``, zeroed once and left zeroed by every launch,
-    so one pair serves all layers (launches on one stream run one after another). None while a CUDA graph is being
-    captured and none exists yet: an allocation inside a capture holds no zeros until the graph replays."""
-    bar = _barriers.get(device)
-    if bar is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        bar = _barriers[device] = torch.zeros(2, dtype=torch.int32, device=device)
-    return bar
-
-
-def _blast_one(x, U, S, V, bias, y, cfg: Config) -> None:
-    """One token through a BLAST layer in one launch: a persistent grid of at most one program per SM, so all are
-    resident at once and the grid barrier between the two stages cannot deadlock. Under the interpreter (which runs
-    programs one after another) and without barrier words, the two stages run as two launches of the same kernel."""
-    b_out, p, r = U.shape
-    b_in, q = V.shape[:2]
-    br, bk1 = ONE_VS_TILE
-    n_rt = _cdiv(r, br)
-    sms = _sm_count(x.device)
-    want = cfg.split if cfg.split > 0 else round(sms / n_rt)
-    per = _cdiv(b_in, max(1, min(want, b_in)))
-    split = _cdiv(b_in, per)
-    w = _empty((split, b_out, r), x, torch.float32)
-    programs = min(sms, max(n_rt * split, b_out * _cdiv(p, cfg.BN)))
-    bar = _barrier(x.device)
-    for phase in (1, 2) if bar is None or interpreting() else (0,):
-        runtime.launch(
-            "blast_one", (programs,),
-            (x, V, S, U, w, y, bias if bias is not None else y,
-             bar if bar is not None else torch.empty(2, dtype=torch.int32, device=x.device),
-             q, r, p, b_in, b_out, per, split, programs,
-             x.stride(1), *V.stride(), *S.stride(), *U.stride(), *w.stride()),
-            dict(B_OUT=_pow2(b_out), HAS_BIAS=bias is not None, PHASE=phase, BR=br, BK1=bk1, BN=cfg.BN, BK=cfg.BK),
-            cfg.num_warps, cfg.num_stages,
-        )  # fmt: skip
-
-
 MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
 BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
 
@@ -396,17 +355,6 @@ def blast_forward(
             bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True,
         )  # fmt: skip
 
-    if N == 1 and ONE_FUSED:
-        _blast_one(
-            x,
-            U,
-            S,
-            V,
-            bias,
-            y,
-            _choose("blast_one", shape_key, N, x.device, lambda c: _blast_one(x, U, S, V, bias, y, c)),
-        )
-        return y
     if N > BLAST_FUSED_MAX_N:
         z = v(_choose("gemm", f"blast_v|{shape_key}", N, x.device, v))
         w = mix(z)

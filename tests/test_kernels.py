@@ -4,7 +4,6 @@ Every buffer a launcher allocates is poisoned with NaN first, so an element the 
 check; inputs are fresh random draws with odd sizes that no tile divides, and strided (non-contiguous) rows.
 """
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -29,15 +28,6 @@ def poisoned(monkeypatch):
         return real(shape, like, dtype).fill_(float("nan"))
 
     monkeypatch.setattr(launch, "_empty", empty)
-
-
-@contextlib.contextmanager
-def _one_fused(enabled: bool):
-    previous, launch.ONE_FUSED = launch.ONE_FUSED, enabled
-    try:
-        yield
-    finally:
-        launch.ONE_FUSED = previous
 
 
 def _rand(gen, *shape, dtype, scale=1.0):
@@ -114,17 +104,15 @@ def _every_config():
 
 
 @pytest.mark.parametrize("kernel,cfg", _every_config(), ids=lambda v: v if isinstance(v, str) else repr(v)[7:-1])
-def test_every_config(kernel, cfg, gen, monkeypatch):
+def test_every_config(kernel, cfg, gen):
     """Each shipped launch config computes the same function (float16: the dtype the interpreter can run)."""
     dtype = torch.float16
     if cfg.BM == 1:  # the one-token tier: served only N = 1 (one program per row is slow under the interpreter)
-        one_blast = kernel in ("blast_vs", "blast_one")
-        cases = ["blast-1tok", "blast-b5-1tok"] if one_blast else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
+        cases = ["blast-1tok", "blast-b5-1tok"] if kernel == "blast_vs" else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
     elif kernel == "blast_vs":
         cases = ["blast-odd", "blast-b5"]
     else:
         cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd"]
-    monkeypatch.setattr(launch, "ONE_FUSED", kernel == "blast_one")  # else BLAST's two-kernel one-token path
     with launch.forced(**{kernel: cfg}):
         for case in cases:
             fn, ref, args = CASES[case](gen, dtype)
@@ -212,10 +200,7 @@ def test_split_reductions(gen):
         for case in ("blast-1tok", "blast-b5", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd"):
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} split")
-    with (
-        launch.forced(gemm=Config(1, 16, 16, 4, 2, split=0), blast_vs=Config(1, 16, 16, 4, 2, split=5)),
-        _one_fused(False),
-    ):
+    with launch.forced(gemm=Config(1, 16, 16, 4, 2, split=0), blast_vs=Config(1, 16, 16, 4, 2, split=5)):
         for case in ("blast-1tok", "blast-b5-1tok", "monarch-1tok", "lowrank-1tok"):
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} one-token split")
@@ -232,11 +217,10 @@ GPU_SHAPES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("structure", list(GPU_SHAPES))
-def test_gpu_every_config_layer_sized(structure, gen, monkeypatch):
+def test_gpu_every_config_layer_sized(structure, gen):
     arch = launch._arch(torch.device("cuda"))
     for n in (1, 16, 1000):
         for kernel in configs.KERNELS if structure == "blast" else ("gemm",):
-            monkeypatch.setattr(launch, "ONE_FUSED", kernel == "blast_one")
             for cfg in configs.space(kernel, arch, configs.tier(n), b_out_pow2=8):
                 with launch.forced(**{kernel: cfg}):
                     fn, ref, args = GPU_SHAPES[structure](gen, torch.bfloat16, n)
@@ -263,27 +247,3 @@ def test_gpu_tuning_fills_the_table(gen):
         assert any(k.startswith("blast_vs|") for k in keys) and any(k.startswith("gemm|blast_u") for k in keys), keys
     finally:
         launch.use_table(previous)
-
-
-@pytest.mark.gpu
-def test_gpu_one_token_fused_barrier_is_reused(gen):
-    """The fused one-token kernel's grid barrier: many launches in a row and from a replayed CUDA graph, each on
-    fresh inputs, all correct; the barrier's arrival count is back at zero after each."""
-    shapes = [(16, 256, 16, 256, 1024), (16, 256, 16, 688, 1488), (5, 16, 5, 16, 48), (8, 96, 6, 200, 200)]
-    for b_in, q, b_out, p, r in shapes:
-        for _ in range(20):
-            fn, ref, args = _blast(gen, torch.bfloat16, 1, b_in, q, b_out, p, r)
-            _check(fn, ref, args, torch.bfloat16, f"fused one-token {b_in}x{q}->{b_out}x{p} r{r}")
-        assert launch._barriers[torch.device("cuda", torch.cuda.current_device())][0].item() == 0
-    fn, ref, (x, U, S, V, b) = _blast(gen, torch.bfloat16, 1, 16, 256, 16, 256, 1024)
-    fn(x, U, S, V, b)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fn(x, U, S, V, b)
-    for _ in range(10):
-        x.copy_(_rand(gen, *x.shape, dtype=x.dtype))
-        y.fill_(float("nan"))
-        graph.replay()
-        assert_rel_close(
-            y, ref(x.double(), U.double(), S.double(), V.double(), b.double()), TOL[torch.bfloat16], "graph"
-        )
