@@ -259,6 +259,11 @@ def _gemm(
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
     feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
+    if a_split > MAX_SPLIT and cfg.BM > 1:
+        raise ValueError(
+            f"launch config {cfg} sums at most {MAX_SPLIT} partials (shared memory) but the producer wrote "
+            f"{a_split}: pair a one-token producer with a one-token (BM=1) consumer"
+        )
     pdl = _pdl(out.device, N)
     cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per

@@ -108,7 +108,11 @@ def test_every_config(kernel, cfg, gen):
     """Each shipped launch config computes the same function (float16: the dtype the interpreter can run)."""
     dtype = torch.float16
     if cfg.BM == 1:  # the one-token tier: served only N = 1 (one program per row is slow under the interpreter)
-        cases = ["blast-1tok", "blast-b5-1tok"] if kernel == "blast_vs" else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
+        cases = (
+            ["blast-1tok", "blast-b5-1tok"]
+            if kernel == "blast_vs"
+            else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
+        )
     elif kernel == "blast_vs":
         cases = ["blast-odd", "blast-b5"]
     else:
@@ -222,7 +226,10 @@ def test_gpu_every_config_layer_sized(structure, gen):
     for n in (1, 16, 1000):
         for kernel in configs.KERNELS if structure == "blast" else ("gemm",):
             for cfg in configs.space(kernel, arch, configs.tier(n), b_out_pow2=8):
-                with launch.forced(**{kernel: cfg}):
+                forced = {kernel: cfg}
+                if kernel == "gemm" and cfg.BM > 1:  # a 16-row consumer sums at most MAX_SPLIT partials
+                    forced["blast_vs"] = configs.space("blast_vs", arch, "small")[0]
+                with launch.forced(**forced):
                     fn, ref, args = GPU_SHAPES[structure](gen, torch.bfloat16, n)
                     _check(fn, ref, args, torch.bfloat16, f"{structure} N={n} {kernel} {cfg}")
 
@@ -247,3 +254,14 @@ def test_gpu_tuning_fills_the_table(gen):
         assert any(k.startswith("blast_vs|") for k in keys) and any(k.startswith("gemm|blast_u") for k in keys), keys
     finally:
         launch.use_table(previous)
+
+
+def test_a_16_row_consumer_refuses_too_many_partials(gen):
+    """One-token producers may split into 16 partials; a 16-row consumer tile cannot sum more than MAX_SPLIT of
+    them (shared memory): a clear error, which the tuner skips, instead of the compiler's out-of-resources."""
+    fn, _, args = CASES["blast-b5-1tok"](gen, torch.float32)
+    with (
+        launch.forced(blast_vs=Config(1, 16, 16, 4, 2, split=5), gemm=Config(16, 16, 16, 4, 2, split=0)),
+        pytest.raises(ValueError, match="sums at most 4 partials"),
+    ):
+        fn(*args)
