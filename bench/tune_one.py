@@ -51,9 +51,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dtype = torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
-    vs_space = [c for c in space("blast_vs", 90, "one") if c.BM == 1]
-    u_space = [c for c in space("gemm", 90, "one") if c.BM == 1]
-    table = ConfigTable(90, source=f"bench/tune_one.py on {machine().get('gpu')}")
+    arch = launch._arch(torch.device("cuda"))
+    vs_space = [c for c in space("blast_vs", arch, "one") if c.BM == 1]
+    u_space = [c for c in space("gemm", arch, "one") if c.BM == 1]
+    table = ConfigTable(arch, source=f"bench/tune_one.py on {machine().get('gpu')}")
     one = torch.zeros(1, device="cuda")
     result = {"machine": machine(), "empty_us": time_us(lambda: one.add_(1)), "layers": []}
     for model, label, pattern, out_f, in_f, _ in LAYERS:
@@ -87,9 +88,11 @@ def main(argv=None) -> int:
                 row["pairs"].append({"vs": vs.to_dict(), "u": u.to_dict(), "us": us, "rel_error": err})
                 if err < 2e-2 and (best is None or us < best[0]):
                     best = (us, vs, u)
+        if best is None:
+            print(f"{model} {label}: no pair ran within tolerance", flush=True)
+            continue
         us, vs, u = best
-        splits = launch._splits(vs, -(-1 // vs.BM) * -(-r // vs.BN), b, x.device)
-        split = -(-b // -(-b // splits))
+        split = launch.vs_partials(vs, 1, r, b, x.device, dtype)[1]
         shape_key = f"{b}x{in_f // b}->{b}x{out_f // b}|r{r}|bfloat16"
         table.put(f"blast_vs|{shape_key}|N1", vs)
         table.put(f"gemm|blast_u|{shape_key}|split{split}|N1", u)

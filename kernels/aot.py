@@ -91,7 +91,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
     """Every (arch, config, variant) CI compiles: each config of each architecture's space, in one specialization
     that takes every addressing path (chunked A, permuted B rows, fused bias; float32 partials on the small-N side),
     plus the other dtypes once."""
-    from .configs import SMALL_N, VS_ACC_LIMIT, space
+    from .configs import SMALL_N, VS_ACC_LIMIT, max_partials, space
 
     cases = []
     for arch in ARCHS:
@@ -99,7 +99,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
         for cfg in space("gemm", arch):
             c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True), ("G_FAST", True))
             if cfg.BM <= SMALL_N:  # a split producer's consumer, launched early
-                c += (("A_SPLIT", 16 if cfg.BM == 1 and arch >= 90 else 4), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
+                c += (("A_SPLIT", max_partials(cfg.BM, arch)), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
             cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
         for cfg in space("blast_vs", arch):
             b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves

@@ -1,9 +1,9 @@
 """BLAST's V and S stages fused: the first intermediate z = x_j @ V[j] never reaches memory.
 
 A program owns a tile of tokens x ranks and walks the input blocks j; each z_j tile goes straight from the tensor
-cores into the running mix ``w[i] += S[i, j] * z_j`` for every output block i, held on chip as a
-(B_OUT, BM, BR) accumulator. Recomputing z per output block would multiply the V stage's FLOPs by b_out; holding
-all b_out accumulators instead bounds BM*BR, which is what the tile configs trade.
+cores (for one token, the CUDA cores' multiply-and-reduce) into the running mix ``w[i] += S[i, j] * z_j`` for every
+output block i, held on chip as a (B_OUT, BM, BR) accumulator. Recomputing z per output block would multiply the V
+stage's FLOPs by b_out; holding all b_out accumulators instead bounds BM*BR, which is what the tile configs trade.
 
 The (block, reduction step) pairs form one flat loop, so the software pipeline keeps weight loads in flight across
 block boundaries; the mix is applied per step, which is the same sum (it is linear) and costs nothing extra when a
@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
+
+from .gemm import gemv
 
 
 @triton.jit
@@ -63,8 +65,8 @@ def blast_vs_kernel(
             mask=k_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
-        if BM == 1:  # one token row: multiply-and-reduce, as the grouped GEMM's GEMV path
-            z = tl.sum(tl.trans(xa).to(tl.float32) * vb.to(tl.float32), axis=0)[None, :]
+        if BM == 1:  # one token row
+            z = gemv(xa, vb)
         elif IEEE:
             z = tl.dot(xa, vb, input_precision="ieee")
         else:

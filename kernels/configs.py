@@ -52,9 +52,9 @@ def bucket(n: int) -> int:
 # so keep them few.
 # One token (decode at batch 1) is a matrix-vector product: BM = 1 selects the kernels' multiply-and-reduce path,
 # whose tiles hold only weights (a 16-row MMA tile spends most of its registers and shared memory on masked rows),
-# so each program can keep a large share of the weights in flight. The small tier is tried too. Shared memory:
-# a consumer pipelines its B tile and one (1, BK) float32 row per partial, (BK*BN*2 + split*BK*4) per stage, which
-# bounds the tiles here and the split (launch.MAX_SPLIT_ONE) on 100 KB sm_86.
+# so each program can keep a large share of the weights in flight. The small tier is tried too. These tiles are not
+# pipelined through shared memory (Triton keeps the multiply-and-reduce operands in registers; num_stages changes
+# nothing), so they fit every architecture and may sum many partials (max_partials).
 # Small N is weight-bandwidth bound: 16-row tiles (the tensor cores' minimum), narrow columns, and small enough
 # shared memory per program that several programs per SM keep weight loads in flight (with one single-step 32 KB
 # tile per program, Llama-7B q/k/v/o Monarch at N=1 moved its 16.8 MB at 0.9 TB/s on an H200). Large N:
@@ -117,6 +117,17 @@ VS_ACC_LIMIT = 32768  # b_out_pow2 * BM * BR fp32 accumulators: 128 registers a 
 
 KERNELS = ("gemm", "blast_vs")
 TIERS = ("one", "small", "large")
+_SMALL_SMEM_ARCHS = (86, 89)  # ~100 KB of shared memory per program, against 163 KB (sm_80/87) and 227 KB (sm_90)
+
+
+def max_partials(bm: int, arch: int) -> int:
+    """How many float32 partials a consumer tile of ``bm`` rows may sum while loading its A operand, so how many a
+    producer may write. A 16-row tile pipelines one (16, BK) load per partial through shared memory: 4 fit sm_87
+    and sm_90, 2 fit sm_86 (tests/test_aot checks every shipped config against each chip's limit). One-token
+    tiles hold their operands in registers: 16."""
+    if bm == 1:
+        return 16
+    return 2 if arch in _SMALL_SMEM_ARCHS else 4
 
 
 def tier(n: int) -> str:
@@ -128,20 +139,20 @@ def vs_fits(cfg: Config, b_out_pow2: int) -> bool:
     return b_out_pow2 * cfg.BM * cfg.BN <= VS_ACC_LIMIT
 
 
-def space(kernel: str, arch: int, tier: str | None = None, b_out_pow2: int | None = None) -> list[Config]:
-    """The configs tried for ``kernel`` on compute capability ``arch`` (e.g. 90): all, or those of one ``tier``
-    (the one-token tier also tries the small one's); ``b_out_pow2`` drops the BLAST V+S tiles whose accumulators
-    would not fit for that many output blocks."""
+def space(kernel: str, arch: int, which: str | None = None, b_out_pow2: int | None = None) -> list[Config]:
+    """The configs tried for ``kernel`` on compute capability ``arch`` (e.g. 90): all, or those of one tier
+    (``which``; the one-token tier also tries the small one's); ``b_out_pow2`` drops the BLAST V+S tiles whose
+    accumulators would not fit for that many output blocks."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
-    if tier not in (None, *TIERS):
-        raise ValueError(f"unknown tier {tier!r}; known: {', '.join(TIERS)}")
+    if which not in (None, *TIERS):
+        raise ValueError(f"unknown tier {which!r}; known: {', '.join(TIERS)}")
     hopper = arch >= 90
     if kernel == "gemm":
         one, small, large = _GEMM_ONE, _GEMM_SMALL, _GEMM_LARGE_90 if hopper else _GEMM_LARGE_8X
     else:
         one, small, large = _VS_ONE, _VS_SMALL, _VS_LARGE_90 if hopper else _VS_LARGE_8X
-    configs = {None: [*one, *small, *large], "one": [*one, *small], "small": small, "large": large}[tier]
+    configs = {None: [*one, *small, *large], "one": [*one, *small], "small": small, "large": large}[which]
     if kernel == "blast_vs" and b_out_pow2 is not None:
         configs = [c for c in configs if vs_fits(c, b_out_pow2)]
     return list(configs)

@@ -49,11 +49,16 @@ def _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT: tl.cons
 
 
 @triton.jit
+def gemv(a, b):
+    """One token row: a (1, BK) times b (BK, BN) as multiply-and-reduce on the CUDA cores, in float32. A 16-row MMA
+    tile would spend 15/16 of its registers and shared memory on masked rows; here every register holds weights."""
+    return tl.sum(tl.trans(a).to(tl.float32) * b.to(tl.float32), axis=0)[None, :]
+
+
+@triton.jit
 def _mma(a, b, acc, IEEE: tl.constexpr, GEMV: tl.constexpr):
     if GEMV:
-        # One token row: a (1, BK) times b (BK, BN) as multiply-and-reduce on the CUDA cores. A 16-row MMA tile
-        # would spend 15/16 of its registers and shared memory on masked rows; here every register holds weights.
-        return acc + tl.sum(tl.trans(a).to(tl.float32) * b.to(tl.float32), axis=0)[None, :]
+        return acc + gemv(a, b)
     if IEEE:
         return tl.dot(a.to(b.dtype), b, acc, input_precision="ieee")
     return tl.dot(a.to(b.dtype), b, acc)

@@ -22,7 +22,7 @@ import torch
 
 from . import runtime
 from .blast import mix_tile
-from .configs import SMALL_N, Config, ConfigTable, bucket, default, space, tier
+from .configs import SMALL_N, Config, ConfigTable, bucket, default, max_partials, space, tier
 from .monarch import interleave_tile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -198,17 +198,19 @@ def _resolve(
     return best
 
 
-MAX_SPLIT = 4  # the consumer pipelines one load per partial: 8 fp32 partials overflow sm_90's shared memory
-# One-token consumers pipeline a (1, BK) float32 row per partial: 16 fit sm_90's 227 KB of shared memory with
-# every one-token tile; before sm_90 (100 KB on sm_86) MAX_SPLIT applies.
-MAX_SPLIT_ONE = 16
-
-
 def _splits(cfg: Config, programs: int, steps: int, device: torch.device) -> int:
-    """How many programs share one reduction of ``steps`` steps: the config's, or (0) enough to fill the GPU."""
+    """How many programs share one reduction of ``steps`` steps: the config's, or (0) enough to fill the GPU; at
+    most what a consumer tile of the same height can sum (:func:`~.configs.max_partials`)."""
     want = cfg.split if cfg.split > 0 else round(_sm_count(device) / max(1, programs))
-    cap = MAX_SPLIT_ONE if cfg.BM == 1 and _arch(device) >= 90 else MAX_SPLIT
-    return max(1, min(want, steps, cap))
+    return max(1, min(want, steps, max_partials(cfg.BM, _arch(device))))
+
+
+def vs_partials(cfg: Config, N: int, r: int, b_in: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """BLAST V+S with ``cfg``: (input blocks per program, float32 partials written)."""
+    cfg = _effective(cfg, dtype)
+    programs = _cdiv(N, cfg.BM) * _cdiv(r, cfg.BN)
+    per = _cdiv(b_in, _splits(cfg, programs, b_in, device))
+    return per, _cdiv(b_in, per)
 
 
 def _effective(cfg: Config, dtype: torch.dtype, chunk: int = 0) -> Config:
@@ -259,9 +261,10 @@ def _gemm(
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
     feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
-    if a_split > MAX_SPLIT and cfg.BM > 1:
+    most = max_partials(cfg.BM, _arch(out.device))
+    if a_split > most:
         raise ValueError(
-            f"launch config {cfg} sums at most {MAX_SPLIT} partials (shared memory) but the producer wrote "
+            f"launch config {cfg} sums at most {most} partials (shared memory) but the producer wrote "
             f"{a_split}: pair a one-token producer with a one-token (BM=1) consumer"
         )
     pdl = _pdl(out.device, N)
@@ -313,10 +316,9 @@ def blast_forward(
     pdl = _pdl(x.device, N)
 
     def vs(cfg: Config) -> torch.Tensor:
+        per, partials = vs_partials(cfg, N, r, b_in, x.device, x.dtype)
         cfg = _effective(cfg, x.dtype)
-        programs = _cdiv(N, cfg.BM) * _cdiv(r, cfg.BN)
-        per = _cdiv(b_in, _splits(cfg, programs, b_in, x.device))
-        w = _partials(_cdiv(b_in, per), (N, b_out, r), x)
+        w = _partials(partials, (N, b_out, r), x)
         grid = (_cdiv(N, cfg.BM), _cdiv(r, cfg.BN), w.shape[0])
         runtime.launch(
             "blast_vs", grid,

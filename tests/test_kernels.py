@@ -76,6 +76,8 @@ CASES = {
     "monarch-b4": lambda g, dt: _monarch(g, dt, 70, 4, 32, 16, 24),  # above MONARCH_DIRECT_MAX_N: interleave pass
     "monarch-wide": lambda g, dt: _monarch(g, dt, 21, 2, 64, 12, 10),  # chunk of 32: contiguous A steps
     "lowrank-1tok": lambda g, dt: _lowrank(g, dt, 1, 30, 21, 5),
+    "lowrank-long-1tok": lambda g, dt: _lowrank(g, dt, 1, 100, 21, 5),  # 7 partials with 16-long steps
+    "monarch-long-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 40, 10),  # 3 partials, then a chunked A
     "lowrank-odd": lambda g, dt: _lowrank(g, dt, 41, 19, 26, 12, bias=False),
 }
 
@@ -188,6 +190,15 @@ def test_shipped_tables_hold_only_shipped_configs():
             assert cfg in configs.space(kernel, arch), f"{path.name}: {key} -> {cfg} is not in the sm_{arch} space"
 
 
+def test_shipped_tables_pair_each_consumer_with_what_it_can_sum():
+    """A consumer entry keyed by a producer's partial count must be a tile that can sum that many."""
+    for path in sorted((Path(configs.__file__).parent / "tables").glob("sm_*.json")):
+        table = ConfigTable.load(path)
+        for key, cfg in table.entries.items():
+            split = next((int(part[5:]) for part in key.split("|") if part.startswith("split")), 1)
+            assert split <= configs.max_partials(cfg.BM, table.arch), f"{path.name}: {key} -> {cfg}"
+
+
 @pytest.mark.parametrize("n", [1, 16, 200])
 def test_buckets(n):
     b = configs.bucket(n)
@@ -205,7 +216,14 @@ def test_split_reductions(gen):
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} split")
     with launch.forced(gemm=Config(1, 16, 16, 4, 2, split=0), blast_vs=Config(1, 16, 16, 4, 2, split=5)):
-        for case in ("blast-1tok", "blast-b5-1tok", "monarch-1tok", "lowrank-1tok"):
+        for case in (
+            "blast-1tok",
+            "blast-b5-1tok",
+            "monarch-1tok",
+            "lowrank-1tok",
+            "lowrank-long-1tok",
+            "monarch-long-1tok",
+        ):
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} one-token split")
 
@@ -227,7 +245,7 @@ def test_gpu_every_config_layer_sized(structure, gen):
         for kernel in configs.KERNELS if structure == "blast" else ("gemm",):
             for cfg in configs.space(kernel, arch, configs.tier(n), b_out_pow2=8):
                 forced = {kernel: cfg}
-                if kernel == "gemm" and cfg.BM > 1:  # a 16-row consumer sums at most MAX_SPLIT partials
+                if kernel == "gemm" and cfg.BM > 1:  # a 16-row consumer sums at most max_partials(16)
                     forced["blast_vs"] = configs.space("blast_vs", arch, "small")[0]
                 with launch.forced(**forced):
                     fn, ref, args = GPU_SHAPES[structure](gen, torch.bfloat16, n)
@@ -257,7 +275,7 @@ def test_gpu_tuning_fills_the_table(gen):
 
 
 def test_a_16_row_consumer_refuses_too_many_partials(gen):
-    """One-token producers may split into 16 partials; a 16-row consumer tile cannot sum more than MAX_SPLIT of
+    """One-token producers may split into 16 partials; a 16-row consumer tile cannot sum more than max_partials of
     them (shared memory): a clear error, which the tuner skips, instead of the compiler's out-of-resources."""
     fn, _, args = CASES["blast-b5-1tok"](gen, torch.float32)
     with (
