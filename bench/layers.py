@@ -111,7 +111,7 @@ def _matmul_tflops(n: int = 8192) -> float:
 
 
 @triton.jit
-def _read_kernel(x_ptr, out_ptr, per_program, repeats, BLOCK: tl.constexpr):
+def read_kernel(x_ptr, out_ptr, per_program, repeats, BLOCK: tl.constexpr):
     base = x_ptr + tl.program_id(0) * per_program
     acc = tl.zeros([BLOCK], tl.float32)
     for _ in range(repeats):
@@ -125,7 +125,7 @@ def _l2_read_gbs(megabytes: int = 16, repeats: int = 50) -> float:
     per = megabytes * 2**20 // 2 // programs // 1024 * 1024
     x = torch.randn(programs * per, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(programs * 1024, device="cuda")
-    ms = do_bench(lambda: _read_kernel[(programs,)](x, out, per, repeats, BLOCK=1024), return_mode="median")
+    ms = do_bench(lambda: read_kernel[(programs,)](x, out, per, repeats, BLOCK=1024), return_mode="median")
     return repeats * x.numel() * 2 / ms / 1e6
 
 

@@ -15,23 +15,12 @@ import json
 import sys
 
 import torch
-import triton
-import triton.language as tl
 from blrdeploy.kernels import launch
 from blrdeploy.kernels.configs import ConfigTable, space
 from common import machine
-from layers import LAYERS, factors, rel_error, setting, time_us, write_json
+from layers import LAYERS, factors, read_kernel, rel_error, setting, time_us, write_json
 
 from blrdeploy import functional as ref
-
-
-@triton.jit
-def _stream_kernel(x_ptr, out_ptr, per_program, BLOCK: tl.constexpr):
-    base = x_ptr + tl.program_id(0).to(tl.int64) * per_program
-    acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(0, per_program, BLOCK):
-        acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
-    tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc)
 
 
 def stream_us(nbytes: int) -> float:
@@ -40,7 +29,7 @@ def stream_us(nbytes: int) -> float:
     per = max(8192, nbytes // 2 // programs // 8192 * 8192)
     x = torch.randn(programs * per, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(programs * 8192, device="cuda")
-    return time_us(lambda: _stream_kernel[(programs,)](x, out, per, BLOCK=8192, num_warps=8))
+    return time_us(lambda: read_kernel[(programs,)](x, out, per, 1, BLOCK=8192, num_warps=8))
 
 
 def main(argv=None) -> int:
