@@ -36,7 +36,9 @@ from .checkpoint import BLR_CONFIG, blr_module, load, read_blr_config
 from .convert import ConvertConfig, is_linear, linear_dims, plan
 from .job import unique_params
 from .models import BUILTIN, FAMILIES, main_output
-from .modules import _BLRLinear, set_submodule
+from .modules import set_submodule
+from .siblings import BlastSiblings, blr_layer_count
+from .siblings import fuse_siblings as fuse
 from .sources import builtin_config, identify, instantiate, read_config
 
 MODES = ("eager", "graph", "compile")
@@ -186,11 +188,12 @@ def _blr_skeleton(model: nn.Module, layers: list[dict]) -> nn.Module:
 
 def resolve(
     model: str, structure: str = "blast", preset: str | None = "auto", params_ratio: float = 0.5, seed: int = 0,
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, fuse_siblings: bool = True,
 ) -> Target:  # fmt: skip
     """A built-in model (its conversion planned with the paper preset where it has one for ``structure``, else
     ``params_ratio``; random weights) or a converted checkpoint directory (its stored weights). Nothing is
-    allocated until a variant is built."""
+    allocated until a variant is built. ``fuse_siblings``: the BLR model's sibling BLAST layers run stacked
+    (:mod:`blrdeploy.siblings`)."""
     device = torch.device(device)
     if model in BUILTIN:
         spec = BUILTIN[model]
@@ -203,7 +206,10 @@ def resolve(
         note = f"{'paper preset' if use_preset else f'params ratio {params_ratio}'}; random weights (seed {seed})"
 
         def blr():
-            return materialize(_blr_skeleton(_skeleton(library, class_name, config), layers), device, dtype, seed)
+            skeleton = _blr_skeleton(_skeleton(library, class_name, config), layers)
+            if fuse_siblings:  # on the meta skeleton: the stacked factors are allocated once, in the slab
+                fuse(skeleton, FAMILIES[spec.family].siblings)
+            return materialize(skeleton, device, dtype, seed)
 
     else:
         path = Path(model)
@@ -223,7 +229,7 @@ def resolve(
         note = f"the checkpoint's weights; the dense twin has random weights (seed {seed})"
 
         def blr():
-            return load(path, device=device, dtype=dtype)
+            return load(path, device=device, dtype=dtype, fuse_siblings=fuse_siblings)
 
     def dense():
         return materialize(_skeleton(library, class_name, config), device, dtype, seed)
@@ -551,7 +557,8 @@ def run_variant(
         model = variant.build()
         result["build_s"] = round(time.perf_counter() - t0, 3)
         result["params"], result["weight_bytes"] = unique_params(model)
-        result["blr_layers"] = sum(isinstance(m, _BLRLinear) for m in model.modules())
+        result["blr_layers"] = blr_layer_count(model)
+        result["sibling_groups"] = sum(isinstance(m, BlastSiblings) for m in model.modules())
         for batch, seq in shapes_for(target, config):
             feed = prefill_inputs(target, model, batch, seq, config.seed, device)
             for mode in config.modes:

@@ -281,10 +281,17 @@ def blr_module(layer: dict) -> nn.Module:
         raise CheckpointError(f"layer {layer.get('name')} of {BLR_CONFIG} is unusable: {exc}") from exc
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    fuse_siblings: bool | None = None,
+) -> nn.Module:
     """Rebuild a converted model: skeleton on the meta device, BLR modules swapped in, tensors assigned. Each
     stored tensor is cast to ``dtype`` before it is moved to ``device``, one at a time: the device never holds more
-    than the final weights (no float32 copy of a bfloat16 model, no dense weight)."""
+    than the final weights (no float32 copy of a bfloat16 model, no dense weight) plus, while sibling layers are
+    stacked, one group's factors. ``fuse_siblings`` (default: on CUDA) stacks the BLAST layers of the model family's
+    sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`): fewer kernel launches, same outputs."""
     from safetensors import SafetensorError, safe_open
 
     from .sources import instantiate, read_config
@@ -332,4 +339,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise CheckpointError(f"{path} left tensors unset: {leftover[:5]}")
     if dtype is not None:
         model = model.to(dtype)
+    if fuse_siblings or (fuse_siblings is None and torch.device(device).type == "cuda"):
+        from .models import FAMILIES
+        from .siblings import fuse_siblings as fuse
+
+        family = FAMILIES.get(src.get("family") or "")
+        fuse(model, family.siblings if family else ())
     return model.eval()

@@ -95,6 +95,13 @@ def bench(
         ),
     ] = None,
     only: Annotated[str | None, typer.Option(help="Measure one model only: dense or blr.")] = None,
+    fuse_siblings: Annotated[
+        bool,
+        typer.Option(
+            help="Run BLAST layers that read one input (q/k/v, gate/up) stacked, one launch pair for the group. "
+            "--no-fuse-siblings runs each layer on its own (to measure what stacking brings)."
+        ),
+    ] = True,
     budget: Annotated[float, typer.Option(help="Seconds of repetitions per timed measurement.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and inputs.")] = 0,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the JSON result here.")] = None,
@@ -134,7 +141,7 @@ def bench(
             budget_s=budget, seed=seed,
         )  # fmt: skip
         preset = "auto" if params_ratio is None else None
-        target = bn.resolve(model, structure, preset, params_ratio or 0.5, seed, dev, torch_dtype)
+        target = bn.resolve(model, structure, preset, params_ratio or 0.5, seed, dev, torch_dtype, fuse_siblings)
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     progress = _steps(bn.step_count(target, config, only))

@@ -38,12 +38,15 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torc
 def blast_reference(
     x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p)."""
-    b_in, q, _ = V.shape
+    """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p). Stacked siblings
+    (a leading L on each factor, bias (L*b_out*p,)) give (..., L*b_out*p), layer l's outputs in the l-th slice."""
+    if U.dim() == 3:
+        U, S, V = U[None], S[None], V[None]
+    b_in, q, _ = V.shape[1:]
     xf = _flatten(x, b_in * q)
-    z = torch.einsum("njq,jqr->njr", xf.view(-1, b_in, q), V)  # V stage
-    w = torch.einsum("njr,ijr->nir", z, S)  # S stage: per-rank mixing across blocks
-    y = torch.einsum("nir,ipr->nip", w, U)  # U stage
+    z = torch.einsum("njq,ljqr->nljr", xf.view(-1, b_in, q), V)  # V stage
+    w = torch.einsum("nljr,lijr->nlir", z, S)  # S stage: per-rank mixing across blocks
+    y = torch.einsum("nlir,lipr->nlip", w, U)  # U stage
     return _finish(y.reshape(xf.shape[0], -1), x, bias)
 
 
@@ -92,8 +95,11 @@ def lowrank_to_dense(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 def blast_linear(
     x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p)."""
+    """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p). Stacked siblings
+    as in :func:`blast_reference`."""
     if torch.onnx.is_in_onnx_export():
+        if U.dim() != 3:
+            raise ValueError("stacked sibling layers have no ONNX op: export the model before fuse_siblings")
         return _onnx_node("BlastLinear", x, [U, S, V], U.shape[0] * U.shape[1], bias)
     return torch.ops.blrdeploy.blast_linear(x, U, S, V, bias)
 

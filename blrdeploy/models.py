@@ -23,6 +23,7 @@ class Family:
     include: tuple[str, ...]  # default layers to convert (reference paper)
     exclude: tuple[str, ...] = ()
     sample: Callable = None  # (model, batch, seed, seq=16) -> kwargs for forward; seq only for token models
+    siblings: tuple[tuple[str, ...], ...] = ()  # child names that read one input: fused on CUDA (blrdeploy.siblings)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ FAMILIES: dict[str, Family] = {
             ("llama",),
             include=("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"),
             sample=_token_inputs,
+            siblings=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
         ),
         Family(
             "gpt2",
@@ -105,12 +107,14 @@ FAMILIES: dict[str, Family] = {
             ),  # fmt: skip
             exclude=("*.attention.output.dense",),
             sample=_image_inputs,
+            siblings=(("q_proj", "k_proj", "v_proj"), ("query", "key", "value")),
         ),
         Family(
             "dit",
             ("DiTTransformer2DModel",),
             include=("*.attn1.to_q", "*.attn1.to_k", "*.attn1.to_v", "*.ff.net.0.proj", "*.norm1.linear"),
             sample=_latent_inputs,
+            siblings=(("to_q", "to_k", "to_v"),),  # attn1 only is converted: self-attention, one input
         ),
     ]
 }

@@ -97,11 +97,7 @@ class BlastLinear(_BLRLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Zero-mean factors whose dense product has nn.Linear's entry variance 1/(3*in): r * var(U)var(S)var(V).
-        nn.init.normal_(self.U, std=1 / math.sqrt(self.rank))
-        nn.init.normal_(self.S, std=1.0)
-        nn.init.normal_(self.V, std=1 / math.sqrt(3 * self.in_features))
-        self._init_bias()
+        blast_init(self.U, self.S, self.V, self.bias, self.in_features)
 
     def factors(self):
         return {"U": self.U, "S": self.S, "V": self.V}
@@ -223,6 +219,18 @@ class LowRankLinear(_BLRLinear):
         layer = cls(inn, out, rank, bias=bias is not None, device="meta")
         U, V, result = fz.lowrank_svd(weight, rank, compute_dtype)
         return layer._adopt({"U": U, "V": V}, bias, dtype or weight.dtype, result)
+
+
+@torch.no_grad()
+def blast_init(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> None:
+    """Zero-mean factors whose dense product has nn.Linear's entry variance 1/(3*in) (r * var(U)var(S)var(V)) and
+    nn.Linear's bias; any leading (stacked) dims."""
+    nn.init.normal_(U, std=1 / math.sqrt(U.shape[-1]))
+    nn.init.normal_(S, std=1.0)
+    nn.init.normal_(V, std=1 / math.sqrt(3 * in_features))
+    if bias is not None:
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(bias, -bound, bound)
 
 
 def _block_pair(num_blocks) -> tuple[int, int]:

@@ -74,12 +74,17 @@ def blast_linear(
 
 @blast_linear.register_kernel("cuda")
 def _(x, U, S, V, bias):
-    return _on_kernels(F.blast_reference, "blast_forward", x, (U, S, V), bias, U.shape[0] * U.shape[1])
+    return _on_kernels(F.blast_reference, "blast_forward", x, (U, S, V), bias, _blast_out(U))
 
 
 @blast_linear.register_fake
 def _(x, U, S, V, bias):
-    return _fake(x, U.shape[0] * U.shape[1])
+    return _fake(x, _blast_out(U))
+
+
+def _blast_out(U: torch.Tensor) -> int:
+    """Output features: b_out*p, or L*b_out*p for stacked siblings (U (L, b_out, p, r))."""
+    return U.numel() // U.shape[-1]
 
 
 @torch.library.custom_op("blrdeploy::monarch_linear", mutates_args=())

@@ -747,7 +747,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cuda", allow_jit
         check_gpu(bundle.target, _gpu_arch(device), torch.cuda.get_device_name(device))
         activate(bundle, allow_jit, device)
     try:
-        model = load(root / manifest["checkpoint"]["dir"], device=device, dtype=bundle.dtype)
+        model = load(  # the bundle's cubins are planned per layer, not for stacked siblings
+            root / manifest["checkpoint"]["dir"], device=device, dtype=bundle.dtype, fuse_siblings=False
+        )
     except BaseException as e:
         bundle.close()
         if isinstance(e, CheckpointError):

@@ -11,6 +11,10 @@ block's q rows fit one step (BK >= q), the usual case.
 
 For few tokens the input blocks are split over SPLIT programs (grid axis 2) that each write a float32 partial of
 w; the U stage sums the partials while loading them, so the small-N path needs no atomics and no zeroing launch.
+
+Sibling layers (L layers of one shape reading the same input, see ``blrdeploy.siblings``) run as one launch: grid
+axis 1 walks (layer, rank tile) pairs, each layer's V and S found ``s_vl`` / ``s_sl`` apart, and layer l's mix lands
+in output blocks l*b_out ... so the U stage sees one grouped GEMM of L*b_out groups.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ from .gemm import gemv
 
 @triton.jit
 def blast_vs_kernel(
-    # operands: x (N, b_in*q), V (b_in, q, r), S (b_out, b_in, r), w (split, N, b_out, r)
+    # operands: x (N, b_in*q), V (L, b_in, q, r), S (L, b_out, b_in, r), w (split, N, L*b_out, r)
     x_ptr, v_ptr, s_ptr, w_ptr,
     # sizes; J_PER_SPLIT input blocks per program on grid axis 2
     N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
     # strides
     s_xn, s_xk,
-    s_vj, s_vq, s_vr,
-    s_si, s_sj, s_sr,
+    s_vl, s_vj, s_vq, s_vr,
+    s_sl, s_si, s_sj, s_sr,
     s_ws, s_wn, s_wi, s_wr,
     B_OUT: tl.constexpr,  # b_out rounded up to a power of two
     IEEE: tl.constexpr,
@@ -41,8 +45,13 @@ def blast_vs_kernel(
     if LAUNCH_DEPS:
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    r_tiles = tl.cdiv(R, BR)
+    layer = (tl.program_id(1) // r_tiles).to(tl.int64)
+    pid_r = tl.program_id(1) % r_tiles
     pid_s = tl.program_id(2)
+    v_ptr += layer * s_vl
+    s_ptr += layer * s_sl
+    w_ptr += layer * B_OUT_REAL * s_wi
     rn = pid_n * BM + tl.arange(0, BM)
     rr = pid_r * BR + tl.arange(0, BR)
     rk = tl.arange(0, BK)

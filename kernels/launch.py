@@ -205,10 +205,12 @@ def _splits(cfg: Config, programs: int, steps: int, device: torch.device) -> int
     return max(1, min(want, steps, max_partials(cfg.BM, _arch(device))))
 
 
-def vs_partials(cfg: Config, N: int, r: int, b_in: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """BLAST V+S with ``cfg``: (input blocks per program, float32 partials written)."""
+def vs_partials(
+    cfg: Config, N: int, r: int, b_in: int, device: torch.device, dtype: torch.dtype, layers: int = 1
+) -> tuple[int, int]:
+    """BLAST V+S with ``cfg`` (``layers`` stacked siblings): (input blocks per program, float32 partials written)."""
     cfg = _effective(cfg, dtype)
-    programs = _cdiv(N, cfg.BM) * _cdiv(r, cfg.BN)
+    programs = _cdiv(N, cfg.BM) * _cdiv(r, cfg.BN) * layers
     per = _cdiv(b_in, _splits(cfg, programs, b_in, device))
     return per, _cdiv(b_in, per)
 
@@ -300,26 +302,34 @@ BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U
 def blast_forward(
     x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p).
+    """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p). Or L stacked sibling
+    layers of that shape reading the same x: U (L, b_out, p, r), S (L, b_out, b_in, r), V (L, b_in, q, r), bias
+    (L*b_out*p,) -> (N, L*b_out*p), layer l in columns l*b_out*p ...
 
-    Few tokens: V and S fused (z stays on chip), then U. Many: V as a grouped GEMM writing z, the S mix at memory
-    speed, then U (see ``blast_mix_kernel`` for why)."""
-    b_out, p, r = U.shape
-    b_in, q = V.shape[:2]
-    _check(x, {"U": U, "S": S, "V": V}, {"x": (b_in * q,), "S": (b_out, b_in, r), "V": (b_in, q, r)}, bias, b_out * p)
+    Few tokens: V and S fused (z stays on chip), then U; stacked layers share both launches. Many: per layer, V as a
+    grouped GEMM writing z, the S mix at memory speed, then U (see ``blast_mix_kernel`` for why)."""
+    stacked = U.dim() == 4
+    if not stacked:
+        U, S, V = U[None], S[None], V[None]
+    L, b_out, p, r = U.shape
+    b_in, q = V.shape[1:3]
+    expected = {"x": (b_in * q,), "S": (L, b_out, b_in, r), "V": (L, b_in, q, r)}
+    _check(x, {"U": U, "S": S, "V": V}, expected, bias, L * b_out * p)
     N = x.shape[0]
-    y = _empty((N, b_out * p), x)
+    m = b_out * p
+    y = _empty((N, L * m), x)
     if N == 0:
         return y
-    shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"
+    shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"  # one layer's shape: the many-token launches
+    vs_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
     b_out_pow2 = _pow2(b_out)
     pdl = _pdl(x.device, N)
 
     def vs(cfg: Config) -> torch.Tensor:
-        per, partials = vs_partials(cfg, N, r, b_in, x.device, x.dtype)
+        per, partials = vs_partials(cfg, N, r, b_in, x.device, x.dtype, L)
         cfg = _effective(cfg, x.dtype)
-        w = _partials(partials, (N, b_out, r), x)
-        grid = (_cdiv(N, cfg.BM), _cdiv(r, cfg.BN), w.shape[0])
+        w = _partials(partials, (N, L * b_out, r), x)
+        grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
         runtime.launch(
             "blast_vs", grid,
             (x, V, S, w, N, q, r, b_in, b_out, per,
@@ -329,7 +339,7 @@ def blast_forward(
         )  # fmt: skip
         return w
 
-    def v(cfg: Config) -> torch.Tensor:
+    def v(V: torch.Tensor, cfg: Config) -> torch.Tensor:
         z = _empty((N, b_in, r), x)
         _gemm(
             x, (x.stride(0), q * x.stride(1), x.stride(1), 0, 0), V, (V.stride(0), V.stride(2), V.stride(1)),
@@ -337,7 +347,7 @@ def blast_forward(
         )  # fmt: skip
         return z
 
-    def mix(z: torch.Tensor) -> torch.Tensor:
+    def mix(z: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         w = _empty((1, N, b_out, r), x)
         if MIX_DOT and x.dtype != torch.float32:
             bj, bi = max(16, _pow2(b_in)), max(16, b_out_pow2)
@@ -355,21 +365,31 @@ def blast_forward(
         )  # fmt: skip
         return w
 
-    def u(w: torch.Tensor, cfg: Config) -> None:
+    def u(w: torch.Tensor, U: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, cfg: Config) -> None:
         _gemm(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
-            y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=b_out, cfg=cfg,
+            y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=U.shape[0], cfg=cfg,
             bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True,
         )  # fmt: skip
 
-    if N > BLAST_FUSED_MAX_N:
-        z = v(_choose("gemm", f"blast_v|{shape_key}", N, x.device, v))
-        w = mix(z)
-    else:
-        u_default = default("gemm", _arch(x.device), N)
-        vs_cfg = _choose("blast_vs", shape_key, N, x.device, lambda c: u(vs(c), u_default), b_out_pow2)
-        w = vs(vs_cfg)
-    u(w, _choose("gemm", f"blast_u|{shape_key}|split{w.shape[0]}", N, x.device, lambda c: u(w, c)))
+    if N > BLAST_FUSED_MAX_N:  # compute-bound: one layer at a time, each into its columns of y
+        for layer in range(L):
+            Vl, Sl, Ul = V[layer], S[layer], U[layer]
+            z = v(Vl, _choose("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))
+            w = mix(z, Sl)
+            yl, bl = y[:, layer * m : (layer + 1) * m], None if bias is None else bias[layer * m : (layer + 1) * m]
+            key = f"blast_u|{shape_key}|split1"
+            u(w, Ul, yl, bl, _choose("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, bl=bl: u(w, Ul, yl, bl, c)))
+        return y
+    try:
+        U_all = U.view(L * b_out, p, r)
+    except RuntimeError as exc:
+        raise ValueError("stacked U must be one (L*b_out, p, r) view: store the siblings' U contiguously") from exc
+    u_default = default("gemm", _arch(x.device), N)
+    vs_cfg = _choose("blast_vs", vs_key, N, x.device, lambda c: u(vs(c), U_all, y, bias, u_default), b_out_pow2)
+    w = vs(vs_cfg)
+    u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
+    u(w, U_all, y, bias, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, bias, c)))
     return y
 
 

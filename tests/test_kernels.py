@@ -39,12 +39,14 @@ def _strided_input(gen, n, features, dtype):
     return _rand(gen, n, features + 3, dtype=dtype)[:, :features]
 
 
-def _blast(gen, dtype, n, b_in, q, b_out, p, r, bias=True):
+def _blast(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None):
+    """One layer, or ``layers`` stacked siblings (a leading L on every factor, L*b_out*p outputs)."""
     x = _strided_input(gen, n, b_in * q, dtype)
-    U = _rand(gen, b_out, p, r, dtype=dtype, scale=r**-0.5)
-    S = _rand(gen, b_out, b_in, r, dtype=dtype)
-    V = _rand(gen, b_in, q, r, dtype=dtype, scale=(b_in * q) ** -0.5)
-    b = _rand(gen, b_out * p, dtype=dtype) if bias else None
+    lead = () if layers is None else (layers,)
+    U = _rand(gen, *lead, b_out, p, r, dtype=dtype, scale=r**-0.5)
+    S = _rand(gen, *lead, b_out, b_in, r, dtype=dtype)
+    V = _rand(gen, *lead, b_in, q, r, dtype=dtype, scale=(b_in * q) ** -0.5)
+    b = _rand(gen, (layers or 1) * b_out * p, dtype=dtype) if bias else None
     return launch.blast_forward, F.blast_reference, (x, U, S, V, b)
 
 
@@ -70,6 +72,9 @@ CASES = {
     "blast-b5": lambda g, dt: _blast(g, dt, 19, 5, 16, 5, 16, 48),
     "blast-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40),  # above BLAST_FUSED_MAX_N: V GEMM, mix, U
     "blast-b5-1tok": lambda g, dt: _blast(g, dt, 1, 5, 16, 5, 16, 48),
+    "blast-stack3-1tok": lambda g, dt: _blast(g, dt, 1, 3, 20, 2, 24, 17, layers=3),  # sibling layers stacked
+    "blast-stack2-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False, layers=2),
+    "blast-stack2-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40, layers=2),  # one layer at a time
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
     "monarch-wide-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 64, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
@@ -111,12 +116,12 @@ def test_every_config(kernel, cfg, gen):
     dtype = torch.float16
     if cfg.BM == 1:  # the one-token tier: served only N = 1 (one program per row is slow under the interpreter)
         cases = (
-            ["blast-1tok", "blast-b5-1tok"]
+            ["blast-1tok", "blast-b5-1tok", "blast-stack3-1tok"]
             if kernel == "blast_vs"
             else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
         )
     elif kernel == "blast_vs":
-        cases = ["blast-odd", "blast-b5"]
+        cases = ["blast-odd", "blast-b5", "blast-stack2-odd"]
     else:
         cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd"]
     with launch.forced(**{kernel: cfg}):
@@ -142,6 +147,18 @@ def test_bad_inputs_are_refused(gen):
     _, _, (x, w1, w2, bb) = CASES["monarch-odd"](gen, torch.float32)
     with pytest.raises(ValueError, match="w2 has shape"):
         launch.monarch_forward(x, w1, w2[:, :, :-1], bb)
+
+
+def test_stacked_siblings_need_one_view_of_U(gen):
+    """The U stage reads the siblings' U as one (L*b_out, p, r) group array; a U that is not one view is refused
+    instead of copied on every call."""
+    fn, ref, (x, U, S, V, b) = CASES["blast-stack3-1tok"](gen, torch.float32)
+    gapped = torch.empty(U.shape[0], U.shape[1] + 1, *U.shape[2:], dtype=U.dtype, device=U.device)[:, 1:]
+    gapped.copy_(U)
+    with pytest.raises(ValueError, match="one \\(L\\*b_out, p, r\\) view"):
+        fn(x, gapped, S, V, b)
+    with pytest.raises(ValueError, match="S has shape"):
+        fn(x, U, S[:2], V, b)
 
 
 def test_zero_tokens(gen):
@@ -206,13 +223,16 @@ def test_split_reductions(gen):
     dtype = torch.float32
     small = Config(16, 32, 16, 4, 2, split=0)
     with launch.forced(gemm=small, blast_vs=Config(16, 32, 16, 4, 2, split=2)):
-        for case in ("blast-1tok", "blast-b5", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd"):
+        for case in (
+            "blast-1tok", "blast-b5", "blast-stack2-odd", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd"
+        ):  # fmt: skip
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} split")
     with launch.forced(gemm=Config(1, 16, 16, 4, 2, split=0), blast_vs=Config(1, 16, 16, 4, 2, split=5)):
         for case in (
             "blast-1tok",
             "blast-b5-1tok",
+            "blast-stack3-1tok",
             "monarch-1tok",
             "lowrank-1tok",
             "lowrank-long-1tok",
@@ -228,11 +248,12 @@ GPU_SHAPES = {
     "blast": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200),
     "monarch": lambda g, dt, n: _monarch(g, dt, n, 8, 200, 96, 136),
     "lowrank": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232),
+    "blast-stacked": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200, layers=3),
 }
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("structure", list(GPU_SHAPES))
+@pytest.mark.parametrize("structure", ["blast", "monarch", "lowrank"])
 def test_gpu_every_config_layer_sized(structure, gen):
     arch = launch._arch(torch.device("cuda"))
     for n in (1, 16, 1000):

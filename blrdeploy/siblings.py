@@ -1,0 +1,132 @@
+"""Sibling BLAST layers: layers of one shape that read the same input (a block's q, k and v projections; an MLP's
+gate and up) run as one layer whose factors are stacked.
+
+At batch 1 every layer is a weight stream and every kernel launch costs a few µs beyond its bytes (launch, ramp,
+tail). A Llama block's seven BLAST layers are fourteen launches; with q/k/v and gate/up stacked they are eight
+(``bench/chain_floor.py`` measures both against plain reads of the same bytes).
+
+:func:`fuse_siblings` moves each group's factors into one :class:`BlastSiblings` registered on the members' parent
+and puts a :class:`SiblingOutput` in each member's place. The first member called computes every member's output in
+one op call; the others return theirs when called with the same input tensor, and compute afresh otherwise, so a
+group is never wrong, only wasteful if its members do not share an input. The graph is plain Python that
+``torch.compile`` traces without a break. Checkpoints, ONNX export and bundles keep the unfused layers: fuse a
+loaded model (``blrdeploy.load`` does on CUDA), not one you are about to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .modules import BlastLinear, blast_init
+
+
+class BlastSiblings(nn.Module):
+    """L BLAST layers of one shape, stacked: U (L, b_out, p, r), S (L, b_out, b_in, r), V (L, b_in, q, r), bias
+    (L*out,). ``forward`` gives every layer's output side by side, (..., L*out)."""
+
+    def __init__(self, members: Sequence[BlastLinear], names: Sequence[str]) -> None:
+        super().__init__()
+        first = members[0]
+        if len(members) < 2 or any(_signature(m) != _signature(first) for m in members):
+            raise ValueError("siblings must be two or more BLAST layers of one shape, dtype and device")
+        self.names = tuple(names)
+        self.in_features, self.out_features = first.in_features, first.out_features
+        self.num_blocks, self.rank = first.num_blocks, first.rank
+        with torch.no_grad():
+            for key in ("U", "S", "V"):
+                stacked = torch.stack([getattr(m, key) for m in members])
+                setattr(self, key, nn.Parameter(stacked, requires_grad=first.U.requires_grad))
+            bias = None if first.bias is None else torch.cat([m.bias for m in members])
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+        self._pending: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
+
+    def reset_parameters(self) -> None:
+        blast_init(self.U, self.S, self.V, self.bias, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{'+'.join(self.names)}: in_features={self.in_features}, out_features={self.out_features} each, "
+            f"num_blocks={self.num_blocks}, rank={self.rank}, bias={self.bias is not None}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.blast_linear(x, self.U, self.S, self.V, self.bias)
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Member ``index``'s output for ``x``: kept from the call that computed the whole group on this very
+        tensor, else computed now with the others kept for their turn."""
+        pending = self._pending
+        if pending is not None and pending[0] is x and pending[1][index] is not None:
+            out = pending[1][index]
+            pending[1][index] = None
+            if all(o is None for o in pending[1]):
+                self._pending = None  # hold no activations between steps (nor CUDA-graph outputs between replays)
+            return out
+        outs: list[torch.Tensor | None] = list(self(x).split(self.out_features, dim=-1))
+        mine = outs[index]
+        outs[index] = None
+        self._pending = (x, outs)
+        return mine
+
+
+class SiblingOutput(nn.Module):
+    """Stands where a fused member was: same features, its output taken from the group."""
+
+    def __init__(self, group: BlastSiblings, index: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = group.in_features, group.out_features
+        self.index = index
+        self._group = (group,)  # a tuple: the group is registered once, on the parent, not under every member
+
+    @property
+    def group(self) -> BlastSiblings:
+        return self._group[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.group.names[self.index]} of {'+'.join(self.group.names)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(self.index, x)
+
+
+def _signature(m: BlastLinear) -> tuple:
+    return (
+        m.in_features, m.out_features, m.num_blocks, m.rank, m.bias is not None, m.U.dtype, m.U.device,
+    )  # fmt: skip
+
+
+def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> list[BlastSiblings]:
+    """In place: for each parent module and each tuple of child names (e.g. ``("q_proj", "k_proj", "v_proj")``),
+    the BLAST children of one shape become one :class:`BlastSiblings` (two or more of them; a child of another
+    shape or structure stays as it is). Returns the groups made. Peak memory grows by one group's factors."""
+    groups = []
+    sibling_names = [tuple(names) for names in sibling_names]
+    for parent in list(model.modules()):
+        for names in sibling_names:
+            by_shape: dict[tuple, list[tuple[str, BlastLinear]]] = {}
+            for name in names:
+                child = parent._modules.get(name)
+                if type(child) is BlastLinear:
+                    by_shape.setdefault(_signature(child), []).append((name, child))
+            for members in by_shape.values():
+                if len(members) < 2:
+                    continue
+                group = BlastSiblings([m for _, m in members], [n for n, _ in members])
+                parent.add_module("siblings_" + "_".join(n for n, _ in members), group)
+                for i, (name, _) in enumerate(members):
+                    setattr(parent, name, SiblingOutput(group, i))
+                groups.append(group)
+    return groups
+
+
+def blr_layer_count(model: nn.Module) -> int:
+    """BLR layers in ``model``, each member of a fused group counted."""
+    from .modules import _BLRLinear
+
+    return sum(
+        1 if isinstance(m, _BLRLinear) else len(m.names) if isinstance(m, BlastSiblings) else 0 for m in model.modules()
+    )

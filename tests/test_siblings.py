@@ -1,0 +1,85 @@
+"""Stacked sibling BLAST layers (q/k/v, gate/up): the fused model computes what the unfused one does, one op call per
+group, also under torch.compile, and a member called on its own input is still right."""
+
+import copy
+
+import pytest
+import torch
+
+from blrdeploy import ConvertConfig, convert, load, save
+from blrdeploy.bench import resolve
+from blrdeploy.models import FAMILIES
+from blrdeploy.modules import BlastLinear
+from blrdeploy.siblings import BlastSiblings, SiblingOutput, blr_layer_count, fuse_siblings
+from blrdeploy.sources import build_builtin
+
+LLAMA = FAMILIES["llama"].siblings
+
+
+def _tiny_llama():
+    model = resolve("llama-tiny", dtype=torch.float32, seed=2, fuse_siblings=False).variants[1].build()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    return model, ids
+
+
+def test_fused_llama_matches_unfused():
+    model, ids = _tiny_llama()
+    fused = copy.deepcopy(model)
+    groups = fuse_siblings(fused, LLAMA)
+    # llama-tiny: q (64 out) differs from k/v (32 out, GQA), so per block one k+v group and one gate+up group
+    assert [g.names for g in groups] == [("k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
+    attn = fused.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, BlastLinear) and isinstance(attn.k_proj, SiblingOutput)
+    assert blr_layer_count(fused) == blr_layer_count(model) == 14
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())  # stored once
+    with torch.no_grad():
+        ref, out = model(ids).logits, fused(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert all(g._pending is None for g in groups)  # nothing held between forwards
+
+
+def test_member_on_its_own_input_computes_alone():
+    model, _ = _tiny_llama()
+    mlp = model.model.layers[1].mlp
+    gate, up = copy.deepcopy(mlp.gate_proj), copy.deepcopy(mlp.up_proj)
+    fuse_siblings(model, LLAMA)
+    x1, x2 = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp.up_proj(x1), up(x1))  # computes both, keeps gate(x1)
+        torch.testing.assert_close(mlp.gate_proj(x2), gate(x2))  # another tensor: not the kept one
+        torch.testing.assert_close(mlp.up_proj(x2), up(x2))
+        torch.testing.assert_close(mlp.gate_proj(x1), gate(x1))
+
+
+def test_compiled_fused_mlp_has_no_graph_break_and_one_op():
+    model, _ = _tiny_llama()
+    fuse_siblings(model, LLAMA)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 64)
+    explained = torch._dynamo.explain(mlp)(x)
+    assert explained.graph_break_count == 0
+    ops = [n for g in explained.graphs for n in g.graph.nodes if "blast_linear" in str(n.target)]
+    assert len(ops) == 2  # gate+up stacked, then down
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x))
+
+
+def test_fusing_refuses_mismatched_members_and_skips_other_shapes():
+    a, b = BlastLinear(32, 48, 4, 8), BlastLinear(32, 24, 4, 8)
+    with pytest.raises(ValueError, match="one shape"):
+        BlastSiblings([a, b], ["a", "b"])
+    parent = torch.nn.Module()
+    parent.q, parent.k = a, b
+    assert fuse_siblings(parent, [("q", "k")]) == [] and parent.q is a
+
+
+def test_load_fuses_on_request_and_equals_unfused(tmp_path):
+    model = build_builtin("llama-tiny").model
+    convert(model, ConvertConfig(structure="blast", layers=(("*", 4, 16),), params_ratio=None, steps=2))
+    save(model, tmp_path / "c", source={"id": "llama-tiny"})
+    plain, fused = load(tmp_path / "c"), load(tmp_path / "c", fuse_siblings=True)
+    assert not any(isinstance(m, BlastSiblings) for m in plain.modules())
+    assert sum(isinstance(m, BlastSiblings) for m in fused.modules()) == 4
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6)
