@@ -12,7 +12,9 @@ is what a decode step spends in its linear layers. The read variants put a bound
 * ``read/block``: one read per transformer block.
 
 ``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``); stacked shapes missing from the
-shipped table are tuned first, and ``--configs`` writes what was tuned (for ``bench/merge_table.py``).
+shipped table (all of them with ``--retune``) are tuned first, and ``--configs`` writes what was tuned (for
+``bench/merge_table.py``). ``U sums`` is the same with the V+S split partials summed by every U program instead of
+once (``launch.REDUCE_SPLITS``), on the table's configs for that path.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def _graph_us(fns, replays: int = 20) -> float:
     return 1e3 * ms
 
 
-def run_model(name: str, sms: int) -> dict:
+def run_model(name: str, sms: int, retune: bool = False) -> dict:
     blocks, layers = MODELS[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
@@ -130,7 +132,10 @@ def run_model(name: str, sms: int) -> dict:
     record("ours, no PDL", ours_fns, ours_total, 2 * len(layers))
     launch.USE_PDL = True
     per_block = len(stacked_fns) // blocks
-    with launch.tuning():  # stacked shapes the shipped table lacks; one call per distinct shape
+    launch.REDUCE_SPLITS = False
+    record("ours, siblings, U sums", stacked_fns, ours_total, 2 * per_block)
+    launch.REDUCE_SPLITS = True
+    with launch.tuning(remeasure=retune):  # stacked shapes the table lacks (all with --retune), one call per shape
         for fn in stacked_fns[:per_block]:
             fn()
     record("ours, siblings", stacked_fns, ours_total, 2 * per_block)
@@ -155,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="llama-7b,llama-3.2-1b")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--configs", help="write the launch configs tuned here (stacked shapes) as a table")
+    p.add_argument("--retune", action="store_true", help="tune the stacked shapes even where the table has them")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
             if name not in MODELS or name not in BUILTIN:
                 print(f"unknown model {name!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
                 return 2
-            result["models"][name] = run_model(name, sms)
+            result["models"][name] = run_model(name, sms, args.retune)
     if args.json:
         write_json(args.json, result)
     if args.configs:

@@ -10,7 +10,10 @@ block boundaries; the mix is applied per step, which is the same sum (it is line
 block's q rows fit one step (BK >= q), the usual case.
 
 For few tokens the input blocks are split over SPLIT programs (grid axis 2) that each write a float32 partial of
-w; the U stage sums the partials while loading them, so the small-N path needs no atomics and no zeroing launch.
+w. With ``REDUCE`` the last of a tile's SPLIT programs to finish (an arrival counter per tile, left at zero for the
+next launch) sums the tile's partials into one float32 w; otherwise the U stage sums them while loading. Summing
+once matters: every U program re-reads its rows of w, and at one token SPLIT partials of them were more L2 traffic
+than the U weights themselves.
 
 Sibling layers (L layers of one shape reading the same input, see ``blrdeploy.siblings``) run as one launch: grid
 axis 1 walks (layer, rank tile) pairs, each layer's V and S found ``s_vl`` / ``s_sl`` apart, and layer l's mix lands
@@ -28,8 +31,9 @@ from .gemm import gemv
 
 @triton.jit
 def blast_vs_kernel(
-    # operands: x (N, b_in*q), V (L, b_in, q, r), S (L, b_out, b_in, r), w (split, N, L*b_out, r)
-    x_ptr, v_ptr, s_ptr, w_ptr,
+    # operands: x (N, b_in*q), V (L, b_in, q, r), S (L, b_out, b_in, r), w (split, N, L*b_out, r); with REDUCE
+    # red (N, L*b_out, r) float32 and one int32 arrival counter per (token tile, layer and rank tile)
+    x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr,
     # sizes; J_PER_SPLIT input blocks per program on grid axis 2
     N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
     # strides
@@ -37,9 +41,11 @@ def blast_vs_kernel(
     s_vl, s_vj, s_vq, s_vr,
     s_sl, s_si, s_sj, s_sr,
     s_ws, s_wn, s_wi, s_wr,
+    s_rn, s_ri, s_rr,
     B_OUT: tl.constexpr,  # b_out rounded up to a power of two
     IEEE: tl.constexpr,
     LAUNCH_DEPS: tl.constexpr,  # let the U stage's programs launch now (they wait for w)
+    REDUCE: tl.constexpr,  # the last program of a tile sums the split partials into red
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     if LAUNCH_DEPS:
@@ -52,6 +58,7 @@ def blast_vs_kernel(
     v_ptr += layer * s_vl
     s_ptr += layer * s_sl
     w_ptr += layer * B_OUT_REAL * s_wi
+    red_ptr += layer * B_OUT_REAL * s_ri
     rn = pid_n * BM + tl.arange(0, BM)
     rr = pid_r * BR + tl.arange(0, BR)
     rk = tl.arange(0, BK)
@@ -95,6 +102,19 @@ def blast_vs_kernel(
     )
     mask = i_mask[:, None, None] & n_mask[None, :, None] & r_mask[None, None, :]
     tl.store(w, acc.to(w_ptr.dtype.element_ty), mask=mask)
+    if REDUCE:
+        n_split = tl.num_programs(2)
+        counter = cnt_ptr + pid_n * tl.num_programs(1) + tl.program_id(1)
+        tl.debug_barrier()  # every thread's partial is stored before the one arriving thread's release
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_split - 1:
+            total = tl.zeros((B_OUT, BM, BR), dtype=tl.float32)
+            w_tile = w - pid_s * s_ws
+            for s in range(0, n_split):  # stored by other programs: read through L2, never a stale L1 line
+                total += tl.load(w_tile + s * s_ws, mask=mask, other=0.0, cache_modifier=".cg")
+            red = red_ptr + rn.to(tl.int64)[None, :, None] * s_rn + ri[:, None, None] * s_ri + rr[None, None, :] * s_rr
+            tl.store(red, total, mask=mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
 
 
 def mix_tile(b_out_pow2: int) -> tuple[int, int]:

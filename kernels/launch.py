@@ -295,6 +295,25 @@ def _partials(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.
     return _empty((splits, *shape), like, torch.float32 if splits > 1 else None)
 
 
+COUNTERS = 1 << 14  # arrival counters per device: tiles of one V+S launch, ceil(N/BM) * L * ceil(r/BR), N <= 64
+_counter_pool: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The V+S split reduction's arrival counters on ``device``: zeroed once, and every launch leaves the ones it
+    used at zero, so one pool serves every layer (launches on a device's stream run one after another; BLR layers
+    of one device must not run concurrently on two streams). None when a launch needs more than the pool, or while a
+    CUDA graph is being captured before any exist (memory allocated in a capture holds no zeros until replay): the
+    U stage then sums the partials itself."""
+    pool = _counter_pool.get(device)
+    if pool is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        pool = _counter_pool[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return pool if needed <= pool.numel() else None
+
+
+REDUCE_SPLITS = True  # the V+S split partials summed once by their last program (else by every U program)
 MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
 BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
 
@@ -330,14 +349,17 @@ def blast_forward(
         cfg = _effective(cfg, x.dtype)
         w = _partials(partials, (N, L * b_out, r), x)
         grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
+        counters = _counters(x.device, grid[0] * grid[1]) if partials > 1 and REDUCE_SPLITS else None
+        red = w[0] if counters is None else _empty((N, L * b_out, r), x, torch.float32)
         runtime.launch(
             "blast_vs", grid,
-            (x, V, S, w, N, q, r, b_in, b_out, per,
-             x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride()),
-            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+            (x, V, S, w, red, w if counters is None else counters, N, q, r, b_in, b_out, per,
+             x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride()),
+            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, REDUCE=counters is not None,
+                 BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
             cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
-        return w
+        return w if counters is None else red[None]
 
     def v(V: torch.Tensor, cfg: Config) -> torch.Tensor:
         z = _empty((N, b_in, r), x)
