@@ -105,7 +105,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
             cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
         for cfg in space("blast_vs", arch):
             b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
-            c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl), ("REDUCE", cfg.split != 1))
+            c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl), ("REDUCE", bool(cfg.reduce)))
             cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))

@@ -29,6 +29,9 @@ class Config:
     # Programs sharing one reduction, each writing a float32 partial that the next stage sums while loading:
     # BLAST V+S splits the input blocks, a small-N GEMM producer its reduction. 0 = enough to fill the GPU.
     split: int = 1
+    # BLAST V+S with split > 1: 1 = the last program of each tile sums the partials once, so the U stage reads one
+    # w instead of every partial (less L2 traffic on large layers, a serial step more on small ones).
+    reduce: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -97,6 +100,10 @@ _VS_ONE = [
     Config(1, 128, 64, 4, 4, split=0),
     Config(1, 32, 256, 8, 2, split=16),
     Config(1, 64, 256, 8, 2, split=4),
+    Config(1, 32, 256, 4, 2, split=8, reduce=1),
+    Config(1, 64, 256, 8, 2, split=16, reduce=1),
+    Config(1, 32, 256, 8, 2, split=16, reduce=1),
+    Config(1, 64, 256, 8, 2, split=4, reduce=1),
 ]
 _VS_SMALL = [
     Config(16, 32, 128, 4, 4, split=0),

@@ -313,7 +313,7 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor | None:
     return pool if needed <= pool.numel() else None
 
 
-REDUCE_SPLITS = True  # the V+S split partials summed once by their last program (else by every U program)
+REDUCE_SPLITS = True  # off: no config sums the V+S split partials once (Config.reduce); bench switch
 MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
 BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
 
@@ -349,7 +349,8 @@ def blast_forward(
         cfg = _effective(cfg, x.dtype)
         w = _partials(partials, (N, L * b_out, r), x)
         grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
-        counters = _counters(x.device, grid[0] * grid[1]) if partials > 1 and REDUCE_SPLITS else None
+        reduce = partials > 1 and cfg.reduce and REDUCE_SPLITS
+        counters = _counters(x.device, grid[0] * grid[1]) if reduce else None
         red = w[0] if counters is None else _empty((N, L * b_out, r), x, torch.float32)
         runtime.launch(
             "blast_vs", grid,

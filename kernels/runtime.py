@@ -35,7 +35,7 @@ KERNELS = {
     "blast_mix_dot": blast_mix_dot_kernel,
     "interleave": interleave_kernel,
 }
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
 UNSPECIALIZED = ("N",)  # arguments whose value varies within a token bucket
 
 

@@ -242,25 +242,26 @@ def test_split_reductions(gen):
             _check(fn, ref, args, dtype, f"{case} one-token split")
 
 
-@pytest.mark.parametrize("reduce", [True, False], ids=["summed-once", "summed-by-U"])
+@pytest.mark.parametrize("reduce", [1, 0], ids=["summed-once", "summed-by-U"])
 def test_blast_split_partials_summed_once(reduce, gen, monkeypatch):
-    """With REDUCE the last V+S program of each tile sums the split partials (the U stage reads one w); the arrival
-    counters are back at zero after every launch, so the next layer finds them ready. Without it U sums them."""
+    """A ``reduce`` config: the last V+S program of each tile sums the split partials (the U stage reads one w), and
+    the arrival counters are back at zero after every launch, so the next layer finds them ready. Otherwise U sums
+    them while loading."""
     from blrdeploy.kernels import runtime
 
-    monkeypatch.setattr(launch, "REDUCE_SPLITS", reduce)
     seen = []
     real = runtime.launch
     monkeypatch.setattr(
         runtime, "launch", lambda k, g, a, c, *more, **kw: seen.append((k, c)) or real(k, g, a, c, *more, **kw)
     )
-    with launch.forced(blast_vs=Config(1, 16, 16, 4, 2, split=5), gemm=Config(1, 16, 16, 4, 2, split=0)):
+    vs_cfg = Config(1, 16, 16, 4, 2, split=5, reduce=reduce)
+    with launch.forced(blast_vs=vs_cfg, gemm=Config(1, 16, 16, 4, 2, split=0)):
         for case in ("blast-b5-1tok", "blast-stack3-1tok", "blast-b5-1tok"):
             fn, ref, args = CASES[case](gen, torch.float32)
             _check(fn, ref, args, torch.float32, f"{case} reduce={reduce}")
     vs = [c for k, c in seen if k == "blast_vs"]
-    assert vs and all(c["REDUCE"] == reduce for c in vs)
-    assert all((c["A_SPLIT"] == 1) == reduce for k, c in seen if k == "gemm")
+    assert vs and all(c["REDUCE"] == bool(reduce) for c in vs)
+    assert all((c["A_SPLIT"] == 1) == bool(reduce) for k, c in seen if k == "gemm")
     if reduce:
         assert launch._counter_pool[torch.device(DEVICE)].count_nonzero() == 0
 
