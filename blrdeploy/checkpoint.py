@@ -344,5 +344,6 @@ def load(
         from .siblings import fuse_siblings as fuse
 
         family = FAMILIES.get(src.get("family") or "")
-        fuse(model, family.siblings if family else ())
+        if family is not None:
+            fuse(model, family.siblings, family.gated_mlps)
     return model.eval()
