@@ -11,8 +11,7 @@ is what a decode step spends in its linear layers. The read variants put a bound
 * ``read/sibling``: the same bytes with sibling layers that share an input (q, k, v; gate, up) read together;
 * ``read/block``: one read per transformer block.
 
-``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``), gate and up as the gated op
-(silu(gate) * up in its epilogue, a step the other rows leave out); stacked shapes missing from the
+``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``); stacked shapes missing from the
 shipped table (all of them with ``--retune``) are tuned first, and ``--configs`` writes what was tuned (for
 ``bench/merge_table.py``). ``U sums`` is the same with the V+S split partials summed by every U program instead of
 once (``launch.REDUCE_SPLITS``), on the table's configs for that path.
@@ -110,15 +109,13 @@ def run_model(name: str, sms: int, retune: bool = False) -> dict:
             dense_total += w.numel() * 2
             ours_total += vs + u
             members.setdefault((group, out_f, in_f), []).append((x, U, S, V))
-        for key, group in members.items():  # in decode order: q/k/v (or k/v after q), o, gate/up, down
+        for group in members.values():  # in decode order: q/k/v (or k/v after q), o, gate/up, down
             x = group[0][0]
             if len(group) == 1:
                 _, U, S, V = group[0]
             else:
                 U, S, V = (torch.stack([m[i] for m in group]) for i in (1, 2, 3))
-            gated = key[0] == "gateup" and len(group) == 2  # as GatedBlastMLP runs it: silu(gate) * up
-            op = torch.ops.blrdeploy.blast_glu if gated else torch.ops.blrdeploy.blast_linear
-            stacked_fns.append(lambda x=x, U=U, S=S, V=V, op=op: op(x, U, S, V, None))
+            stacked_fns.append(lambda x=x, U=U, S=S, V=V: torch.ops.blrdeploy.blast_linear(x, U, S, V, None))
         del w
     programs = 4 * sms
     rows = {}

@@ -208,7 +208,7 @@ def resolve(
         def blr():
             skeleton = _blr_skeleton(_skeleton(library, class_name, config), layers)
             if fuse_siblings:  # on the meta skeleton: the stacked factors are allocated once, in the slab
-                fuse(skeleton, FAMILIES[spec.family].siblings, FAMILIES[spec.family].gated_mlps)
+                fuse(skeleton, FAMILIES[spec.family].siblings)
             return materialize(skeleton, device, dtype, seed)
 
     else:

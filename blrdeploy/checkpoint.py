@@ -344,6 +344,5 @@ def load(
         from .siblings import fuse_siblings as fuse
 
         family = FAMILIES.get(src.get("family") or "")
-        if family is not None:
-            fuse(model, family.siblings, family.gated_mlps)
+        fuse(model, family.siblings if family else ())
     return model.eval()

@@ -50,14 +50,6 @@ def blast_reference(
     return _finish(y.reshape(xf.shape[0], -1), x, bias)
 
 
-def blast_glu_reference(
-    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Two stacked BLAST layers (gate, up; factors with a leading 2) as a gated MLP's first half: silu(gate) * up."""
-    gate, up = blast_reference(x, U, S, V, bias).chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
-
-
 def blast_to_dense(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     b_out, p, _ = U.shape
     b_in, q, _ = V.shape
@@ -110,15 +102,6 @@ def blast_linear(
             raise ValueError("stacked sibling layers have no ONNX op: export the model before fuse_siblings")
         return _onnx_node("BlastLinear", x, [U, S, V], U.shape[0] * U.shape[1], bias)
     return torch.ops.blrdeploy.blast_linear(x, U, S, V, bias)
-
-
-def blast_glu(
-    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """silu(gate) * up of stacked gate and up BLAST layers (see :func:`blast_glu_reference`), in one op."""
-    if torch.onnx.is_in_onnx_export():
-        raise ValueError("stacked sibling layers have no ONNX op: export the model before fuse_siblings")
-    return torch.ops.blrdeploy.blast_glu(x, U, S, V, bias)
 
 
 def monarch_linear(

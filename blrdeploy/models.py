@@ -24,7 +24,6 @@ class Family:
     exclude: tuple[str, ...] = ()
     sample: Callable = None  # (model, batch, seed, seq=16) -> kwargs for forward; seq only for token models
     siblings: tuple[tuple[str, ...], ...] = ()  # child names that read one input: fused on CUDA (blrdeploy.siblings)
-    gated_mlps: tuple[str, ...] = ()  # classes computing down(act(gate(x)) * up(x)): their SiLU fused too
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,6 @@ FAMILIES: dict[str, Family] = {
             include=("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"),
             sample=_token_inputs,
             siblings=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
-            gated_mlps=("LlamaMLP",),
         ),
         Family(
             "gpt2",

@@ -1,5 +1,4 @@
-"""One ``torch.library`` op per structure: ``blrdeploy::blast_linear``, ``::monarch_linear``, ``::lowrank_linear``,
-and ``::blast_glu`` for a gated MLP's stacked gate and up BLAST layers (:mod:`blrdeploy.siblings`).
+"""One ``torch.library`` op per structure: ``blrdeploy::blast_linear``, ``::monarch_linear``, ``::lowrank_linear``.
 
 Each runs the Triton kernels on CUDA (float16, bfloat16, float32) and the PyTorch reference everywhere else, has a
 fake implementation so ``torch.compile`` (CUDA graphs included) and ``torch.export`` see through it, and a backward
@@ -8,7 +7,6 @@ that differentiates the reference, so converted models can still be fine-tuned.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -30,7 +28,7 @@ def _on_shipped_kernels() -> bool:
     return isinstance(runtime.backend(), runtime.ShippedKernels)
 
 
-def _on_kernels(reference: Callable, launcher, x: torch.Tensor, factors, bias, out_features: int):
+def _on_kernels(reference: Callable, launcher_name: str, x: torch.Tensor, factors, bias, out_features: int):
     if x.dtype not in _KERNEL_DTYPES:
         return reference(x, *factors, bias)
     in_features = x.shape[-1]
@@ -38,8 +36,7 @@ def _on_kernels(reference: Callable, launcher, x: torch.Tensor, factors, bias, o
     if _on_shipped_kernels() and (x2.stride(-1) != 1 or x2.stride(0) != in_features or x2.data_ptr() % 16):
         # A bundle's cubins are specialized for a contiguous, 16-byte-aligned input, as packaging planned it.
         x2 = x2.clone(memory_format=torch.contiguous_format) if x2.is_contiguous() else x2.contiguous()
-    forward = getattr(_kernels(), launcher) if isinstance(launcher, str) else launcher
-    y = forward(x2, *factors, bias)
+    y = getattr(_kernels(), launcher_name)(x2, *factors, bias)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -90,24 +87,6 @@ def _blast_out(U: torch.Tensor) -> int:
     return U.numel() // U.shape[-1]
 
 
-@torch.library.custom_op("blrdeploy::blast_glu", mutates_args=())
-def blast_glu(
-    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    return F.blast_glu_reference(x, U, S, V, bias)
-
-
-@blast_glu.register_kernel("cuda")
-def _(x, U, S, V, bias):
-    glu = functools.partial(_kernels().blast_forward, glu=True)
-    return _on_kernels(F.blast_glu_reference, glu, x, (U, S, V), bias, _blast_out(U) // 2)
-
-
-@blast_glu.register_fake
-def _(x, U, S, V, bias):
-    return _fake(x, _blast_out(U) // 2)
-
-
 @torch.library.custom_op("blrdeploy::monarch_linear", mutates_args=())
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.monarch_reference(x, w1, w2, bias)
@@ -139,6 +118,5 @@ def _(x, U, V, bias):
 
 
 _register_autograd(blast_linear, F.blast_reference, 3)
-_register_autograd(blast_glu, F.blast_glu_reference, 3)
 _register_autograd(monarch_linear, F.monarch_reference, 2)
 _register_autograd(lowrank_linear, F.lowrank_reference, 2)

@@ -9,10 +9,8 @@ tail). A Llama block's seven BLAST layers are fourteen launches; with q/k/v and 
 and puts a :class:`SiblingOutput` in each member's place. The first member called computes every member's output in
 one op call; the others return theirs when called with the same input tensor, and compute afresh otherwise, so a
 group is never wrong, only wasteful if its members do not share an input. The graph is plain Python that
-``torch.compile`` traces without a break. A gated MLP (Llama's ``down(silu(gate(x)) * up(x))``) whose gate and up
-became one group goes one step further: :class:`GatedBlastMLP` computes silu(gate) * up in the U stage's epilogue.
-Checkpoints, ONNX export and bundles keep the unfused layers: fuse a loaded model (``blrdeploy.load`` does on
-CUDA), not one you are about to save.
+``torch.compile`` traces without a break. Checkpoints, ONNX export and bundles keep the unfused layers: fuse a
+loaded model (``blrdeploy.load`` does on CUDA), not one you are about to save.
 """
 
 from __future__ import annotations
@@ -95,48 +93,16 @@ class SiblingOutput(nn.Module):
         return self.group.output(self.index, x)
 
 
-class GatedBlastMLP(nn.Module):
-    """A gated MLP, ``down(silu(gate(x)) * up(x))``, whose gate and up are one stacked sibling group: the activation
-    and the product happen in the U stage's epilogue (one op; no activation pass, no activation launch)."""
-
-    def __init__(self, gate_up: BlastSiblings, down_proj: nn.Module) -> None:
-        super().__init__()
-        self.gate_up = gate_up
-        self.down_proj = down_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_up
-        return self.down_proj(F.blast_glu(x, g.U, g.S, g.V, g.bias))
-
-
-def _is_silu(module) -> bool:
-    return isinstance(module, nn.SiLU) or type(module).__name__ in ("SiLUActivation", "SiLU")
-
-
-def _gated_group(mlp: nn.Module) -> BlastSiblings | None:
-    """The stacked (gate_proj, up_proj) group of a gated MLP with a SiLU, if this one has it."""
-    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
-    if not (isinstance(gate, SiblingOutput) and isinstance(up, SiblingOutput) and gate.group is up.group):
-        return None
-    if gate.group.names != ("gate_proj", "up_proj") or not _is_silu(getattr(mlp, "act_fn", None)):
-        return None
-    return gate.group if hasattr(mlp, "down_proj") else None
-
-
 def _signature(m: BlastLinear) -> tuple:
     return (
         m.in_features, m.out_features, m.num_blocks, m.rank, m.bias is not None, m.U.dtype, m.U.device,
     )  # fmt: skip
 
 
-def fuse_siblings(
-    model: nn.Module, sibling_names: Iterable[Sequence[str]], gated_mlps: Sequence[str] = ()
-) -> list[BlastSiblings]:
+def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> list[BlastSiblings]:
     """In place: for each parent module and each tuple of child names (e.g. ``("q_proj", "k_proj", "v_proj")``),
     the BLAST children of one shape become one :class:`BlastSiblings` (two or more of them; a child of another
-    shape or structure stays as it is). Then each module whose class is named in ``gated_mlps`` (e.g.
-    ``LlamaMLP``: ``down(act(gate(x)) * up(x))``) and whose gate_proj and up_proj became one group, with a SiLU
-    act_fn, becomes a :class:`GatedBlastMLP`. Returns the groups made. Peak memory grows by one group's factors."""
+    shape or structure stays as it is). Returns the groups made. Peak memory grows by one group's factors."""
     groups = []
     sibling_names = [tuple(names) for names in sibling_names]
     for parent in list(model.modules()):
@@ -154,11 +120,6 @@ def fuse_siblings(
                 for i, (name, _) in enumerate(members):
                     setattr(parent, name, SiblingOutput(group, i))
                 groups.append(group)
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            group = _gated_group(child) if type(child).__name__ in gated_mlps else None
-            if group is not None:
-                setattr(parent, name, GatedBlastMLP(group, child.down_proj))
     return groups
 
 

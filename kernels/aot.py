@@ -56,7 +56,7 @@ def compile_variant(variant: Variant, config: Config, arch: int):
     overrides: dict[str, str] = {}
     if variant.kernel == "gemm":
         fn = jit_function(grouped_gemm_kernel)
-        flags = ("HAS_BIAS", "WAIT", "LAUNCH_DEPS", "G_FAST", "GLU")
+        flags = ("HAS_BIAS", "WAIT", "LAUNCH_DEPS", "G_FAST")
         constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, **dict.fromkeys(flags, False), **constexprs}
         constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
         if constexprs["A_SPLIT"] > 1:
@@ -102,7 +102,6 @@ def shipped() -> list[tuple[int, Config, Variant]]:
             c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True), ("G_FAST", True))
             if cfg.BM <= SMALL_N:  # a split producer's consumer, launched early
                 c += (("A_SPLIT", max_partials(cfg.BM, arch)), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
-                c += (("GLU", True),) if cfg.BM == 1 else ()  # the launcher's gated epilogue: one-token tiles only
             cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
         for cfg in space("blast_vs", arch):
             b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves

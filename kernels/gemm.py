@@ -11,10 +11,6 @@ addressed by strides so that no stage needs a transpose or permutation copy:
 * Low-rank: two calls with one group; at small N the first splits its long reduction (``K_PER`` < K) into float32
   partials that the second sums while loading A, so ~130 programs stream the weights instead of ~30.
 
-* Gated MLP (``GLU``): group g and group g + GLU_OFF are a gate and an up projection of the same outputs (stacked
-  sibling layers); the program computes both tiles and stores ``silu(gate) * up``, so the activation costs no pass
-  and no launch.
-
 Small N (decode) is weight-bandwidth bound: a second kernel's programs launch while the first is still running
 (programmatic dependent launch on sm_90), fetch their first B tile, and only then wait for the A the first kernel
 writes (``WAIT``), so the weight stream never stops at the kernel boundary.
@@ -73,8 +69,8 @@ def grouped_gemm_kernel(
     # operands
     a_ptr, b_ptr, out_ptr, bias_ptr,
     # sizes: rows, reduction, columns per group; reduction length per split (programs on grid axis 2 are
-    # group * n_splits + split); with GLU, the groups from a gate group to its up group
-    N, K, C, K_PER, GLU_OFF,
+    # group * n_splits + split)
+    N, K, C, K_PER,
     # strides: A (row, group, k, chunk, split partial), B (group, column, k), out (split, row, group, column), bias
     s_an, s_ag, s_ak, s_ac, s_as,
     s_bg, s_bc, s_bk,
@@ -89,7 +85,6 @@ def grouped_gemm_kernel(
     WAIT: tl.constexpr,  # dependent launch: fetch the first B tile, then wait for the kernel that writes A
     LAUNCH_DEPS: tl.constexpr,  # let the next kernel's programs launch now (they wait for this one's writes)
     G_FAST: tl.constexpr,  # groups on grid axis 0, rows on axis 2: programs that run together cover all groups
-    GLU: tl.constexpr,  # out = silu(this group's product) * (the product of group g + GLU_OFF); no split
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     if LAUNCH_DEPS:
@@ -118,9 +113,6 @@ def grouped_gemm_kernel(
     a_base = a_ptr + g * s_ag + rn.to(tl.int64)[:, None] * s_an
     b_base = b_ptr + g * s_bg + brow.to(tl.int64)[None, :] * s_bc
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    up = tl.zeros((BM, BN), dtype=tl.float32)  # GLU: the up projection's tile (unused otherwise)
-    glu_a = GLU_OFF * s_ag
-    glu_b = GLU_OFF * s_bg
     if A_CHUNK > 0:
         n_steps = (K // A_CHUNK) * tl.cdiv(A_CHUNK, BK)
     else:
@@ -130,35 +122,19 @@ def grouped_gemm_kernel(
         # Peeled first step: the weight tile is independent of the previous kernel, so it is in flight while
         # this program waits; with BK >= K it is the program's whole share of the weights.
         chunk, u, kk, k_mask = _step(0, k_start, k_end, rk, A_CHUNK, BK)
-        b_mask = k_mask[:, None] & c_mask[None, :]
-        b = tl.load(b_base + kk[:, None] * s_bk, mask=b_mask, other=0.0)
-        if GLU:
-            b_up = tl.load(b_base + glu_b + kk[:, None] * s_bk, mask=b_mask, other=0.0)
+        b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         gdc_wait()
         a = _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
         acc = _mma(a, b, acc, IEEE, BM == 1)
-        if GLU:
-            a_up = _load_a(a_base + glu_a, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
-            up = _mma(a_up, b_up, up, IEEE, BM == 1)
         t_loop = 1
     for t in range(t_loop, n_steps):
         chunk, u, kk, k_mask = _step(t, k_start, k_end, rk, A_CHUNK, BK)
-        b_mask = k_mask[:, None] & c_mask[None, :]
         a = _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
-        b = tl.load(b_base + kk[:, None] * s_bk, mask=b_mask, other=0.0)
+        b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _mma(a, b, acc, IEEE, BM == 1)
-        if GLU:
-            a_up = _load_a(a_base + glu_a, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
-            b_up = tl.load(b_base + glu_b + kk[:, None] * s_bk, mask=b_mask, other=0.0)
-            up = _mma(a_up, b_up, up, IEEE, BM == 1)
     if HAS_BIAS:
         if split == 0:
             bias = tl.load(bias_ptr + g * s_biasg + rc * s_biasc, mask=c_mask, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-            if GLU:
-                bias_up = tl.load(bias_ptr + (g + GLU_OFF) * s_biasg + rc * s_biasc, mask=c_mask, other=0.0)
-                up += bias_up.to(tl.float32)[None, :]
-    if GLU:
-        acc = acc * tl.sigmoid(acc) * up
     out = out_ptr + split * s_os + g * s_og + rn.to(tl.int64)[:, None] * s_on + rc[None, :] * s_oc
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])

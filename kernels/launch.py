@@ -259,7 +259,7 @@ def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor)
 def _gemm(
     a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config, k_per=None,
     bias=None, bias_strides=(0, 0), a_chunk=0, a_split=1, perm=(0, 0), producer=False, consumer=False,
-    g_fast=False, glu_off=0,
+    g_fast=False,
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
     feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
@@ -277,12 +277,11 @@ def _gemm(
         grid = grid[::-1]
     runtime.launch(
         "gemm", grid,
-        (a, b, out, bias if bias is not None else out, N, K, C, k_per, glu_off,
+        (a, b, out, bias if bias is not None else out, N, K, C, k_per,
          *a_strides, *b_strides, *out_strides, *bias_strides),
         dict(A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
              HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
-             WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast, GLU=glu_off > 0,
-             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
+             WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
         cfg.num_warps, cfg.num_stages, pdl=consumer and pdl,
     )  # fmt: skip
 
@@ -320,17 +319,11 @@ BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U
 
 
 def blast_forward(
-    x: torch.Tensor,
-    U: torch.Tensor,
-    S: torch.Tensor,
-    V: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    glu: bool = False,
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p). Or L stacked sibling
     layers of that shape reading the same x: U (L, b_out, p, r), S (L, b_out, b_in, r), V (L, b_in, q, r), bias
-    (L*b_out*p,) -> (N, L*b_out*p), layer l in columns l*b_out*p ... With ``glu`` the two stacked layers are a
-    gated MLP's gate and up projections and the result is silu(gate) * up, (N, b_out*p).
+    (L*b_out*p,) -> (N, L*b_out*p), layer l in columns l*b_out*p ...
 
     Few tokens: V and S fused (z stays on chip), then U; stacked layers share both launches. Many: per layer, V as a
     grouped GEMM writing z, the S mix at memory speed, then U (see ``blast_mix_kernel`` for why)."""
@@ -341,11 +334,9 @@ def blast_forward(
     b_in, q = V.shape[1:3]
     expected = {"x": (b_in * q,), "S": (L, b_out, b_in, r), "V": (L, b_in, q, r)}
     _check(x, {"U": U, "S": S, "V": V}, expected, bias, L * b_out * p)
-    if glu and L != 2:
-        raise ValueError(f"a gated MLP stacks two layers (gate, up), got {L}")
     N = x.shape[0]
     m = b_out * p
-    y = _empty((N, m if glu else L * m), x)
+    y = _empty((N, L * m), x)
     if N == 0:
         return y
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"  # one layer's shape: the many-token launches
@@ -398,24 +389,13 @@ def blast_forward(
         return w
 
     def u(w: torch.Tensor, U: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, cfg: Config) -> None:
-        # glu: groups [0, b_out) are the gate, [b_out, 2*b_out) the up projection. One-token tiles apply silu(gate)
-        # * up in their epilogue; a 16-row tile doing so would need twice the shared memory (more than an A40 has),
-        # so there both go through memory and one more pass multiplies them.
-        epilogue = glu and cfg.BM == 1
-        out = _empty((N, 2 * m), x) if glu and not epilogue else y
-        gate_groups = U.shape[0] // 2 if epilogue else 0
         _gemm(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
-            out, (0, out.stride(0), p, 1), N=N, K=r, C=p, G=gate_groups or U.shape[0], cfg=cfg,
-            bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True, glu_off=gate_groups,
+            y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=U.shape[0], cfg=cfg,
+            bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True,
         )  # fmt: skip
-        if out is not y:
-            _silu_mul(out, y)
 
     if N > BLAST_FUSED_MAX_N:  # compute-bound: one layer at a time, each into its columns of y
-        if glu:  # the activation as one more pass: small beside the GEMMs at this many tokens
-            _silu_mul(blast_forward(x, U, S, V, bias), y)
-            return y
         for layer in range(L):
             Vl, Sl, Ul = V[layer], S[layer], U[layer]
             z = v(Vl, _choose("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))
@@ -431,15 +411,9 @@ def blast_forward(
     u_default = default("gemm", _arch(x.device), N)
     vs_cfg = _choose("blast_vs", vs_key, N, x.device, lambda c: u(vs(c), U_all, y, bias, u_default), b_out_pow2)
     w = vs(vs_cfg)
-    u_key = f"blast_u|{vs_key}|{'glu|' if glu else ''}split{w.shape[0]}"
+    u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
     u(w, U_all, y, bias, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, bias, c)))
     return y
-
-
-def _silu_mul(both: torch.Tensor, y: torch.Tensor) -> None:
-    """y = silu(gate) * up from (N, 2m) = [gate | up], in float32."""
-    gate, up = both.float().chunk(2, dim=-1)
-    y.copy_(gate * torch.sigmoid(gate) * up)
 
 
 MONARCH_DIRECT_MAX_N = 64  # above this many tokens stage 2 writes block-major and a second pass interleaves

@@ -4,7 +4,6 @@ Every buffer a launcher allocates is poisoned with NaN first, so an element the 
 check; inputs are fresh random draws with odd sizes that no tile divides, and strided (non-contiguous) rows.
 """
 
-import functools
 import json
 from pathlib import Path
 
@@ -51,12 +50,6 @@ def _blast(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None):
     return launch.blast_forward, F.blast_reference, (x, U, S, V, b)
 
 
-def _glu(case):
-    """Stacked gate and up layers as a gated MLP's first half: the GEMM's silu(gate) * up epilogue."""
-    _, _, args = case
-    return functools.partial(launch.blast_forward, glu=True), F.blast_glu_reference, args
-
-
 def _monarch(gen, dtype, n, b, R, in_blk, out_blk, bias=True):
     x = _strided_input(gen, n, b * in_blk, dtype)
     w1 = _rand(gen, b, R, in_blk, dtype=dtype, scale=in_blk**-0.5)
@@ -82,9 +75,6 @@ CASES = {
     "blast-stack3-1tok": lambda g, dt: _blast(g, dt, 1, 3, 20, 2, 24, 17, layers=3),  # sibling layers stacked
     "blast-stack2-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False, layers=2),
     "blast-stack2-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40, layers=2),  # one layer at a time
-    "blast-glu-1tok": lambda g, dt: _glu(_blast(g, dt, 1, 3, 20, 2, 24, 17, layers=2)),  # silu(gate) * up
-    "blast-glu-odd": lambda g, dt: _glu(_blast(g, dt, 37, 4, 9, 3, 11, 33, layers=2)),
-    "blast-glu-many": lambda g, dt: _glu(_blast(g, dt, 97, 3, 24, 5, 8, 40, bias=False, layers=2)),
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
     "monarch-wide-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 64, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
@@ -128,12 +118,12 @@ def test_every_config(kernel, cfg, gen):
         cases = (
             ["blast-1tok", "blast-b5-1tok", "blast-stack3-1tok"]
             if kernel == "blast_vs"
-            else ["blast-1tok", "blast-glu-1tok", "monarch-wide-1tok", "lowrank-1tok"]
+            else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
         )
     elif kernel == "blast_vs":
         cases = ["blast-odd", "blast-b5", "blast-stack2-odd"]
     else:
-        cases = ["blast-1tok", "blast-many", "blast-glu-odd", "monarch-b4", "monarch-wide", "lowrank-odd"]
+        cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd"]
     with launch.forced(**{kernel: cfg}):
         for case in cases:
             fn, ref, args = CASES[case](gen, dtype)
@@ -169,12 +159,6 @@ def test_stacked_siblings_need_one_view_of_U(gen):
         fn(x, gapped, S, V, b)
     with pytest.raises(ValueError, match="S has shape"):
         fn(x, U, S[:2], V, b)
-
-
-def test_glu_needs_two_stacked_layers(gen):
-    fn, _, (x, U, S, V, b) = CASES["blast-stack3-1tok"](gen, torch.float32)
-    with pytest.raises(ValueError, match="two layers"):
-        launch.blast_forward(x, U, S, V, b, glu=True)
 
 
 def test_zero_tokens(gen):
@@ -240,8 +224,7 @@ def test_split_reductions(gen):
     small = Config(16, 32, 16, 4, 2, split=0)
     with launch.forced(gemm=small, blast_vs=Config(16, 32, 16, 4, 2, split=2)):
         for case in (
-            "blast-1tok", "blast-b5", "blast-stack2-odd", "blast-glu-odd", "monarch-1tok", "monarch-b4",
-            "lowrank-1tok", "lowrank-odd",
+            "blast-1tok", "blast-b5", "blast-stack2-odd", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd"
         ):  # fmt: skip
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} split")
@@ -250,7 +233,6 @@ def test_split_reductions(gen):
             "blast-1tok",
             "blast-b5-1tok",
             "blast-stack3-1tok",
-            "blast-glu-1tok",
             "monarch-1tok",
             "lowrank-1tok",
             "lowrank-long-1tok",
@@ -274,7 +256,7 @@ def test_blast_split_partials_summed_once(reduce, gen, monkeypatch):
     )
     vs_cfg = Config(1, 16, 16, 4, 2, split=5, reduce=reduce)
     with launch.forced(blast_vs=vs_cfg, gemm=Config(1, 16, 16, 4, 2, split=0)):
-        for case in ("blast-b5-1tok", "blast-stack3-1tok", "blast-glu-1tok", "blast-b5-1tok"):
+        for case in ("blast-b5-1tok", "blast-stack3-1tok", "blast-b5-1tok"):
             fn, ref, args = CASES[case](gen, torch.float32)
             _check(fn, ref, args, torch.float32, f"{case} reduce={reduce}")
     vs = [c for k, c in seen if k == "blast_vs"]
@@ -291,7 +273,6 @@ GPU_SHAPES = {
     "monarch": lambda g, dt, n: _monarch(g, dt, n, 8, 200, 96, 136),
     "lowrank": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232),
     "blast-stacked": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200, layers=3),
-    "blast-glu": lambda g, dt, n: _glu(_blast(g, dt, n, 8, 96, 6, 200, 200, layers=2)),
 }
 
 
