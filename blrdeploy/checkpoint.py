@@ -62,24 +62,57 @@ def tool_versions(*more: str) -> dict:
 
 
 def blr_layers(model: nn.Module) -> list[dict]:
+    """One entry per BLR layer; the members of a stacked sibling group each get their own (as before fusing)."""
+    from .siblings import BlastSiblings
+
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, _BLRLinear):
             fit = module.fit_result
+            members = [(name, module.structure, module.num_params(), None if fit is None else fit.relative_error)]
+        elif isinstance(module, BlastSiblings):
+            params = sum(t[0].numel() for t in (module.U, module.S, module.V))
+            members = [(path, "blast", params, None) for path, _ in _sibling_members(name, module)]
+        else:
+            continue
+        for layer_name, structure, params, error in members:
             layers.append(
                 {
-                    "name": name,
-                    "structure": module.structure,
+                    "name": layer_name,
+                    "structure": structure,
                     "in_features": module.in_features,
                     "out_features": module.out_features,
                     "num_blocks": getattr(module, "num_blocks", None),
                     "rank": module.rank,
                     "bias": module.bias is not None,
-                    "params": module.num_params(),
-                    "relative_error": None if fit is None else fit.relative_error,
+                    "params": params,
+                    "relative_error": error,
                 }
             )
     return layers
+
+
+def _sibling_members(group_name: str, group) -> list[tuple[str, int]]:
+    """(the member's module path, its index in the stack) for a BlastSiblings registered at ``group_name``."""
+    parent = group_name.rpartition(".")[0]
+    return [(f"{parent}.{name}" if parent else name, i) for i, name in enumerate(group.names)]
+
+
+def _unstacked(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Stacked sibling factors written under their members' names, as an unfused model stores them."""
+    from .siblings import BlastSiblings
+
+    for group_name, group in model.named_modules():
+        if not isinstance(group, BlastSiblings):
+            continue
+        for key in ("U", "S", "V", "bias"):
+            tensors.pop(f"{group_name}.{key}", None)
+        for path, i in _sibling_members(group_name, group):
+            for key in ("U", "S", "V"):
+                tensors[f"{path}.{key}"] = getattr(group, key)[i].detach().clone()
+            if group.bias is not None:
+                out = group.out_features
+                tensors[f"{path}.bias"] = group.bias[i * out : (i + 1) * out].detach().clone()
 
 
 def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
@@ -95,6 +128,7 @@ def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         if param is not None:
             by_param[id(param)] = key
         tensors[key] = value.detach().contiguous()
+    _unstacked(model, tensors)
     buffers = []
     for key, buf in model.named_buffers():
         if key not in state and buf is not None:  # non-persistent (e.g. rotary inv_freq): meta after a skeleton build

@@ -8,6 +8,7 @@ import torch
 
 from blrdeploy import ConvertConfig, convert, load, save
 from blrdeploy.bench import resolve
+from blrdeploy.checkpoint import read_blr_config
 from blrdeploy.models import FAMILIES
 from blrdeploy.modules import BlastLinear
 from blrdeploy.siblings import BlastSiblings, SiblingOutput, blr_layer_count, fuse_siblings
@@ -71,6 +72,21 @@ def test_fusing_refuses_mismatched_members_and_skips_other_shapes():
     parent = torch.nn.Module()
     parent.q, parent.k = a, b
     assert fuse_siblings(parent, [("q", "k")]) == [] and parent.q is a
+
+
+def test_saving_a_fused_model_writes_the_unfused_checkpoint(tmp_path):
+    model, ids = _tiny_llama()
+    save(model, tmp_path / "plain", source={"id": "llama-tiny"})
+    fuse_siblings(model, LLAMA)
+    save(model, tmp_path / "fused", source={"id": "llama-tiny"})
+    plain, again = load(tmp_path / "plain"), load(tmp_path / "fused")
+    layers = [sorted(read_blr_config(tmp_path / d)["layers"], key=lambda e: e["name"]) for d in ("fused", "plain")]
+    assert layers[0] == layers[1]
+    assert not any(isinstance(m, BlastSiblings) for m in again.modules())
+    for (key, value), (key2, value2) in zip(plain.state_dict().items(), again.state_dict().items(), strict=True):
+        assert key == key2 and torch.equal(value, value2), key
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_load_fuses_on_request_and_equals_unfused(tmp_path):
