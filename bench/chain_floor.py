@@ -27,38 +27,27 @@ import torch
 import torch.nn.functional as F
 from blrdeploy.kernels import launch
 from common import machine
-from layers import read_kernel, setting, write_json
+from layers import read_kernel, save_tuned, setting, write_json
 from triton.testing import do_bench
 
 from blrdeploy.models import BUILTIN
 
-# Per model: transformer blocks, then (name, out, in, paper-preset pattern, sibling group) in decode order.
-MODELS = {
-    "llama-7b": (
-        32,
-        [
-            ("q", 4096, 4096, "*.q_proj", "qkv"),
-            ("k", 4096, 4096, "*.k_proj", "qkv"),
-            ("v", 4096, 4096, "*.v_proj", "qkv"),
-            ("o", 4096, 4096, "*.o_proj", "o"),
-            ("gate", 11008, 4096, "*.gate_proj", "gateup"),
-            ("up", 11008, 4096, "*.up_proj", "gateup"),
-            ("down", 4096, 11008, "*.down_proj", "down"),
-        ],
-    ),
-    "llama-3.2-1b": (
-        16,
-        [
-            ("q", 2048, 2048, "*.q_proj", "qkv"),
-            ("k", 512, 2048, "*.k_proj", "qkv"),
-            ("v", 512, 2048, "*.v_proj", "qkv"),
-            ("o", 2048, 2048, "*.o_proj", "o"),
-            ("gate", 8192, 2048, "*.gate_proj", "gateup"),
-            ("up", 8192, 2048, "*.up_proj", "gateup"),
-            ("down", 2048, 8192, "*.down_proj", "down"),
-        ],
-    ),
-}
+
+def _llama(hidden: int, intermediate: int, kv_out: int) -> list[tuple]:
+    """A Llama block's linear layers in decode order: (name, out, in, paper-preset pattern, sibling group)."""
+    return [
+        ("q", hidden, hidden, "*.q_proj", "qkv"),
+        ("k", kv_out, hidden, "*.k_proj", "qkv"),
+        ("v", kv_out, hidden, "*.v_proj", "qkv"),
+        ("o", hidden, hidden, "*.o_proj", "o"),
+        ("gate", intermediate, hidden, "*.gate_proj", "gateup"),
+        ("up", intermediate, hidden, "*.up_proj", "gateup"),
+        ("down", hidden, intermediate, "*.down_proj", "down"),
+    ]
+
+
+# (transformer blocks, a block's layers)
+MODELS = {"llama-7b": (32, _llama(4096, 11008, 4096)), "llama-3.2-1b": (16, _llama(2048, 8192, 512))}
 
 
 def _reader(nbytes: int, programs: int):
@@ -176,10 +165,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, result)
     if args.configs:
-        table = launch.active_table()
-        table.arch = int(result["machine"]["capability"].replace(".", ""))
-        table.source = f"tuned by bench/chain_floor.py on {result['machine'].get('gpu')}"
-        table.save(args.configs)
+        save_tuned(args.configs, result["machine"], "bench/chain_floor.py")
     return 0
 
 

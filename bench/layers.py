@@ -174,6 +174,14 @@ def write_json(path: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def save_tuned(path: str, machine_info: dict, tool: str) -> None:
+    """The launch configs tuned in this process, as a table for this GPU (``bench/merge_table.py`` merges it)."""
+    table = launch.active_table()
+    table.arch = int(machine_info["capability"].replace(".", ""))
+    table.source = f"tuned by {tool} on {machine_info.get('gpu')}"
+    table.save(path)
+
+
 def rel_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out.double() - expected).norm() / expected.norm())
 
@@ -329,10 +337,7 @@ def main(argv=None) -> int:
     if args.json_path:
         write_json(args.json_path, result)
     if args.configs_path:
-        table = launch.active_table()
-        table.arch = int(result["machine"]["capability"].replace(".", ""))
-        table.source = f"tuned by bench/layers.py on {result['machine'].get('gpu')}"
-        table.save(args.configs_path)
+        save_tuned(args.configs_path, result["machine"], "bench/layers.py")
     print_table(result)
     return 0
 

@@ -72,7 +72,7 @@ def blr_layers(model: nn.Module) -> list[dict]:
             members = [(name, module.structure, module.num_params(), None if fit is None else fit.relative_error)]
         elif isinstance(module, BlastSiblings):
             params = sum(t[0].numel() for t in (module.U, module.S, module.V))
-            members = [(path, "blast", params, None) for path, _ in _sibling_members(name, module)]
+            members = [(path, "blast", params, module.fit_errors[i]) for path, i in _sibling_members(name, module)]
         else:
             continue
         for layer_name, structure, params, error in members:
@@ -363,6 +363,7 @@ def load(
         model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as exc:  # shapes in model.safetensors disagree with blr_config.json / config.json
         raise CheckpointError(f"{path}: the stored tensors do not fit the model: {str(exc).splitlines()[-1]}") from exc
+    tensors.clear()  # the model holds them now; a reference here would keep fused layers' old factors alive
     for alias, target in cfg.get("tied", {}).items():
         set_submodule(model, alias, model.get_parameter(target))
     for key, value in buffers.items():

@@ -7,10 +7,13 @@ tail). A Llama block's seven BLAST layers are fourteen launches; with q/k/v and 
 
 :func:`fuse_siblings` moves each group's factors into one :class:`BlastSiblings` registered on the members' parent
 and puts a :class:`SiblingOutput` in each member's place. The first member called computes every member's output in
-one op call; the others return theirs when called with the same input tensor, and compute afresh otherwise, so a
-group is never wrong, only wasteful if its members do not share an input. The graph is plain Python that
-``torch.compile`` traces without a break. Checkpoints, ONNX export and bundles keep the unfused layers: fuse a
-loaded model (``blrdeploy.load`` does on CUDA), not one you are about to save.
+one op call; the others return theirs when called with the same input tensor object, and compute afresh otherwise:
+a group whose members do not share an input is only wasteful. (A member called after its input was modified in
+place, between the group's calls, would get the output of the unmodified input; no transformer block does that,
+and checking the tensor's version counter would break ``torch.compile``'s graph.) The graph is plain Python that
+``torch.compile`` traces without a break. Outputs equal the unfused layers' up to float summation order (the
+stacked shapes are tuned on their own). Checkpoints, ONNX export and bundles use unfused layers: ``save`` writes a
+fused model's factors under its members' names, export wants the model before fusing.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class BlastSiblings(nn.Module):
                 setattr(self, key, nn.Parameter(stacked, requires_grad=first.U.requires_grad))
             bias = None if first.bias is None else torch.cat([m.bias for m in members])
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+        self.fit_errors = tuple(None if m.fit_result is None else m.fit_result.relative_error for m in members)
         self._pending: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
 
     def reset_parameters(self) -> None:
@@ -105,22 +109,30 @@ def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> l
     shape or structure stays as it is). Returns the groups made. Peak memory grows by one group's factors."""
     groups = []
     sibling_names = [tuple(names) for names in sibling_names]
-    for parent in list(model.modules()):
+    wanted = {name for names in sibling_names for name in names}
+    # Parents only: a list of every module would keep each replaced member (and its factors) alive to the end.
+    parents = [m for m in model.modules() if wanted & set(m._modules)]
+    for parent in parents:
         for names in sibling_names:
-            by_shape: dict[tuple, list[tuple[str, BlastLinear]]] = {}
-            for name in names:
-                child = parent._modules.get(name)
-                if type(child) is BlastLinear:
-                    by_shape.setdefault(_signature(child), []).append((name, child))
-            for members in by_shape.values():
-                if len(members) < 2:
-                    continue
-                group = BlastSiblings([m for _, m in members], [n for n, _ in members])
-                parent.add_module("siblings_" + "_".join(n for n, _ in members), group)
-                for i, (name, _) in enumerate(members):
+            for member_names in _same_shape(parent, names):
+                members = [parent._modules[name] for name in member_names]
+                group = BlastSiblings(members, member_names)
+                parent.add_module("siblings_" + "_".join(member_names), group)
+                for i, name in enumerate(member_names):
                     setattr(parent, name, SiblingOutput(group, i))
                 groups.append(group)
+                del members  # the old layers' factors go now, before the next group is stacked
     return groups
+
+
+def _same_shape(parent: nn.Module, names: Sequence[str]) -> list[list[str]]:
+    """The names among ``names`` of ``parent``'s BLAST children, in groups of two or more of one shape."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name in names:
+        child = parent._modules.get(name)
+        if type(child) is BlastLinear:
+            by_shape.setdefault(_signature(child), []).append(name)
+    return [group for group in by_shape.values() if len(group) >= 2]
 
 
 def blr_layer_count(model: nn.Module) -> int:

@@ -26,8 +26,9 @@ class Config:
     BK: int  # reduction step
     num_warps: int
     num_stages: int
-    # Programs sharing one reduction, each writing a float32 partial that the next stage sums while loading:
-    # BLAST V+S splits the input blocks, a small-N GEMM producer its reduction. 0 = enough to fill the GPU.
+    # Programs sharing one reduction, each writing a float32 partial that the next stage sums while loading (or,
+    # with ``reduce``, the last of them sums): BLAST V+S splits the input blocks, a small-N GEMM producer its
+    # reduction. 0 = enough to fill the GPU.
     split: int = 1
     # BLAST V+S with split > 1: 1 = the last program of each tile sums the partials once, so the U stage reads one
     # w instead of every partial (less L2 traffic on large layers, a serial step more on small ones).

@@ -295,22 +295,23 @@ def _partials(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.
     return _empty((splits, *shape), like, torch.float32 if splits > 1 else None)
 
 
-COUNTERS = 1 << 14  # arrival counters per device: tiles of one V+S launch, ceil(N/BM) * L * ceil(r/BR), N <= 64
+COUNTERS = 1 << 14  # arrival counters kept per device: tiles of one V+S launch, ceil(N/BM) * L * ceil(r/BR)
 _counter_pool: dict[torch.device, torch.Tensor] = {}
 
 
-def _counters(device: torch.device, needed: int) -> torch.Tensor | None:
+def _counters(device: torch.device, needed: int) -> torch.Tensor:
     """The V+S split reduction's arrival counters on ``device``: zeroed once, and every launch leaves the ones it
     used at zero, so one pool serves every layer (launches on a device's stream run one after another; BLR layers
-    of one device must not run concurrently on two streams). None when a launch needs more than the pool, or while a
-    CUDA graph is being captured before any exist (memory allocated in a capture holds no zeros until replay): the
-    U stage then sums the partials itself."""
+    of one device must not run concurrently on two streams). A launch that needs more, or one captured into a CUDA
+    graph before the pool exists (memory allocated in a capture holds no zeros until replay, and belongs to the
+    graph), gets counters of its own, zeroed right before it."""
     pool = _counter_pool.get(device)
-    if pool is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if pool is None and not capturing:
         pool = _counter_pool[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return pool if needed <= pool.numel() else None
+    if pool is None or needed > pool.numel():
+        return torch.zeros(needed, dtype=torch.int32, device=device)
+    return pool
 
 
 REDUCE_SPLITS = True  # off: no config sums the V+S split partials once (Config.reduce); bench switch
@@ -327,13 +328,13 @@ def blast_forward(
 
     Few tokens: V and S fused (z stays on chip), then U; stacked layers share both launches. Many: per layer, V as a
     grouped GEMM writing z, the S mix at memory speed, then U (see ``blast_mix_kernel`` for why)."""
-    stacked = U.dim() == 4
-    if not stacked:
-        U, S, V = U[None], S[None], V[None]
-    L, b_out, p, r = U.shape
-    b_in, q = V.shape[1:3]
-    expected = {"x": (b_in * q,), "S": (L, b_out, b_in, r), "V": (L, b_in, q, r)}
+    lead = U.shape[:1] if U.dim() == 4 else ()  # stacked siblings: L
+    L, b_out, p, r = U.shape if lead else (1, *U.shape)
+    b_in, q = V.shape[len(lead) : len(lead) + 2]
+    expected = {"x": (b_in * q,), "S": (*lead, b_out, b_in, r), "V": (*lead, b_in, q, r)}
     _check(x, {"U": U, "S": S, "V": V}, expected, bias, L * b_out * p)
+    if not lead:
+        U, S, V = U[None], S[None], V[None]
     N = x.shape[0]
     m = b_out * p
     y = _empty((N, L * m), x)
@@ -349,8 +350,7 @@ def blast_forward(
         cfg = _effective(cfg, x.dtype)
         w = _partials(partials, (N, L * b_out, r), x)
         grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
-        reduce = partials > 1 and cfg.reduce and REDUCE_SPLITS
-        counters = _counters(x.device, grid[0] * grid[1]) if reduce else None
+        counters = _counters(x.device, grid[0] * grid[1]) if partials > 1 and cfg.reduce and REDUCE_SPLITS else None
         red = w[0] if counters is None else _empty((N, L * b_out, r), x, torch.float32)
         runtime.launch(
             "blast_vs", grid,

@@ -89,6 +89,24 @@ def test_saving_a_fused_model_writes_the_unfused_checkpoint(tmp_path):
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_fusing_frees_the_old_factors_and_keeps_fit_errors(tmp_path):
+    import gc
+    import weakref
+
+    model = build_builtin("llama-tiny").model
+    convert(model, ConvertConfig(structure="blast", layers=(("*", 4, 16),), params_ratio=None, steps=2))
+    save(model, tmp_path / "plain", source={"id": "llama-tiny"})
+    old = [weakref.ref(layer.mlp.up_proj.U) for layer in model.model.layers]
+    fuse_siblings(model, LLAMA)
+    gc.collect()
+    assert all(ref() is None for ref in old)  # stacked copies replace them: peak is one group, not all
+    save(model, tmp_path / "fused", source={"id": "llama-tiny"})
+    errors = [
+        {e["name"]: e["relative_error"] for e in read_blr_config(tmp_path / d)["layers"]} for d in ("plain", "fused")
+    ]
+    assert errors[0] == errors[1] and all(v is not None for v in errors[0].values())
+
+
 def test_load_fuses_on_request_and_equals_unfused(tmp_path):
     model = build_builtin("llama-tiny").model
     convert(model, ConvertConfig(structure="blast", layers=(("*", 4, 16),), params_ratio=None, steps=2))
