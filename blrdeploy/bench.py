@@ -37,8 +37,7 @@ from .convert import ConvertConfig, is_linear, linear_dims, plan
 from .job import unique_params
 from .models import BUILTIN, FAMILIES, main_output
 from .modules import set_submodule
-from .siblings import BlastSiblings, blr_layer_count
-from .siblings import fuse_siblings as fuse
+from .siblings import BlastSiblings, blr_layer_count, fuse_family
 from .sources import builtin_config, identify, instantiate, read_config
 
 MODES = ("eager", "graph", "compile")
@@ -208,7 +207,7 @@ def resolve(
         def blr():
             skeleton = _blr_skeleton(_skeleton(library, class_name, config), layers)
             if fuse_siblings:  # on the meta skeleton: the stacked factors are allocated once, in the slab
-                fuse(skeleton, FAMILIES[spec.family].siblings)
+                fuse_family(skeleton, spec.family)
             return materialize(skeleton, device, dtype, seed)
 
     else:

@@ -325,7 +325,8 @@ def load(
     stored tensor is cast to ``dtype`` before it is moved to ``device``, one at a time: the device never holds more
     than the final weights (no float32 copy of a bfloat16 model, no dense weight) plus, while sibling layers are
     stacked, one group's factors. ``fuse_siblings`` (default: on CUDA) stacks the BLAST layers of the model family's
-    sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`): fewer kernel launches, same outputs."""
+    sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`): fewer kernel launches, the same outputs up to
+    float summation order."""
     from safetensors import SafetensorError, safe_open
 
     from .sources import instantiate, read_config
@@ -375,9 +376,7 @@ def load(
     if dtype is not None:
         model = model.to(dtype)
     if fuse_siblings or (fuse_siblings is None and torch.device(device).type == "cuda"):
-        from .models import FAMILIES
-        from .siblings import fuse_siblings as fuse
+        from .siblings import fuse_family
 
-        family = FAMILIES.get(src.get("family") or "")
-        fuse(model, family.siblings if family else ())
+        fuse_family(model, src.get("family"))
     return model.eval()

@@ -125,6 +125,15 @@ def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> l
     return groups
 
 
+def fuse_family(model: nn.Module, family: str | None) -> list[BlastSiblings]:
+    """:func:`fuse_siblings` with the sibling names of a model family (``blrdeploy.models.FAMILIES``); an unknown
+    family has none."""
+    from .models import FAMILIES
+
+    known = FAMILIES.get(family or "")
+    return fuse_siblings(model, known.siblings) if known else []
+
+
 def _same_shape(parent: nn.Module, names: Sequence[str]) -> list[list[str]]:
     """The names among ``names`` of ``parent``'s BLAST children, in groups of two or more of one shape."""
     by_shape: dict[tuple, list[str]] = {}

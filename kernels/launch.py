@@ -306,8 +306,7 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
     graph before the pool exists (memory allocated in a capture holds no zeros until replay, and belongs to the
     graph), gets counters of its own, zeroed right before it."""
     pool = _counter_pool.get(device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if pool is None and not capturing:
+    if pool is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         pool = _counter_pool[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     if pool is None or needed > pool.numel():
         return torch.zeros(needed, dtype=torch.int32, device=device)
