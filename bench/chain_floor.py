@@ -9,12 +9,14 @@ is what a decode step spends in its linear layers. The read variants put a bound
 
 * ``read/launch``: one streaming read per kernel our chain launches, each the bytes that kernel reads;
 * ``read/sibling``: the same bytes with sibling layers that share an input (q, k, v; gate, up) read together;
+* ``read/op``: one read per sibling group, both stages together (what one launch per op would read);
 * ``read/block``: one read per transformer block.
 
-``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``); stacked shapes missing from the
-shipped table (all of them with ``--retune``) are tuned first, and ``--configs`` writes what was tuned (for
-``bench/merge_table.py``). ``U sums`` is the same with the V+S split partials summed by every U program instead of
-once (``launch.REDUCE_SPLITS``), on the table's configs for that path.
+``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``) as V+S then U; ``PDL V+S`` with the V+S
+launch fetching its weights before the previous kernel ends (``launch.VS_PDL``); ``one launch`` with each op's V+S
+and U in one launch (``launch.ONE_LAUNCH``, ``blast_one``); ``ours, one launch`` the same unstacked. Shapes missing
+from the shipped table (all of them with ``--retune``) are tuned first, and ``--configs`` writes what was tuned (for
+``bench/merge_table.py``).
 """
 
 from __future__ import annotations
@@ -116,18 +118,15 @@ def run_model(name: str, sms: int, retune: bool = False) -> dict:
         print(f"{name:14s} {label:14s} {us:8.1f} µs/block  {launches:3d} launches  {gbs:7.1f} GB/s", flush=True)
 
     record("dense", dense_fns, dense_total, len(layers))
-    record("ours", ours_fns, ours_total, 2 * len(layers))
-    launch.USE_PDL = False
-    record("ours, no PDL", ours_fns, ours_total, 2 * len(layers))
-    launch.USE_PDL = True
     per_block = len(stacked_fns) // blocks
-    launch.REDUCE_SPLITS = False
-    record("ours, siblings, U sums", stacked_fns, ours_total, 2 * per_block)
-    launch.REDUCE_SPLITS = True
-    with launch.tuning(remeasure=retune):  # stacked shapes the table lacks (all with --retune), one call per shape
-        for fn in stacked_fns[:per_block]:
-            fn()
-    record("ours, siblings", stacked_fns, ours_total, 2 * per_block)
+    for one, vs_pdl in ((False, False), (False, True), (True, True)):
+        launch.ONE_LAUNCH, launch.VS_PDL = one, vs_pdl
+        with launch.tuning(remeasure=retune):  # shapes the table lacks (all with --retune), one call per shape
+            for fn in stacked_fns[:per_block] + (ours_fns[: len(layers)] if one else []):
+                fn()
+        label = "ours, siblings, one launch" if one else f"ours, siblings{', PDL V+S' if vs_pdl else ''}"
+        record(label, stacked_fns, ours_total, per_block * (1 if one else 2))
+    record("ours, one launch", ours_fns, ours_total, len(layers))
     del stacked_fns
     per_block_stages = stage_bytes[: 2 * len(layers)]
     readers = [_reader(n, programs)[0] for n in per_block_stages * blocks]
@@ -136,6 +135,10 @@ def run_model(name: str, sms: int, retune: bool = False) -> dict:
     sib = [n for pair in sib_bytes.values() for n in pair]
     readers = [_reader(n // blocks, programs)[0] for _ in range(blocks) for n in sib]
     record("read/sibling", readers, ours_total, len(sib))
+    del readers
+    ops = [sum(pair) for pair in sib_bytes.values()]
+    readers = [_reader(n // blocks, programs)[0] for _ in range(blocks) for n in ops]
+    record("read/op", readers, ours_total, len(ops))
     del readers
     readers = [_reader(ours_total // blocks, programs)[0] for _ in range(blocks)]
     record("read/block", readers, ours_total, 1)
