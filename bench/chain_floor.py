@@ -12,9 +12,9 @@ is what a decode step spends in its linear layers. The read variants put a bound
 * ``read/op``: one read per sibling group, both stages together (what one launch per op would read);
 * ``read/block``: one read per transformer block.
 
-``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``) as V+S then U; ``PDL V+S`` with the V+S
-launch fetching its weights before the previous kernel ends (``launch.VS_PDL``); ``one launch`` with each op's V+S
-and U in one launch (``launch.ONE_LAUNCH``, ``blast_one``); ``ours, one launch`` the same unstacked. Shapes missing
+``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``) as V+S then U; ``one launch`` with each
+op's V+S and U in one launch (``launch.ONE_LAUNCH``, ``blast_one``; the pause is ``launch.ONE_BACKOFF_NS``, ``no PDL``
+without dependent launches); ``ours, one launch`` the same unstacked. Shapes missing
 from the shipped table (all of them with ``--retune``) are tuned first, and ``--configs`` writes what was tuned (for
 ``bench/merge_table.py``).
 """
@@ -119,13 +119,19 @@ def run_model(name: str, sms: int, retune: bool = False) -> dict:
 
     record("dense", dense_fns, dense_total, len(layers))
     per_block = len(stacked_fns) // blocks
-    for one, vs_pdl in ((False, False), (False, True), (True, True)):
-        launch.ONE_LAUNCH, launch.VS_PDL = one, vs_pdl
-        with launch.tuning(remeasure=retune):  # shapes the table lacks (all with --retune), one call per shape
-            for fn in stacked_fns[:per_block] + (ours_fns[: len(layers)] if one else []):
-                fn()
-        label = "ours, siblings, one launch" if one else f"ours, siblings{', PDL V+S' if vs_pdl else ''}"
-        record(label, stacked_fns, ours_total, per_block * (1 if one else 2))
+    launch.ONE_LAUNCH = False
+    record("ours, siblings", stacked_fns, ours_total, per_block * 2)
+    launch.ONE_LAUNCH = True
+    with launch.tuning(remeasure=retune):  # shapes the table lacks (all with --retune), one call per shape
+        for fn in stacked_fns[:per_block] + ours_fns[: len(layers)]:
+            fn()
+    for backoff in (100, 0, 400):
+        launch.ONE_BACKOFF_NS = backoff
+        record(f"ours, siblings, one launch, pause {backoff} ns", stacked_fns, ours_total, per_block)
+    launch.ONE_BACKOFF_NS = 100
+    launch.USE_PDL = False
+    record("ours, siblings, one launch, no PDL", stacked_fns, ours_total, per_block)
+    launch.USE_PDL = True
     record("ours, one launch", ours_fns, ours_total, len(layers))
     del stacked_fns
     per_block_stages = stage_bytes[: 2 * len(layers)]

@@ -68,7 +68,6 @@ def blast_vs_kernel(
     s_rn, s_ri, s_rr,
     B_OUT: tl.constexpr,  # b_out rounded up to a power of two
     IEEE: tl.constexpr,
-    WAIT: tl.constexpr,  # dependent launch: fetch the first V and S tiles, then wait for the kernel that writes x
     LAUNCH_DEPS: tl.constexpr,  # let the U stage's programs launch now (they wait for w)
     REDUCE: tl.constexpr,  # the last program of a tile sums the split partials into red
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
@@ -80,7 +79,7 @@ def blast_vs_kernel(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), tl.num_programs(2),
         N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
         s_xn, s_xk, s_vl, s_vj, s_vq, s_vr, s_sl, s_si, s_sj, s_sr, s_ws, s_wn, s_wi, s_wr, s_rn, s_ri, s_rr,
-        B_OUT, IEEE, WAIT, REDUCE, BM, BR, BK,
+        B_OUT, IEEE, False, REDUCE, BM, BR, BK,
     )  # fmt: skip
 
 
@@ -147,7 +146,8 @@ def _vs_tile(
 @triton.jit
 def blast_one_kernel(
     # operands: as blast_vs_kernel's, then U (L*b_out, p, r), y (1, L*b_out*p), bias (L*b_out*p,), and this
-    # launch's set of three int32 sync counters: tickets handed out, V+S programs done, U programs through
+    # launch's set of int32 sync counters: tickets handed out, V+S programs done, U programs through, and at READY
+    # the flag the last V+S program raises
     x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr, u_ptr, y_ptr, bias_ptr, sync_ptr,
     N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT, P,
     # the V+S programs: (layer and rank tiles) x splits of them; the U programs: groups x column tiles
@@ -163,6 +163,8 @@ def blast_one_kernel(
     REDUCE: tl.constexpr,
     A_SPLIT: tl.constexpr,  # without REDUCE, the U stage sums this many partials of w while loading
     HAS_BIAS: tl.constexpr,
+    READY: tl.constexpr,  # the ready flag's offset in the sync set: a cache line of its own
+    BACKOFF_NS: tl.constexpr,  # pause between polls of the ready flag (0: none, and the interpreter's only choice)
     BR: tl.constexpr, BK: tl.constexpr,  # the V+S tile (one token: BM = 1)
     UBN: tl.constexpr, UBK: tl.constexpr,  # the U tile
 ):  # fmt: skip
@@ -187,7 +189,8 @@ def blast_one_kernel(
         if WAIT:
             gdc_launch_dependents()  # after _vs_tile's wait: the kernel before this one is done
         tl.debug_barrier()  # every thread's stores precede the one thread's release
-        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
+        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_vs - 1:
+            tl.atomic_xchg(sync_ptr + READY, 1, sem="release", scope="gpu")
     else:
         u_tile = ticket - n_vs
         c_tiles = tl.cdiv(P, UBN)
@@ -207,14 +210,24 @@ def blast_one_kernel(
         if WAIT:
             gdc_wait()
             gdc_launch_dependents()
-        done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
-        while done < n_vs:
-            done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+        # Poll the ready flag (its own cache line, written once) with plain loads and a pause between them: atomics
+        # on the done count from hundreds of waiting programs queued the V+S programs' own increments behind them.
+        ready = tl.load(sync_ptr + READY, volatile=True)
+        while ready == 0:
+            if BACKOFF_NS > 0:
+                ready = tl.inline_asm_elementwise(
+                    f"nanosleep.u32 {BACKOFF_NS}; ld.volatile.global.u32 $0, [$1];", "=r,l", [sync_ptr + READY],
+                    dtype=tl.int32, is_pure=False, pack=1,
+                )
+            else:
+                ready = tl.load(sync_ptr + READY, volatile=True)
+        tl.atomic_add(sync_ptr + READY, 0, sem="acquire", scope="gpu")  # the V+S programs' stores are visible
         through = tl.atomic_add(sync_ptr + 2, 1, sem="relaxed", scope="gpu")
         if through == N_U - 1:  # every ticket is taken and every program is past the wait: reset for next time
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(sync_ptr + READY, 0, sem="relaxed", scope="gpu")
         acc = tl.zeros((1, UBN), dtype=tl.float32)
         for t in range(0, tl.cdiv(R, UBK)):
             kk = t * UBK + rk

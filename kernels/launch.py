@@ -314,7 +314,8 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
 
 
 SYNC_SETS = 2  # blast_one launches in flight at once (see blast_one_kernel), each with its own counter set
-SYNC_STRIDE = 32  # int32s between sets: one 128-byte line each
+SYNC_STRIDE = 64  # int32s per set: the counters' 128-byte line, then the ready flag's
+ONE_BACKOFF_NS = 100  # blast_one's pause between polls of the ready flag; bench switch
 _sync_pool: dict[torch.device, list] = {}
 
 
@@ -334,7 +335,6 @@ def _sync(device: torch.device) -> torch.Tensor:
 
 ONE_LAUNCH = True  # one token: BLAST's V+S and U in one launch where the architecture has configs for it
 REDUCE_SPLITS = True  # off: no config sums the V+S split partials once (Config.reduce); bench switch
-VS_PDL = True  # few tokens: the V+S launch too starts early and fetches weights while the previous kernel ends
 MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
 BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
 
@@ -376,9 +376,9 @@ def blast_forward(
             "blast_vs", grid,
             (x, V, S, w, red, w if counters is None else counters, N, q, r, b_in, b_out, per,
              x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride()),
-            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, WAIT=pdl and VS_PDL, LAUNCH_DEPS=pdl,
-                 REDUCE=counters is not None, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
-            cfg.num_warps, cfg.num_stages, pdl=pdl and VS_PDL,
+            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, REDUCE=counters is not None,
+                 BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+            cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w if counters is None else red[None]
 
@@ -412,7 +412,7 @@ def blast_forward(
         _gemm(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
             y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=U.shape[0], cfg=cfg,
-            bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True, producer=VS_PDL,
+            bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True,
         )  # fmt: skip
 
     if N > BLAST_FUSED_MAX_N:  # compute-bound: one layer at a time, each into its columns of y
@@ -445,7 +445,8 @@ def blast_forward(
                  N, q, r, b_in, b_out, per, p, n_lr, partials, n_u,
                  x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride(), *U_all.stride()),
                 dict(B_OUT=b_out_pow2, WAIT=pdl, REDUCE=reduce, A_SPLIT=1 if reduce else partials,
-                     HAS_BIAS=bias is not None, BR=cfg.BN, BK=cfg.BK, UBN=cfg.ubn, UBK=cfg.ubk),
+                     HAS_BIAS=bias is not None, READY=SYNC_STRIDE // 2,
+                     BACKOFF_NS=0 if interpreting() else ONE_BACKOFF_NS, BR=cfg.BN, BK=cfg.BK, UBN=cfg.ubn, UBK=cfg.ubk),
                 cfg.num_warps, cfg.num_stages, pdl=pdl,
             )  # fmt: skip
 
