@@ -9,14 +9,13 @@ is what a decode step spends in its linear layers. The read variants put a bound
 
 * ``read/launch``: one streaming read per kernel our chain launches, each the bytes that kernel reads;
 * ``read/sibling``: the same bytes with sibling layers that share an input (q, k, v; gate, up) read together;
-* ``read/op``: one read per sibling group, both stages together (what one launch per op would read);
+* ``read/op``: one read per sibling group, both stages together: the floor of one launch per op;
 * ``read/block``: one read per transformer block.
 
-``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``) as V+S then U; ``one launch`` with each
-op's V+S and U in one launch (``launch.ONE_LAUNCH``, ``blast_one``; the pause is ``launch.ONE_BACKOFF_NS``, ``no PDL``
-without dependent launches); ``ours, one launch`` the same unstacked. Shapes missing
-from the shipped table (all of them with ``--retune``) are tuned first, and ``--configs`` writes what was tuned (for
-``bench/merge_table.py``).
+``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``); stacked shapes missing from the
+shipped table (all of them with ``--retune``) are tuned first, and ``--configs`` writes what was tuned (for
+``bench/merge_table.py``). ``U sums`` is the same with the V+S split partials summed by every U program instead of
+once (``launch.REDUCE_SPLITS``), on the table's configs for that path.
 """
 
 from __future__ import annotations
@@ -118,21 +117,18 @@ def run_model(name: str, sms: int, retune: bool = False) -> dict:
         print(f"{name:14s} {label:14s} {us:8.1f} µs/block  {launches:3d} launches  {gbs:7.1f} GB/s", flush=True)
 
     record("dense", dense_fns, dense_total, len(layers))
-    per_block = len(stacked_fns) // blocks
-    launch.ONE_LAUNCH = False
-    record("ours, siblings", stacked_fns, ours_total, per_block * 2)
-    launch.ONE_LAUNCH = True
-    with launch.tuning(remeasure=retune):  # shapes the table lacks (all with --retune), one call per shape
-        for fn in stacked_fns[:per_block] + ours_fns[: len(layers)]:
-            fn()
-    for backoff in (100, 0, 400):
-        launch.ONE_BACKOFF_NS = backoff
-        record(f"ours, siblings, one launch, pause {backoff} ns", stacked_fns, ours_total, per_block)
-    launch.ONE_BACKOFF_NS = 100
+    record("ours", ours_fns, ours_total, 2 * len(layers))
     launch.USE_PDL = False
-    record("ours, siblings, one launch, no PDL", stacked_fns, ours_total, per_block)
+    record("ours, no PDL", ours_fns, ours_total, 2 * len(layers))
     launch.USE_PDL = True
-    record("ours, one launch", ours_fns, ours_total, len(layers))
+    per_block = len(stacked_fns) // blocks
+    launch.REDUCE_SPLITS = False
+    record("ours, siblings, U sums", stacked_fns, ours_total, 2 * per_block)
+    launch.REDUCE_SPLITS = True
+    with launch.tuning(remeasure=retune):  # stacked shapes the table lacks (all with --retune), one call per shape
+        for fn in stacked_fns[:per_block]:
+            fn()
+    record("ours, siblings", stacked_fns, ours_total, 2 * per_block)
     del stacked_fns
     per_block_stages = stage_bytes[: 2 * len(layers)]
     readers = [_reader(n, programs)[0] for n in per_block_stages * blocks]

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_one_kernel, blast_vs_kernel, mix_tile
+from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel, mix_tile
 from .configs import Config
 from .gemm import grouped_gemm_kernel
 from .monarch import interleave_kernel, interleave_tile
@@ -30,10 +30,10 @@ _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 class Variant:
     """One specialization of a kernel besides its launch config: element types and the structural constexprs."""
 
-    kernel: str  # a name in runtime.KERNELS
+    kernel: str  # "gemm", "blast_vs", "blast_mix" or "interleave"
     dtype: str = "bfloat16"  # operands and output
     constexprs: tuple[tuple[str, object], ...] = ()
-    intermediate_fp32: bool = False  # blast_vs, blast_one: float32 partials (split > 1)
+    intermediate_fp32: bool = False  # blast_vs: float32 partials (split > 1)
 
 
 def _signature(fn, dtype: str, overrides: dict[str, str]) -> dict[str, str]:
@@ -80,14 +80,6 @@ def compile_variant(variant: Variant, config: Config, arch: int):
             overrides.update(w_ptr="*fp32", red_ptr="*fp32", cnt_ptr="*fp32")
         if constexprs["REDUCE"]:
             overrides.update(red_ptr="*fp32", cnt_ptr="*i32")
-    elif variant.kernel == "blast_one":
-        fn = jit_function(blast_one_kernel)
-        constexprs = {"B_OUT": 16, "WAIT": False, "REDUCE": False, "A_SPLIT": 1, "HAS_BIAS": False, "READY": 32,
-                      "BACKOFF_NS": 100, **constexprs}
-        constexprs.update(BR=config.BN, BK=config.BK, UBN=config.ubn, UBK=config.ubk)
-        overrides.update(cnt_ptr="*i32", sync_ptr="*i32")
-        if variant.intermediate_fp32:
-            overrides.update(w_ptr="*fp32", red_ptr="*fp32")
     else:
         raise ValueError(f"unknown kernel {variant.kernel!r}")
     if "IEEE" in fn.arg_names:  # the kernels with a dot on the inputs' dtype: full-precision float32
@@ -115,9 +107,6 @@ def shipped() -> list[tuple[int, Config, Variant]]:
             b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
             c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl), ("REDUCE", bool(cfg.reduce)))
             cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
-        for cfg in space("blast_one", arch):
-            c = (("WAIT", pdl), ("REDUCE", bool(cfg.reduce)), ("A_SPLIT", 1 if cfg.reduce else 16), ("HAS_BIAS", True))
-            cases.append((arch, cfg, Variant("blast_one", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
         cases.append((arch, Config(32, 32, 0, 4, 3), Variant("blast_mix_dot", "bfloat16")))

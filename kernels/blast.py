@@ -24,33 +24,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .gemm import gemv
-
-
-@triton.jit
-def _vs_weights(v_ptr, s_ptr, j, kk, rr, ri, r_mask, i_mask, Q, s_vj, s_vq, s_vr, s_si, s_sj, s_sr):
-    """Input block j's V tile at reduction rows kk, and its column of S for every output block."""
-    vb = tl.load(
-        v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
-        mask=(kk < Q)[:, None] & r_mask[None, :],
-        other=0.0,
-    )
-    s = tl.load(s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr, mask=i_mask[:, None] & r_mask[None, :], other=0.0)
-    return vb, s
-
-
-@triton.jit
-def _vs_mix(acc, xa, vb, s, IEEE: tl.constexpr, BM: tl.constexpr):
-    """acc[i] += S[i, j] * (x_j @ V[j]) for one reduction step of input block j."""
-    if BM == 1:  # one token row
-        z = gemv(xa, vb)
-    elif IEEE:
-        z = tl.dot(xa, vb, input_precision="ieee")
-    else:
-        z = tl.dot(xa, vb)
-    return acc + s.to(tl.float32)[:, None, :] * z[None, :, :]
 
 
 @triton.jit
@@ -74,27 +50,11 @@ def blast_vs_kernel(
 ):  # fmt: skip
     if LAUNCH_DEPS:
         gdc_launch_dependents()
-    _vs_tile(
-        x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr,
-        tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), tl.num_programs(2),
-        N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
-        s_xn, s_xk, s_vl, s_vj, s_vq, s_vr, s_sl, s_si, s_sj, s_sr, s_ws, s_wn, s_wi, s_wr, s_rn, s_ri, s_rr,
-        B_OUT, IEEE, False, REDUCE, BM, BR, BK,
-    )  # fmt: skip
-
-
-@triton.jit
-def _vs_tile(
-    x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr,
-    pid_n, pid_lr, pid_s, n_lr, n_split,  # this program's (token tile, layer and rank tile, split) of how many
-    N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
-    s_xn, s_xk, s_vl, s_vj, s_vq, s_vr, s_sl, s_si, s_sj, s_sr, s_ws, s_wn, s_wi, s_wr, s_rn, s_ri, s_rr,
-    B_OUT: tl.constexpr, IEEE: tl.constexpr, WAIT: tl.constexpr, REDUCE: tl.constexpr,
-    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    pid_n = tl.program_id(0)
     r_tiles = tl.cdiv(R, BR)
-    layer = (pid_lr // r_tiles).to(tl.int64)
-    pid_r = pid_lr % r_tiles
+    layer = (tl.program_id(1) // r_tiles).to(tl.int64)
+    pid_r = tl.program_id(1) % r_tiles
+    pid_s = tl.program_id(2)
     v_ptr += layer * s_vl
     s_ptr += layer * s_sl
     w_ptr += layer * B_OUT_REAL * s_wi
@@ -111,138 +71,50 @@ def _vs_tile(
     j_start = pid_s * J_PER_SPLIT
     k_steps = tl.cdiv(Q, BK)
     n_steps = (tl.minimum(j_start + J_PER_SPLIT, B_IN) - j_start) * k_steps
-    t_loop = 0
-    if WAIT:
-        # Peeled first step: V and S do not depend on the previous kernel, so they are in flight while this
-        # program waits for x (with one input block per program, that is its whole share of the weights).
-        vb, s = _vs_weights(v_ptr, s_ptr, j_start, rk, rr, ri, r_mask, i_mask, Q, s_vj, s_vq, s_vr, s_si, s_sj, s_sr)
-        gdc_wait()
-        xa = tl.load(x_base + (j_start * Q + rk)[None, :] * s_xk, mask=n_mask[:, None] & (rk < Q)[None, :], other=0.0)
-        acc = _vs_mix(acc, xa, vb, s, IEEE, BM)
-        t_loop = 1
-    for t in range(t_loop, n_steps):
+    for t in range(0, n_steps):
         j = j_start + t // k_steps
         kk = (t % k_steps) * BK + rk
-        xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & (kk < Q)[None, :], other=0.0)
-        vb, s = _vs_weights(v_ptr, s_ptr, j, kk, rr, ri, r_mask, i_mask, Q, s_vj, s_vq, s_vr, s_si, s_sj, s_sr)
-        acc = _vs_mix(acc, xa, vb, s, IEEE, BM)
-    w = w_ptr + pid_s * s_ws + rn.to(tl.int64)[None, :, None] * s_wn + ri[:, None, None] * s_wi + rr[None, None, :] * s_wr
+        k_mask = kk < Q
+        xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        vb = tl.load(
+            v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
+            mask=k_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if BM == 1:  # one token row
+            z = gemv(xa, vb)
+        elif IEEE:
+            z = tl.dot(xa, vb, input_precision="ieee")
+        else:
+            z = tl.dot(xa, vb)
+        s = tl.load(
+            s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr,
+            mask=i_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
+    w = (
+        w_ptr
+        + pid_s * s_ws
+        + rn.to(tl.int64)[None, :, None] * s_wn
+        + ri[:, None, None] * s_wi
+        + rr[None, None, :] * s_wr
+    )
     mask = i_mask[:, None, None] & n_mask[None, :, None] & r_mask[None, None, :]
     tl.store(w, acc.to(w_ptr.dtype.element_ty), mask=mask)
     if REDUCE:
-        counter = cnt_ptr + pid_n * n_lr + pid_lr
+        n_split = tl.num_programs(2)
+        counter = cnt_ptr + pid_n * tl.num_programs(1) + tl.program_id(1)
         tl.debug_barrier()  # every thread's partial is stored before the one arriving thread's release
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == n_split - 1:
             total = tl.zeros((B_OUT, BM, BR), dtype=tl.float32)
             w_tile = w - pid_s * s_ws
-            for part in range(0, n_split):  # stored by other programs: read through L2, never a stale L1 line
-                total += tl.load(w_tile + part * s_ws, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(0, n_split):  # stored by other programs: read through L2, never a stale L1 line
+                total += tl.load(w_tile + s * s_ws, mask=mask, other=0.0, cache_modifier=".cg")
             red = red_ptr + rn.to(tl.int64)[None, :, None] * s_rn + ri[:, None, None] * s_ri + rr[None, None, :] * s_rr
             tl.store(red, total, mask=mask)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
-
-
-@triton.jit
-def blast_one_kernel(
-    # operands: as blast_vs_kernel's, then U (L*b_out, p, r), y (1, L*b_out*p), bias (L*b_out*p,), and this
-    # launch's set of int32 sync counters: tickets handed out, V+S programs done, U programs through, and at READY
-    # the flag the last V+S program raises
-    x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr, u_ptr, y_ptr, bias_ptr, sync_ptr,
-    N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT, P,
-    # the V+S programs: (layer and rank tiles) x splits of them; the U programs: groups x column tiles
-    N_LR, N_SPLIT, N_U,
-    s_xn, s_xk,
-    s_vl, s_vj, s_vq, s_vr,
-    s_sl, s_si, s_sj, s_sr,
-    s_ws, s_wn, s_wi, s_wr,
-    s_rn, s_ri, s_rr,
-    s_ug, s_up, s_ur,
-    B_OUT: tl.constexpr,
-    WAIT: tl.constexpr,  # dependent launch: fetch weights, then wait for the kernel that writes x
-    REDUCE: tl.constexpr,
-    A_SPLIT: tl.constexpr,  # without REDUCE, the U stage sums this many partials of w while loading
-    HAS_BIAS: tl.constexpr,
-    READY: tl.constexpr,  # the ready flag's offset in the sync set: a cache line of its own
-    BACKOFF_NS: tl.constexpr,  # pause between polls of the ready flag (0: none, and the interpreter's only choice)
-    BR: tl.constexpr, BK: tl.constexpr,  # the V+S tile (one token: BM = 1)
-    UBN: tl.constexpr, UBK: tl.constexpr,  # the U tile
-):  # fmt: skip
-    """One token through a BLAST layer (or stacked siblings) in one launch: the first N_VS programs to start run the
-    V+S tiles, the rest run U tiles, each fetching its U weights before it waits for the V+S programs' count.
-
-    Programs take their role from a ticket (an atomic count), not their program id: a program holding a U ticket
-    only spins once every V+S ticket is held by a program already running, so the wait cannot starve them
-    whatever order the hardware dispatches programs in. The last U program through resets the counters; a launch
-    lets the next kernel start only after its own wait (the previous kernel done), so no more than two of these
-    launches are ever in flight, and the launcher alternates between two counter sets."""
-    n_vs = N_LR * N_SPLIT
-    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-    if ticket < n_vs:
-        _vs_tile(
-            x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr,
-            0, ticket // N_SPLIT, ticket % N_SPLIT, N_LR, N_SPLIT,
-            N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
-            s_xn, s_xk, s_vl, s_vj, s_vq, s_vr, s_sl, s_si, s_sj, s_sr, s_ws, s_wn, s_wi, s_wr, s_rn, s_ri, s_rr,
-            B_OUT, False, WAIT, REDUCE, 1, BR, BK,
-        )  # fmt: skip
-        if WAIT:
-            gdc_launch_dependents()  # after _vs_tile's wait: the kernel before this one is done
-        tl.debug_barrier()  # every thread's stores precede the one thread's release
-        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_vs - 1:
-            tl.atomic_xchg(sync_ptr + READY, 1, sem="release", scope="gpu")
-    else:
-        u_tile = ticket - n_vs
-        c_tiles = tl.cdiv(P, UBN)
-        g = (u_tile // c_tiles).to(tl.int64)
-        rc = (u_tile % c_tiles) * UBN + tl.arange(0, UBN)
-        rk = tl.arange(0, UBK)
-        c_mask = rc < P
-        b_base = u_ptr + g * s_ug + rc[None, :] * s_up
-        if REDUCE:
-            a_base = red_ptr + g * s_ri
-            s_ak = s_rr
-        else:
-            a_base = w_ptr + g * s_wi
-            s_ak = s_wr
-        # the first step's U tile (with UBK >= r the program's whole share) is fetched before anything is waited on
-        b = tl.load(b_base + rk[:, None] * s_ur, mask=(rk < R)[:, None] & c_mask[None, :], other=0.0)
-        if WAIT:
-            gdc_wait()
-            gdc_launch_dependents()
-        # Poll the ready flag (its own cache line, written once) with plain loads and a pause between them: atomics
-        # on the done count from hundreds of waiting programs queued the V+S programs' own increments behind them.
-        ready = tl.load(sync_ptr + READY, volatile=True)
-        while ready == 0:
-            if BACKOFF_NS > 0:
-                ready = tl.inline_asm_elementwise(
-                    f"nanosleep.u32 {BACKOFF_NS}; ld.volatile.global.u32 $0, [$1];", "=r,l", [sync_ptr + READY],
-                    dtype=tl.int32, is_pure=False, pack=1,
-                )
-            else:
-                ready = tl.load(sync_ptr + READY, volatile=True)
-        tl.atomic_add(sync_ptr + READY, 0, sem="acquire", scope="gpu")  # the V+S programs' stores are visible
-        through = tl.atomic_add(sync_ptr + 2, 1, sem="relaxed", scope="gpu")
-        if through == N_U - 1:  # every ticket is taken and every program is past the wait: reset for next time
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(sync_ptr + READY, 0, sem="relaxed", scope="gpu")
-        acc = tl.zeros((1, UBN), dtype=tl.float32)
-        for t in range(0, tl.cdiv(R, UBK)):
-            kk = t * UBK + rk
-            k_mask = kk < R
-            if t > 0:
-                b = tl.load(b_base + kk[:, None] * s_ur, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-            # written by other programs of this launch: read through L2, never a stale L1 line
-            a = tl.load(a_base + kk[None, :] * s_ak, mask=k_mask[None, :], other=0.0, cache_modifier=".cg")
-            a = a.to(tl.float32)
-            for part in tl.static_range(1, A_SPLIT):
-                a += tl.load(a_base + part * s_ws + kk[None, :] * s_ak, mask=k_mask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
-            acc += gemv(a, b)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + g * P + rc, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + g * P + rc[None, :], acc.to(y_ptr.dtype.element_ty), mask=c_mask[None, :])
 
 
 def mix_tile(b_out_pow2: int) -> tuple[int, int]:

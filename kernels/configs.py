@@ -33,10 +33,6 @@ class Config:
     # BLAST V+S with split > 1: 1 = the last program of each tile sums the partials once, so the U stage reads one
     # w instead of every partial (less L2 traffic on large layers, a serial step more on small ones).
     reduce: int = 0
-    # BLAST in one launch (``blast_one``): the U stage's columns and reduction step per program; BN/BK above are
-    # the V+S tile's ranks and step. 0 for every other kernel.
-    ubn: int = 0
-    ubk: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -46,8 +42,7 @@ class Config:
             raise ValueError(f"not a kernel config: {d!r} ({e})") from None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: v for k, v in d.items() if v or k not in ("ubn", "ubk")}
+        return asdict(self)
 
 
 def bucket(n: int) -> int:
@@ -126,21 +121,9 @@ _VS_LARGE_90 = [
     Config(128, 64, 64, 8, 3),
 ]
 _VS_LARGE_8X = [Config(64, 32, 64, 8, 2), Config(32, 64, 64, 4, 2), Config(64, 64, 64, 8, 2)]
-# BLAST in one launch at one token: a V+S tile of the one-token tier (the tuned tables' usual picks) with a U tile
-# of the GEMM's one-token tier; both share warps and stages. sm_90 only: measured there.
-_ONE = [
-    Config(1, 32, 256, 4, 2, split=8, reduce=1, ubn=8, ubk=1024),
-    Config(1, 32, 256, 4, 2, split=8, reduce=1, ubn=16, ubk=512),
-    Config(1, 64, 256, 8, 2, split=16, reduce=1, ubn=16, ubk=1024),
-    Config(1, 32, 256, 8, 2, split=16, reduce=1, ubn=16, ubk=1024),
-    Config(1, 64, 256, 8, 2, split=4, reduce=1, ubn=16, ubk=1024),
-    Config(1, 64, 128, 4, 3, split=0, ubn=8, ubk=1024),
-    Config(1, 32, 256, 4, 3, split=0, ubn=16, ubk=512),
-    Config(1, 64, 256, 8, 2, split=16, ubn=16, ubk=1024),
-]
 VS_ACC_LIMIT = 32768  # b_out_pow2 * BM * BR fp32 accumulators: 128 registers a thread at 8 warps
 
-KERNELS = ("gemm", "blast_vs", "blast_one")
+KERNELS = ("gemm", "blast_vs")
 TIERS = ("one", "small", "large")
 _SMALL_SMEM_ARCHS = (86, 89)  # ~100 KB of shared memory per program, against 163 KB (sm_80/87) and 227 KB (sm_90)
 
@@ -173,9 +156,6 @@ def space(kernel: str, arch: int, which: str | None = None, b_out_pow2: int | No
     if which not in (None, *TIERS):
         raise ValueError(f"unknown tier {which!r}; known: {', '.join(TIERS)}")
     hopper = arch >= 90
-    if kernel == "blast_one":
-        one = _ONE if hopper else []
-        return [c for c in one if b_out_pow2 is None or vs_fits(c, b_out_pow2)] if which in (None, "one") else []
     if kernel == "gemm":
         one, small, large = _GEMM_ONE, _GEMM_SMALL, _GEMM_LARGE_90 if hopper else _GEMM_LARGE_8X
     else:

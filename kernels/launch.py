@@ -313,27 +313,6 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
     return pool
 
 
-SYNC_SETS = 2  # blast_one launches in flight at once (see blast_one_kernel), each with its own counter set
-SYNC_STRIDE = 64  # int32s per set: the counters' 128-byte line, then the ready flag's
-ONE_BACKOFF_NS = 100  # blast_one's pause between polls of the ready flag; bench switch
-_sync_pool: dict[torch.device, list] = {}
-
-
-def _sync(device: torch.device) -> torch.Tensor:
-    """The next of the device's two sets of blast_one sync counters, zeroed once; every launch leaves its set at
-    zero. Consecutive launches take different sets (the pool alternates), since the next one may start before
-    this one ends. As with :func:`_counters`, a launch captured before the pool exists gets a zeroed set of its own."""
-    entry = _sync_pool.get(device)
-    if entry is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(SYNC_STRIDE, dtype=torch.int32, device=device)
-        entry = _sync_pool[device] = [torch.zeros(SYNC_SETS * SYNC_STRIDE, dtype=torch.int32, device=device), 0]
-    pool, turn = entry
-    entry[1] = (turn + 1) % SYNC_SETS
-    return pool[turn * SYNC_STRIDE : (turn + 1) * SYNC_STRIDE]
-
-
-ONE_LAUNCH = True  # one token: BLAST's V+S and U in one launch where the architecture has configs for it
 REDUCE_SPLITS = True  # off: no config sums the V+S split partials once (Config.reduce); bench switch
 MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
 BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
@@ -428,30 +407,6 @@ def blast_forward(
         U_all = U.view(L * b_out, p, r)
     except RuntimeError as exc:
         raise ValueError("stacked U must be one (L*b_out, p, r) view: store the siblings' U contiguously") from exc
-    if N == 1 and ONE_LAUNCH and space("blast_one", _arch(x.device), "one"):
-
-        def one(cfg: Config) -> None:
-            per, partials = vs_partials(cfg, N, r, b_in, x.device, x.dtype, L)
-            w = _partials(partials, (N, L * b_out, r), x)
-            n_lr = L * _cdiv(r, cfg.BN)
-            sync = _sync(x.device)
-            reduce = partials > 1 and bool(cfg.reduce) and REDUCE_SPLITS
-            counters = _counters(x.device, n_lr) if reduce else sync
-            red = _empty((N, L * b_out, r), x, torch.float32) if reduce else w[0]
-            n_u = L * b_out * _cdiv(p, cfg.ubn)
-            runtime.launch(
-                "blast_one", (n_lr * partials + n_u,),
-                (x, V, S, w, red, counters, U_all, y, y if bias is None else bias, sync,
-                 N, q, r, b_in, b_out, per, p, n_lr, partials, n_u,
-                 x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride(), *U_all.stride()),
-                dict(B_OUT=b_out_pow2, WAIT=pdl, REDUCE=reduce, A_SPLIT=1 if reduce else partials,
-                     HAS_BIAS=bias is not None, READY=SYNC_STRIDE // 2,
-                     BACKOFF_NS=0 if interpreting() else ONE_BACKOFF_NS, BR=cfg.BN, BK=cfg.BK, UBN=cfg.ubn, UBK=cfg.ubk),
-                cfg.num_warps, cfg.num_stages, pdl=pdl,
-            )  # fmt: skip
-
-        one(_choose("blast_one", vs_key, N, x.device, one, b_out_pow2))
-        return y
     u_default = default("gemm", _arch(x.device), N)
     vs_cfg = _choose("blast_vs", vs_key, N, x.device, lambda c: u(vs(c), U_all, y, bias, u_default), b_out_pow2)
     w = vs(vs_cfg)

@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import torch
 from triton.runtime.jit import JITFunction
 
-from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_one_kernel, blast_vs_kernel
+from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel
 from .gemm import grouped_gemm_kernel
 from .monarch import interleave_kernel
 
 KERNELS = {
     "gemm": grouped_gemm_kernel,
     "blast_vs": blast_vs_kernel,
-    "blast_one": blast_one_kernel,
     "blast_mix": blast_mix_kernel,
     "blast_mix_dot": blast_mix_dot_kernel,
     "interleave": interleave_kernel,

@@ -110,21 +110,14 @@ def _every_config():
     return seen
 
 
-@pytest.fixture
-def two_launches(monkeypatch):
-    """One-token BLAST as V+S then U (what the configs of those two kernels serve), not blast_one."""
-    monkeypatch.setattr(launch, "ONE_LAUNCH", False)
-
-
 @pytest.mark.parametrize("kernel,cfg", _every_config(), ids=lambda v: v if isinstance(v, str) else repr(v)[7:-1])
-def test_every_config(kernel, cfg, gen, monkeypatch):
+def test_every_config(kernel, cfg, gen):
     """Each shipped launch config computes the same function (float16: the dtype the interpreter can run)."""
     dtype = torch.float16
-    monkeypatch.setattr(launch, "ONE_LAUNCH", kernel == "blast_one")
     if cfg.BM == 1:  # the one-token tier: served only N = 1 (one program per row is slow under the interpreter)
         cases = (
             ["blast-1tok", "blast-b5-1tok", "blast-stack3-1tok"]
-            if kernel in ("blast_vs", "blast_one")
+            if kernel == "blast_vs"
             else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
         )
     elif kernel == "blast_vs":
@@ -224,7 +217,7 @@ def test_buckets(n):
     assert configs.bucket(10**6) == configs.BUCKETS[-1]
 
 
-def test_split_reductions(gen, two_launches):
+def test_split_reductions(gen):
     """Small-N producers split their reduction into float32 partials that the next stage sums: force a short step
     so every structure's split path runs (the GPU's own SM count decides the split in production)."""
     dtype = torch.float32
@@ -250,7 +243,7 @@ def test_split_reductions(gen, two_launches):
 
 
 @pytest.mark.parametrize("reduce", [1, 0], ids=["summed-once", "summed-by-U"])
-def test_blast_split_partials_summed_once(reduce, gen, monkeypatch, two_launches):
+def test_blast_split_partials_summed_once(reduce, gen, monkeypatch):
     """A ``reduce`` config: the last V+S program of each tile sums the split partials (the U stage reads one w), and
     the arrival counters are back at zero after every launch, so the next layer finds them ready. Otherwise U sums
     them while loading."""
@@ -271,32 +264,6 @@ def test_blast_split_partials_summed_once(reduce, gen, monkeypatch, two_launches
     assert all((c["A_SPLIT"] == 1) == bool(reduce) for k, c in seen if k == "gemm")
     if reduce:
         assert launch._counter_pool[torch.device(DEVICE)].count_nonzero() == 0
-
-
-@pytest.mark.parametrize("reduce", [1, 0], ids=["summed-once", "summed-by-U"])
-def test_blast_one_launch(reduce, gen, monkeypatch):
-    """One token: V+S and U in one launch (``blast_one``), split partials summed once or by the U programs. Each
-    launch leaves its sync and arrival counters at zero, and consecutive launches use different sync sets (the
-    next may start before this one ends)."""
-    from blrdeploy.kernels import runtime
-
-    seen = []
-    real = runtime.launch
-    monkeypatch.setattr(
-        runtime, "launch", lambda k, g, a, c, *more, **kw: seen.append((k, a[9].data_ptr())) or real(k, g, a, c, *more, **kw)
-    )
-    cfg = Config(1, 16, 16, 4, 2, split=5, reduce=reduce, ubn=8, ubk=16)  # several U steps and column tiles
-    with launch.forced(blast_one=cfg):
-        for case in ("blast-b5-1tok", "blast-stack3-1tok", "blast-1tok", "blast-b5-1tok"):
-            fn, ref, args = CASES[case](gen, torch.float32)
-            _check(fn, ref, args, torch.float32, f"{case} in one launch, reduce={reduce}")
-    assert [k for k, _ in seen] == ["blast_one"] * 4
-    syncs = [ptr for _, ptr in seen]
-    assert all(a != b for a, b in zip(syncs, syncs[1:])), syncs
-    device = torch.device(DEVICE)
-    assert launch._sync_pool[device][0].count_nonzero() == 0
-    if reduce:
-        assert launch._counter_pool[device].count_nonzero() == 0
 
 
 # Layer-sized cases for the GPU, on shapes no tile divides; splits and dependent launches take their production
@@ -334,28 +301,6 @@ def test_gpu_dtypes_layer_sized(structure, dtype, gen):
 
 
 @pytest.mark.gpu
-def test_gpu_one_launch_replays_in_a_graph(gen):
-    """Every blast_one config, three launches back to back in one CUDA graph (dependent launches: each may start
-    before the previous ends), replayed on new inputs: the sync protocol holds and every replay is right."""
-    arch = launch._arch(torch.device("cuda"))
-    for cfg in configs.space("blast_one", arch, "one", b_out_pow2=8):
-        cases = [GPU_SHAPES[s](gen, torch.bfloat16, 1) for s in ("blast-stacked", "blast", "blast-stacked")]
-        with launch.forced(blast_one=cfg):
-            for fn, _, args in cases:
-                fn(*args)  # compiles, and the counter pools exist before capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = [fn(*args) for fn, _, args in cases]
-        for replay in range(3):
-            for _, _, args in cases:
-                args[0].copy_(torch.randn(args[0].shape, generator=gen))
-            graph.replay()
-            for out, (_, ref, args) in zip(outs, cases, strict=True):
-                expected = ref(*(a.double() if a is not None else None for a in args))
-                assert_rel_close(out, expected, TOL[torch.bfloat16], f"blast_one {cfg} replay {replay}")
-
-
-@pytest.mark.gpu
 def test_gpu_tuning_fills_the_table(gen):
     previous = launch.use_table(ConfigTable())
     try:
@@ -368,7 +313,7 @@ def test_gpu_tuning_fills_the_table(gen):
         launch.use_table(previous)
 
 
-def test_a_16_row_consumer_refuses_too_many_partials(gen, two_launches):
+def test_a_16_row_consumer_refuses_too_many_partials(gen):
     """One-token producers may split into 16 partials; a 16-row consumer tile cannot sum more than max_partials of
     them (shared memory): a clear error, which the tuner skips, instead of the compiler's out-of-resources."""
     fn, _, args = CASES["blast-b5-1tok"](gen, torch.float32)
