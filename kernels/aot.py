@@ -74,7 +74,7 @@ def compile_variant(variant: Variant, config: Config, arch: int):
         constexprs["BM"], constexprs["BS"] = interleave_tile(constexprs["B_P2"])
     elif variant.kernel == "blast_vs":
         fn = jit_function(blast_vs_kernel)
-        constexprs = {"B_OUT": 16, "WAIT": False, "LAUNCH_DEPS": False, "REDUCE": False, **constexprs}
+        constexprs = {"B_OUT": 16, "LAUNCH_DEPS": False, "REDUCE": False, **constexprs}
         constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
         if variant.intermediate_fp32:  # the launcher passes w itself where no reduction needs red and counters
             overrides.update(w_ptr="*fp32", red_ptr="*fp32", cnt_ptr="*fp32")
@@ -105,7 +105,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
             cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
         for cfg in space("blast_vs", arch):
             b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
-            c = (("B_OUT", b_out), ("WAIT", pdl), ("LAUNCH_DEPS", pdl), ("REDUCE", bool(cfg.reduce)))
+            c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl), ("REDUCE", bool(cfg.reduce)))
             cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))

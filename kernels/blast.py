@@ -24,33 +24,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .gemm import gemv
-
-
-@triton.jit
-def _vs_weights(v_ptr, s_ptr, j, kk, rr, ri, r_mask, i_mask, Q, s_vj, s_vq, s_vr, s_si, s_sj, s_sr):
-    """Input block j's V tile at reduction rows kk, and its column of S for every output block."""
-    vb = tl.load(
-        v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
-        mask=(kk < Q)[:, None] & r_mask[None, :],
-        other=0.0,
-    )
-    s = tl.load(s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr, mask=i_mask[:, None] & r_mask[None, :], other=0.0)
-    return vb, s
-
-
-@triton.jit
-def _vs_mix(acc, xa, vb, s, IEEE: tl.constexpr, BM: tl.constexpr):
-    """acc[i] += S[i, j] * (x_j @ V[j]) for one reduction step of input block j."""
-    if BM == 1:  # one token row
-        z = gemv(xa, vb)
-    elif IEEE:
-        z = tl.dot(xa, vb, input_precision="ieee")
-    else:
-        z = tl.dot(xa, vb)
-    return acc + s.to(tl.float32)[:, None, :] * z[None, :, :]
 
 
 @triton.jit
@@ -68,7 +44,6 @@ def blast_vs_kernel(
     s_rn, s_ri, s_rr,
     B_OUT: tl.constexpr,  # b_out rounded up to a power of two
     IEEE: tl.constexpr,
-    WAIT: tl.constexpr,  # dependent launch: fetch the first V and S tiles, then wait for the kernel that writes x
     LAUNCH_DEPS: tl.constexpr,  # let the U stage's programs launch now (they wait for w)
     REDUCE: tl.constexpr,  # the last program of a tile sums the split partials into red
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
@@ -96,21 +71,28 @@ def blast_vs_kernel(
     j_start = pid_s * J_PER_SPLIT
     k_steps = tl.cdiv(Q, BK)
     n_steps = (tl.minimum(j_start + J_PER_SPLIT, B_IN) - j_start) * k_steps
-    t_loop = 0
-    if WAIT:
-        # Peeled first step: V and S do not depend on the previous kernel, so they are in flight while this
-        # program waits for x (with one input block per program, that is its whole share of the weights).
-        vb, s = _vs_weights(v_ptr, s_ptr, j_start, rk, rr, ri, r_mask, i_mask, Q, s_vj, s_vq, s_vr, s_si, s_sj, s_sr)
-        gdc_wait()
-        xa = tl.load(x_base + (j_start * Q + rk)[None, :] * s_xk, mask=n_mask[:, None] & (rk < Q)[None, :], other=0.0)
-        acc = _vs_mix(acc, xa, vb, s, IEEE, BM)
-        t_loop = 1
-    for t in range(t_loop, n_steps):
+    for t in range(0, n_steps):
         j = j_start + t // k_steps
         kk = (t % k_steps) * BK + rk
-        xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & (kk < Q)[None, :], other=0.0)
-        vb, s = _vs_weights(v_ptr, s_ptr, j, kk, rr, ri, r_mask, i_mask, Q, s_vj, s_vq, s_vr, s_si, s_sj, s_sr)
-        acc = _vs_mix(acc, xa, vb, s, IEEE, BM)
+        k_mask = kk < Q
+        xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        vb = tl.load(
+            v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
+            mask=k_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if BM == 1:  # one token row
+            z = gemv(xa, vb)
+        elif IEEE:
+            z = tl.dot(xa, vb, input_precision="ieee")
+        else:
+            z = tl.dot(xa, vb)
+        s = tl.load(
+            s_ptr + ri[:, None] * s_si + j * s_sj + rr[None, :] * s_sr,
+            mask=i_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
     w = (
         w_ptr
         + pid_s * s_ws
@@ -128,8 +110,8 @@ def blast_vs_kernel(
         if arrived == n_split - 1:
             total = tl.zeros((B_OUT, BM, BR), dtype=tl.float32)
             w_tile = w - pid_s * s_ws
-            for part in range(0, n_split):  # stored by other programs: read through L2, never a stale L1 line
-                total += tl.load(w_tile + part * s_ws, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(0, n_split):  # stored by other programs: read through L2, never a stale L1 line
+                total += tl.load(w_tile + s * s_ws, mask=mask, other=0.0, cache_modifier=".cg")
             red = red_ptr + rn.to(tl.int64)[None, :, None] * s_rn + ri[:, None, None] * s_ri + rr[None, None, :] * s_rr
             tl.store(red, total, mask=mask)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch

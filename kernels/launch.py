@@ -314,7 +314,6 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
 
 
 REDUCE_SPLITS = True  # off: no config sums the V+S split partials once (Config.reduce); bench switch
-VS_PDL = True  # few tokens: the V+S launch starts as the kernel before it ends, its weight loads in flight
 MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
 BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
 
@@ -356,9 +355,9 @@ def blast_forward(
             "blast_vs", grid,
             (x, V, S, w, red, w if counters is None else counters, N, q, r, b_in, b_out, per,
              x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride()),
-            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, WAIT=pdl and VS_PDL, LAUNCH_DEPS=pdl,
-                 REDUCE=counters is not None, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
-            cfg.num_warps, cfg.num_stages, pdl=pdl and VS_PDL,
+            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, REDUCE=counters is not None,
+                 BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+            cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w if counters is None else red[None]
 
