@@ -37,7 +37,7 @@ from .convert import ConvertConfig, is_linear, linear_dims, plan
 from .job import unique_params
 from .models import BUILTIN, FAMILIES, main_output
 from .modules import set_submodule
-from .siblings import BlastSiblings, blr_layer_count, fuse_family
+from .siblings import Siblings, blr_layer_count, fuse_family
 from .sources import builtin_config, identify, instantiate, read_config
 
 MODES = ("eager", "graph", "compile")
@@ -191,7 +191,7 @@ def resolve(
 ) -> Target:  # fmt: skip
     """A built-in model (its conversion planned with the paper preset where it has one for ``structure``, else
     ``params_ratio``; random weights) or a converted checkpoint directory (its stored weights). Nothing is
-    allocated until a variant is built. ``fuse_siblings``: the BLR model's sibling BLAST layers run stacked
+    allocated until a variant is built. ``fuse_siblings``: the BLR model's sibling BLAST or low-rank layers run stacked
     (:mod:`blrdeploy.siblings`)."""
     device = torch.device(device)
     if model in BUILTIN:
@@ -557,7 +557,7 @@ def run_variant(
         result["build_s"] = round(time.perf_counter() - t0, 3)
         result["params"], result["weight_bytes"] = unique_params(model)
         result["blr_layers"] = blr_layer_count(model)
-        result["sibling_groups"] = sum(isinstance(m, BlastSiblings) for m in model.modules())
+        result["sibling_groups"] = sum(isinstance(m, Siblings) for m in model.modules())
         for batch, seq in shapes_for(target, config):
             feed = prefill_inputs(target, model, batch, seq, config.seed, device)
             for mode in config.modes:

@@ -63,16 +63,18 @@ def tool_versions(*more: str) -> dict:
 
 def blr_layers(model: nn.Module) -> list[dict]:
     """One entry per BLR layer; the members of a stacked sibling group each get their own (as before fusing)."""
-    from .siblings import BlastSiblings
+    from .siblings import Siblings
 
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, _BLRLinear):
             fit = module.fit_result
             members = [(name, module.structure, module.num_params(), None if fit is None else fit.relative_error)]
-        elif isinstance(module, BlastSiblings):
-            params = sum(t[0].numel() for t in (module.U, module.S, module.V))
-            members = [(path, "blast", params, module.fit_errors[i]) for path, i in _sibling_members(name, module)]
+        elif isinstance(module, Siblings):
+            params = sum(t[0].numel() for t in module.factors().values())
+            members = [
+                (path, module.structure, params, module.fit_errors[i]) for path, i in _sibling_members(name, module)
+            ]
         else:
             continue
         for layer_name, structure, params, error in members:
@@ -93,23 +95,23 @@ def blr_layers(model: nn.Module) -> list[dict]:
 
 
 def _sibling_members(group_name: str, group) -> list[tuple[str, int]]:
-    """(the member's module path, its index in the stack) for a BlastSiblings registered at ``group_name``."""
+    """(the member's module path, its index in the stack) for a Siblings group registered at ``group_name``."""
     parent = group_name.rpartition(".")[0]
     return [(f"{parent}.{name}" if parent else name, i) for i, name in enumerate(group.names)]
 
 
 def _unstacked(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Stacked sibling factors written under their members' names, as an unfused model stores them."""
-    from .siblings import BlastSiblings
+    from .siblings import Siblings
 
     for group_name, group in model.named_modules():
-        if not isinstance(group, BlastSiblings):
+        if not isinstance(group, Siblings):
             continue
-        for key in ("U", "S", "V", "bias"):
+        for key in (*group.factor_names, "bias"):
             tensors.pop(f"{group_name}.{key}", None)
         for path, i in _sibling_members(group_name, group):
-            for key in ("U", "S", "V"):
-                tensors[f"{path}.{key}"] = getattr(group, key)[i].detach().clone()
+            for key, stacked in group.factors().items():
+                tensors[f"{path}.{key}"] = stacked[i].detach().clone()
             if group.bias is not None:
                 out = group.out_features
                 tensors[f"{path}.bias"] = group.bias[i * out : (i + 1) * out].detach().clone()
@@ -324,9 +326,9 @@ def load(
     """Rebuild a converted model: skeleton on the meta device, BLR modules swapped in, tensors assigned. Each
     stored tensor is cast to ``dtype`` before it is moved to ``device``, one at a time: the device never holds more
     than the final weights (no float32 copy of a bfloat16 model, no dense weight) plus, while sibling layers are
-    stacked, one group's factors. ``fuse_siblings`` (default: on CUDA) stacks the BLAST layers of the model family's
-    sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`): fewer kernel launches, the same outputs up to
-    float summation order."""
+    stacked, one group's factors. ``fuse_siblings`` (default: on CUDA) stacks the BLAST and low-rank layers of the
+    model family's sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`): fewer kernel launches, the same
+    outputs up to float summation order."""
     from safetensors import SafetensorError, safe_open
 
     from .sources import instantiate, read_config

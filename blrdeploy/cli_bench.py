@@ -98,7 +98,8 @@ def bench(
     fuse_siblings: Annotated[
         bool,
         typer.Option(
-            help="Run BLAST layers that read one input (q/k/v, gate/up) stacked, one launch pair for the group. "
+            help="Run BLAST or low-rank layers that read one input (q/k/v, gate/up) stacked, one launch pair for "
+            "the group. "
             "--no-fuse-siblings runs each layer on its own (to measure what stacking brings)."
         ),
     ] = True,

@@ -83,9 +83,13 @@ def monarch_to_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 def lowrank_reference(
     x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """U (out, r), V (in, r): y = (x @ V) @ U.T."""
-    xf = _flatten(x, V.shape[0])
-    return _finish((xf @ V) @ U.T, x, bias)
+    """U (out, r), V (in, r): y = (x @ V) @ U.T. Stacked siblings (U (L, out, r), V (L, in, r), bias (L*out,)) give
+    (..., L*out), layer l's outputs in the l-th slice."""
+    if U.dim() == 2:
+        U, V = U[None], V[None]
+    xf = _flatten(x, V.shape[1])
+    y = torch.einsum("nlr,lor->nlo", torch.einsum("ni,lir->nlr", xf, V), U)
+    return _finish(y.reshape(xf.shape[0], -1), x, bias)
 
 
 def lowrank_to_dense(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -114,7 +118,9 @@ def monarch_linear(
 
 
 def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """U (out, r), V (in, r): y = (x @ V) @ U.T."""
+    """U (out, r), V (in, r): y = (x @ V) @ U.T. Stacked siblings as in :func:`lowrank_reference`."""
     if torch.onnx.is_in_onnx_export():
+        if U.dim() != 2:
+            raise ValueError("stacked sibling layers have no ONNX op: export the model before fuse_siblings")
         return _onnx_node("LowRankLinear", x, [U, V], U.shape[0], bias)
     return torch.ops.blrdeploy.lowrank_linear(x, U, V, bias)

@@ -196,9 +196,7 @@ class LowRankLinear(_BLRLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.U, std=1 / math.sqrt(3 * self.rank))
-        nn.init.normal_(self.V, std=1 / math.sqrt(self.in_features))
-        self._init_bias()
+        lowrank_init(self.U, self.V, self.bias, self.in_features)
 
     def factors(self):
         return {"U": self.U, "V": self.V}
@@ -228,6 +226,17 @@ def blast_init(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Te
     nn.init.normal_(U, std=1 / math.sqrt(U.shape[-1]))
     nn.init.normal_(S, std=1.0)
     nn.init.normal_(V, std=1 / math.sqrt(3 * in_features))
+    if bias is not None:
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(bias, -bound, bound)
+
+
+@torch.no_grad()
+def lowrank_init(U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> None:
+    """Factors whose product has nn.Linear's entry variance 1/(3*in), and nn.Linear's bias; any leading (stacked)
+    dims."""
+    nn.init.normal_(U, std=1 / math.sqrt(3 * U.shape[-1]))
+    nn.init.normal_(V, std=1 / math.sqrt(in_features))
     if bias is not None:
         bound = 1 / math.sqrt(in_features)
         nn.init.uniform_(bias, -bound, bound)

@@ -74,16 +74,16 @@ def blast_linear(
 
 @blast_linear.register_kernel("cuda")
 def _(x, U, S, V, bias):
-    return _on_kernels(F.blast_reference, "blast_forward", x, (U, S, V), bias, _blast_out(U))
+    return _on_kernels(F.blast_reference, "blast_forward", x, (U, S, V), bias, _stacked_out(U))
 
 
 @blast_linear.register_fake
 def _(x, U, S, V, bias):
-    return _fake(x, _blast_out(U))
+    return _fake(x, _stacked_out(U))
 
 
-def _blast_out(U: torch.Tensor) -> int:
-    """Output features: b_out*p, or L*b_out*p for stacked siblings (U (L, b_out, p, r))."""
+def _stacked_out(U: torch.Tensor) -> int:
+    """Output features of BLAST or low-rank from U (rank last): b_out*p or out, times L for stacked siblings."""
     return U.numel() // U.shape[-1]
 
 
@@ -109,12 +109,12 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
 
 @lowrank_linear.register_kernel("cuda")
 def _(x, U, V, bias):
-    return _on_kernels(F.lowrank_reference, "lowrank_forward", x, (U, V), bias, U.shape[0])
+    return _on_kernels(F.lowrank_reference, "lowrank_forward", x, (U, V), bias, _stacked_out(U))
 
 
 @lowrank_linear.register_fake
 def _(x, U, V, bias):
-    return _fake(x, U.shape[0])
+    return _fake(x, _stacked_out(U))
 
 
 _register_autograd(blast_linear, F.blast_reference, 3)

@@ -1,11 +1,11 @@
-"""Sibling BLAST layers: layers of one shape that read the same input (a block's q, k and v projections; an MLP's
-gate and up) run as one layer whose factors are stacked.
+"""Sibling layers: BLAST or low-rank layers of one shape that read the same input (a block's q, k and v
+projections; an MLP's gate and up) run as one layer whose factors are stacked.
 
 At batch 1 every layer is a weight stream and every kernel launch costs a few µs beyond its bytes (launch, ramp,
 tail). A Llama block's seven BLAST layers are fourteen launches; with q/k/v and gate/up stacked they are eight
 (``bench/chain_floor.py`` measures both against plain reads of the same bytes).
 
-:func:`fuse_siblings` moves each group's factors into one :class:`BlastSiblings` registered on the members' parent
+:func:`fuse_siblings` moves each group's factors into one :class:`Siblings` registered on the members' parent
 and puts a :class:`SiblingOutput` in each member's place. The first member called computes every member's output in
 one op call; the others return theirs when called with the same input tensor object, and compute afresh otherwise:
 a group whose members do not share an input is only wasteful. (A member called after its input was modified in
@@ -24,23 +24,28 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .modules import BlastLinear, blast_init
+from .modules import BlastLinear, LowRankLinear, blast_init, lowrank_init
+
+STACKABLE = (BlastLinear, LowRankLinear)  # the structures whose kernels take stacked factors (a leading L)
 
 
-class BlastSiblings(nn.Module):
-    """L BLAST layers of one shape, stacked: U (L, b_out, p, r), S (L, b_out, b_in, r), V (L, b_in, q, r), bias
-    (L*out,). ``forward`` gives every layer's output side by side, (..., L*out)."""
+class Siblings(nn.Module):
+    """L BLAST or low-rank layers of one shape, stacked: each factor gets a leading L (BLAST U (L, b_out, p, r),
+    S (L, b_out, b_in, r), V (L, b_in, q, r); low-rank U (L, out, r), V (L, in, r)), bias (L*out,). ``forward``
+    gives every layer's output side by side, (..., L*out)."""
 
-    def __init__(self, members: Sequence[BlastLinear], names: Sequence[str]) -> None:
+    def __init__(self, members: Sequence[BlastLinear | LowRankLinear], names: Sequence[str]) -> None:
         super().__init__()
         first = members[0]
         if len(members) < 2 or any(_signature(m) != _signature(first) for m in members):
-            raise ValueError("siblings must be two or more BLAST layers of one shape, dtype and device")
+            raise ValueError("siblings must be two or more BLAST or low-rank layers of one shape, dtype and device")
         self.names = tuple(names)
+        self.structure = first.structure
         self.in_features, self.out_features = first.in_features, first.out_features
-        self.num_blocks, self.rank = first.num_blocks, first.rank
+        self.num_blocks, self.rank = getattr(first, "num_blocks", None), first.rank
+        self.factor_names = tuple(first.factors())
         with torch.no_grad():
-            for key in ("U", "S", "V"):
+            for key in self.factor_names:
                 stacked = torch.stack([getattr(m, key) for m in members])
                 setattr(self, key, nn.Parameter(stacked, requires_grad=first.U.requires_grad))
             bias = None if first.bias is None else torch.cat([m.bias for m in members])
@@ -48,17 +53,27 @@ class BlastSiblings(nn.Module):
         self.fit_errors = tuple(None if m.fit_result is None else m.fit_result.relative_error for m in members)
         self._pending: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
 
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The stacked factors by name, as the members' ``factors()`` with a leading L."""
+        return {key: getattr(self, key) for key in self.factor_names}
+
     def reset_parameters(self) -> None:
-        blast_init(self.U, self.S, self.V, self.bias, self.in_features)
+        if self.structure == "blast":
+            blast_init(self.U, self.S, self.V, self.bias, self.in_features)
+        else:
+            lowrank_init(self.U, self.V, self.bias, self.in_features)
 
     def extra_repr(self) -> str:
+        blocks = "" if self.num_blocks is None else f"num_blocks={self.num_blocks}, "
         return (
-            f"{'+'.join(self.names)}: in_features={self.in_features}, out_features={self.out_features} each, "
-            f"num_blocks={self.num_blocks}, rank={self.rank}, bias={self.bias is not None}"
+            f"{'+'.join(self.names)} ({self.structure}): in_features={self.in_features}, "
+            f"out_features={self.out_features} each, {blocks}rank={self.rank}, bias={self.bias is not None}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.blast_linear(x, self.U, self.S, self.V, self.bias)
+        if self.structure == "blast":
+            return F.blast_linear(x, self.U, self.S, self.V, self.bias)
+        return F.lowrank_linear(x, self.U, self.V, self.bias)
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``index``'s output for ``x``: kept from the call that computed the whole group on this very
@@ -80,14 +95,14 @@ class BlastSiblings(nn.Module):
 class SiblingOutput(nn.Module):
     """Stands where a fused member was: same features, its output taken from the group."""
 
-    def __init__(self, group: BlastSiblings, index: int) -> None:
+    def __init__(self, group: Siblings, index: int) -> None:
         super().__init__()
         self.in_features, self.out_features = group.in_features, group.out_features
         self.index = index
         self._group = (group,)  # a tuple: the group is registered once, on the parent, not under every member
 
     @property
-    def group(self) -> BlastSiblings:
+    def group(self) -> Siblings:
         return self._group[0]
 
     def extra_repr(self) -> str:
@@ -97,16 +112,18 @@ class SiblingOutput(nn.Module):
         return self.group.output(self.index, x)
 
 
-def _signature(m: BlastLinear) -> tuple:
+def _signature(m: BlastLinear | LowRankLinear) -> tuple:
     return (
-        m.in_features, m.out_features, m.num_blocks, m.rank, m.bias is not None, m.U.dtype, m.U.device,
+        type(m), m.in_features, m.out_features, getattr(m, "num_blocks", None), m.rank, m.bias is not None,
+        m.U.dtype, m.U.device,
     )  # fmt: skip
 
 
-def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> list[BlastSiblings]:
+def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> list[Siblings]:
     """In place: for each parent module and each tuple of child names (e.g. ``("q_proj", "k_proj", "v_proj")``),
-    the BLAST children of one shape become one :class:`BlastSiblings` (two or more of them; a child of another
-    shape or structure stays as it is). Returns the groups made. Peak memory grows by one group's factors."""
+    the BLAST or low-rank children of one structure and shape become one :class:`Siblings` (two or more of them;
+    a child of another shape, or a Monarch one, stays as it is). Returns the groups made. Peak memory grows by one
+    group's factors."""
     groups = []
     sibling_names = [tuple(names) for names in sibling_names]
     wanted = {name for names in sibling_names for name in names}
@@ -116,7 +133,7 @@ def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> l
         for names in sibling_names:
             for member_names in _same_shape(parent, names):
                 members = [parent._modules[name] for name in member_names]
-                group = BlastSiblings(members, member_names)
+                group = Siblings(members, member_names)
                 parent.add_module("siblings_" + "_".join(member_names), group)
                 for i, name in enumerate(member_names):
                     setattr(parent, name, SiblingOutput(group, i))
@@ -125,7 +142,7 @@ def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> l
     return groups
 
 
-def fuse_family(model: nn.Module, family: str | None) -> list[BlastSiblings]:
+def fuse_family(model: nn.Module, family: str | None) -> list[Siblings]:
     """:func:`fuse_siblings` with the sibling names of a model family (``blrdeploy.models.FAMILIES``); an unknown
     family has none."""
     from .models import FAMILIES
@@ -135,11 +152,12 @@ def fuse_family(model: nn.Module, family: str | None) -> list[BlastSiblings]:
 
 
 def _same_shape(parent: nn.Module, names: Sequence[str]) -> list[list[str]]:
-    """The names among ``names`` of ``parent``'s BLAST children, in groups of two or more of one shape."""
+    """The names among ``names`` of ``parent``'s stackable children, in groups of two or more of one structure and
+    shape."""
     by_shape: dict[tuple, list[str]] = {}
     for name in names:
         child = parent._modules.get(name)
-        if type(child) is BlastLinear:
+        if type(child) in STACKABLE:
             by_shape.setdefault(_signature(child), []).append(name)
     return [group for group in by_shape.values() if len(group) >= 2]
 
@@ -149,5 +167,5 @@ def blr_layer_count(model: nn.Module) -> int:
     from .modules import _BLRLinear
 
     return sum(
-        1 if isinstance(m, _BLRLinear) else len(m.names) if isinstance(m, BlastSiblings) else 0 for m in model.modules()
+        1 if isinstance(m, _BLRLinear) else len(m.names) if isinstance(m, Siblings) else 0 for m in model.modules()
     )

@@ -476,30 +476,35 @@ def monarch_forward(
 def lowrank_forward(
     x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x (N, in); U (out, r), V (in, r) -> (N, out)."""
-    out_f, r = U.shape
-    in_f = V.shape[0]
-    _check(x, {"U": U, "V": V}, {"x": (in_f,), "V": (in_f, r)}, bias, out_f)
+    """x (N, in); U (out, r), V (in, r) -> (N, out). Or L stacked sibling layers of that shape reading the same x:
+    U (L, out, r), V (L, in, r), bias (L*out,) -> (N, L*out), layer l in columns l*out ...: both stages are
+    grouped GEMMs over the L layers (every group of the first reads the same x)."""
+    lead = U.shape[:1] if U.dim() == 3 else ()
+    L, out_f, r = U.shape if lead else (1, *U.shape)
+    in_f = V.shape[-2]
+    _check(x, {"U": U, "V": V}, {"x": (in_f,), "V": (*lead, in_f, r)}, bias, L * out_f)
+    if not lead:
+        U, V = U[None], V[None]
     N = x.shape[0]
-    y = _empty((N, out_f), x)
+    y = _empty((N, L * out_f), x)
     if N == 0:
         return y
-    shape_key = f"{in_f}->{out_f}|r{r}|{_dtype_key(x)}"
+    shape_key = f"{in_f}->{out_f}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
 
     def stage1(cfg: Config) -> torch.Tensor:
-        splits, k_per = _gemm_split(cfg, N, in_f, r, 1, x)
-        t = _partials(splits, (N, r), x)
+        splits, k_per = _gemm_split(cfg, N, in_f, r, L, x)
+        t = _partials(splits, (N, L, r), x)
         _gemm(
-            x, (x.stride(0), 0, x.stride(1), 0, 0), V, (0, V.stride(1), V.stride(0)),
-            t, (t.stride(0), t.stride(1), 0, 1), N=N, K=in_f, C=r, G=1, cfg=cfg, k_per=k_per, producer=True,
+            x, (x.stride(0), 0, x.stride(1), 0, 0), V, (V.stride(0), V.stride(2), V.stride(1)),
+            t, t.stride(), N=N, K=in_f, C=r, G=L, cfg=cfg, k_per=k_per, producer=True,
         )  # fmt: skip
         return t
 
     def stage2(t: torch.Tensor, cfg: Config) -> None:
         _gemm(
-            t, (t.stride(1), 0, 1, 0, t.stride(0)), U, (0, U.stride(0), U.stride(1)),
-            y, (0, y.stride(0), 0, 1), N=N, K=r, C=out_f, G=1, cfg=cfg,
-            bias=bias, bias_strides=(0, 1), a_split=t.shape[0], consumer=True,
+            t, (t.stride(1), t.stride(2), t.stride(3), 0, t.stride(0)), U, U.stride(),
+            y, (0, y.stride(0), out_f, 1), N=N, K=r, C=out_f, G=L, cfg=cfg,
+            bias=bias, bias_strides=(out_f, 1), a_split=t.shape[0], consumer=True,
         )  # fmt: skip
 
     t = stage1(_choose("gemm", f"lowrank_1|{shape_key}", N, x.device, stage1))

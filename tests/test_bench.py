@@ -12,7 +12,7 @@ from blrdeploy import bench
 from blrdeploy.cli import app
 from blrdeploy.job import unique_params
 from blrdeploy.modules import _BLRLinear
-from blrdeploy.siblings import BlastSiblings
+from blrdeploy.siblings import Siblings
 
 runner = CliRunner()
 
@@ -229,7 +229,7 @@ def test_gpu_loaded_model_compiles_with_graphs_and_generates(tmp_path, monkeypat
     with torch.no_grad():
         eager = gpu(input_ids=ids.cuda()).logits.float().cpu()
         assert len(calls) == 10  # 2 layers x (q, k+v stacked, o, gate+up stacked, down), each on the kernels
-        assert sum(isinstance(m, BlastSiblings) for m in gpu.modules()) == 4  # load fuses siblings on CUDA
+        assert sum(isinstance(m, Siblings) for m in gpu.modules()) == 4  # load fuses siblings on CUDA
         compiled = torch.compile(gpu, mode="reduce-overhead")
         for _ in range(3):  # recorded, then replayed from the CUDA graph
             out = compiled(input_ids=ids.cuda()).logits.float().cpu()

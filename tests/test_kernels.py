@@ -58,11 +58,13 @@ def _monarch(gen, dtype, n, b, R, in_blk, out_blk, bias=True):
     return launch.monarch_forward, F.monarch_reference, (x, w1, w2, bb)
 
 
-def _lowrank(gen, dtype, n, in_f, out_f, r, bias=True):
+def _lowrank(gen, dtype, n, in_f, out_f, r, bias=True, layers=None):
+    """One layer, or ``layers`` stacked siblings (a leading L on U and V, L*out_f outputs)."""
     x = _strided_input(gen, n, in_f, dtype)
-    U = _rand(gen, out_f, r, dtype=dtype, scale=r**-0.5)
-    V = _rand(gen, in_f, r, dtype=dtype, scale=in_f**-0.5)
-    b = _rand(gen, out_f, dtype=dtype) if bias else None
+    lead = () if layers is None else (layers,)
+    U = _rand(gen, *lead, out_f, r, dtype=dtype, scale=r**-0.5)
+    V = _rand(gen, *lead, in_f, r, dtype=dtype, scale=in_f**-0.5)
+    b = _rand(gen, (layers or 1) * out_f, dtype=dtype) if bias else None
     return launch.lowrank_forward, F.lowrank_reference, (x, U, V, b)
 
 
@@ -84,6 +86,8 @@ CASES = {
     "lowrank-long-1tok": lambda g, dt: _lowrank(g, dt, 1, 100, 21, 5),  # 7 partials with 16-long steps
     "monarch-long-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 40, 10),  # 3 partials, then a chunked A
     "lowrank-odd": lambda g, dt: _lowrank(g, dt, 41, 19, 26, 12, bias=False),
+    "lowrank-stack3-1tok": lambda g, dt: _lowrank(g, dt, 1, 100, 21, 5, layers=3),  # split partials, 3 groups
+    "lowrank-stack2-odd": lambda g, dt: _lowrank(g, dt, 41, 19, 26, 12, bias=False, layers=2),
 }
 
 
@@ -118,12 +122,12 @@ def test_every_config(kernel, cfg, gen):
         cases = (
             ["blast-1tok", "blast-b5-1tok", "blast-stack3-1tok"]
             if kernel == "blast_vs"
-            else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok"]
+            else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok", "lowrank-stack3-1tok"]
         )
     elif kernel == "blast_vs":
         cases = ["blast-odd", "blast-b5", "blast-stack2-odd"]
     else:
-        cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd"]
+        cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd", "lowrank-stack2-odd"]
     with launch.forced(**{kernel: cfg}):
         for case in cases:
             fn, ref, args = CASES[case](gen, dtype)
@@ -159,6 +163,16 @@ def test_stacked_siblings_need_one_view_of_U(gen):
         fn(x, gapped, S, V, b)
     with pytest.raises(ValueError, match="S has shape"):
         fn(x, U, S[:2], V, b)
+
+
+def test_stacked_lowrank_shapes_are_checked(gen):
+    fn, _, (x, U, V, b) = CASES["lowrank-stack3-1tok"](gen, torch.float32)
+    with pytest.raises(ValueError, match="V has shape"):
+        fn(x, U, V[:2], b)
+    with pytest.raises(ValueError, match="V has shape"):
+        fn(x, U, V[0], b)
+    with pytest.raises(ValueError, match="bias has shape"):
+        fn(x, U, V, b[:-1])
 
 
 def test_zero_tokens(gen):
@@ -236,6 +250,7 @@ def test_split_reductions(gen):
             "monarch-1tok",
             "lowrank-1tok",
             "lowrank-long-1tok",
+            "lowrank-stack3-1tok",
             "monarch-long-1tok",
         ):
             fn, ref, args = CASES[case](gen, dtype)
@@ -273,6 +288,7 @@ GPU_SHAPES = {
     "monarch": lambda g, dt, n: _monarch(g, dt, n, 8, 200, 96, 136),
     "lowrank": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232),
     "blast-stacked": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200, layers=3),
+    "lowrank-stacked": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232, layers=2),
 }
 
 

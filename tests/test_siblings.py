@@ -1,5 +1,5 @@
-"""Stacked sibling BLAST layers (q/k/v, gate/up): the fused model computes what the unfused one does, one op call per
-group, also under torch.compile, and a member called on its own input is still right."""
+"""Stacked sibling BLAST and low-rank layers (q/k/v, gate/up): the fused model computes what the unfused one does,
+one op call per group, also under torch.compile, and a member called on its own input is still right."""
 
 import copy
 
@@ -10,27 +10,32 @@ from blrdeploy import ConvertConfig, convert, load, save
 from blrdeploy.bench import resolve
 from blrdeploy.checkpoint import read_blr_config
 from blrdeploy.models import FAMILIES
-from blrdeploy.modules import BlastLinear
-from blrdeploy.siblings import BlastSiblings, SiblingOutput, blr_layer_count, fuse_siblings
+from blrdeploy.modules import BlastLinear, LowRankLinear, MonarchLinear
+from blrdeploy.siblings import SiblingOutput, Siblings, blr_layer_count, fuse_siblings
 from blrdeploy.sources import build_builtin
 
 LLAMA = FAMILIES["llama"].siblings
 
 
-def _tiny_llama():
-    model = resolve("llama-tiny", dtype=torch.float32, seed=2, fuse_siblings=False).variants[1].build()
+STRUCTURES = {"blast": BlastLinear, "lowrank": LowRankLinear}
+
+
+def _tiny_llama(structure="blast"):
+    model = resolve("llama-tiny", structure, dtype=torch.float32, seed=2, fuse_siblings=False).variants[1].build()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
     return model, ids
 
 
-def test_fused_llama_matches_unfused():
-    model, ids = _tiny_llama()
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_fused_llama_matches_unfused(structure):
+    model, ids = _tiny_llama(structure)
     fused = copy.deepcopy(model)
     groups = fuse_siblings(fused, LLAMA)
     # llama-tiny: q (64 out) differs from k/v (32 out, GQA), so per block one k+v group and one gate+up group
     assert [g.names for g in groups] == [("k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
+    assert all(g.structure == structure for g in groups)
     attn = fused.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, BlastLinear) and isinstance(attn.k_proj, SiblingOutput)
+    assert isinstance(attn.q_proj, STRUCTURES[structure]) and isinstance(attn.k_proj, SiblingOutput)
     assert blr_layer_count(fused) == blr_layer_count(model) == 14
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())  # stored once
     with torch.no_grad():
@@ -52,14 +57,15 @@ def test_member_on_its_own_input_computes_alone():
         torch.testing.assert_close(mlp.gate_proj(x1), gate(x1))
 
 
-def test_compiled_fused_mlp_has_no_graph_break_and_one_op():
-    model, _ = _tiny_llama()
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_compiled_fused_mlp_has_no_graph_break_and_one_op(structure):
+    model, _ = _tiny_llama(structure)
     fuse_siblings(model, LLAMA)
     mlp = model.model.layers[0].mlp
     x = torch.randn(2, 5, 64)
     explained = torch._dynamo.explain(mlp)(x)
     assert explained.graph_break_count == 0
-    ops = [n for g in explained.graphs for n in g.graph.nodes if "blast_linear" in str(n.target)]
+    ops = [n for g in explained.graphs for n in g.graph.nodes if f"{structure}_linear" in str(n.target)]
     assert len(ops) == 2  # gate+up stacked, then down
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x))
@@ -68,21 +74,28 @@ def test_compiled_fused_mlp_has_no_graph_break_and_one_op():
 def test_fusing_refuses_mismatched_members_and_skips_other_shapes():
     a, b = BlastLinear(32, 48, 4, 8), BlastLinear(32, 24, 4, 8)
     with pytest.raises(ValueError, match="one shape"):
-        BlastSiblings([a, b], ["a", "b"])
+        Siblings([a, b], ["a", "b"])
+    with pytest.raises(ValueError, match="one shape"):
+        Siblings([LowRankLinear(32, 48, 8), LowRankLinear(32, 48, 4)], ["a", "b"])
     parent = torch.nn.Module()
     parent.q, parent.k = a, b
     assert fuse_siblings(parent, [("q", "k")]) == [] and parent.q is a
+    # one structure per group, and Monarch (no stacked kernel) stays as it is
+    parent.q, parent.k, parent.v = BlastLinear(32, 48, 4, 8), LowRankLinear(32, 48, 8), MonarchLinear(32, 48, 4, 8)
+    parent.o = MonarchLinear(32, 48, 4, 8)
+    assert fuse_siblings(parent, [("q", "k", "v", "o")]) == []
 
 
-def test_saving_a_fused_model_writes_the_unfused_checkpoint(tmp_path):
-    model, ids = _tiny_llama()
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_saving_a_fused_model_writes_the_unfused_checkpoint(tmp_path, structure):
+    model, ids = _tiny_llama(structure)
     save(model, tmp_path / "plain", source={"id": "llama-tiny"})
     fuse_siblings(model, LLAMA)
     save(model, tmp_path / "fused", source={"id": "llama-tiny"})
     plain, again = load(tmp_path / "plain"), load(tmp_path / "fused")
     layers = [sorted(read_blr_config(tmp_path / d)["layers"], key=lambda e: e["name"]) for d in ("fused", "plain")]
     assert layers[0] == layers[1]
-    assert not any(isinstance(m, BlastSiblings) for m in again.modules())
+    assert not any(isinstance(m, Siblings) for m in again.modules())
     for (key, value), (key2, value2) in zip(plain.state_dict().items(), again.state_dict().items(), strict=True):
         assert key == key2 and torch.equal(value, value2), key
     with torch.no_grad():
@@ -112,8 +125,8 @@ def test_load_fuses_on_request_and_equals_unfused(tmp_path):
     convert(model, ConvertConfig(structure="blast", layers=(("*", 4, 16),), params_ratio=None, steps=2))
     save(model, tmp_path / "c", source={"id": "llama-tiny"})
     plain, fused = load(tmp_path / "c"), load(tmp_path / "c", fuse_siblings=True)
-    assert not any(isinstance(m, BlastSiblings) for m in plain.modules())
-    assert sum(isinstance(m, BlastSiblings) for m in fused.modules()) == 4
+    assert not any(isinstance(m, Siblings) for m in plain.modules())
+    assert sum(isinstance(m, Siblings) for m in fused.modules()) == 4
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6)
