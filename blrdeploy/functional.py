@@ -29,6 +29,11 @@ def _onnx_node(op: str, x: torch.Tensor, factors: list[torch.Tensor], out_featur
     return y if bias is None else y + bias
 
 
+def _refuse_stacked(U: torch.Tensor, unstacked_dims: int) -> None:
+    if U.dim() != unstacked_dims:
+        raise ValueError("stacked sibling layers have no ONNX op: export the model before fuse_siblings")
+
+
 def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if bias is not None:
         y = y + bias
@@ -102,8 +107,7 @@ def blast_linear(
     """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r); x (..., b_in*q) -> (..., b_out*p). Stacked siblings
     as in :func:`blast_reference`."""
     if torch.onnx.is_in_onnx_export():
-        if U.dim() != 3:
-            raise ValueError("stacked sibling layers have no ONNX op: export the model before fuse_siblings")
+        _refuse_stacked(U, 3)
         return _onnx_node("BlastLinear", x, [U, S, V], U.shape[0] * U.shape[1], bias)
     return torch.ops.blrdeploy.blast_linear(x, U, S, V, bias)
 
@@ -120,7 +124,6 @@ def monarch_linear(
 def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """U (out, r), V (in, r): y = (x @ V) @ U.T. Stacked siblings as in :func:`lowrank_reference`."""
     if torch.onnx.is_in_onnx_export():
-        if U.dim() != 2:
-            raise ValueError("stacked sibling layers have no ONNX op: export the model before fuse_siblings")
+        _refuse_stacked(U, 2)
         return _onnx_node("LowRankLinear", x, [U, V], U.shape[0], bias)
     return torch.ops.blrdeploy.lowrank_linear(x, U, V, bias)

@@ -33,9 +33,7 @@ class _BLRLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def _init_bias(self) -> None:
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        linear_bias_init(self.bias, self.in_features)
 
     def factors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -226,9 +224,7 @@ def blast_init(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Te
     nn.init.normal_(U, std=1 / math.sqrt(U.shape[-1]))
     nn.init.normal_(S, std=1.0)
     nn.init.normal_(V, std=1 / math.sqrt(3 * in_features))
-    if bias is not None:
-        bound = 1 / math.sqrt(in_features)
-        nn.init.uniform_(bias, -bound, bound)
+    linear_bias_init(bias, in_features)
 
 
 @torch.no_grad()
@@ -237,6 +233,12 @@ def lowrank_init(U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None, in
     dims."""
     nn.init.normal_(U, std=1 / math.sqrt(3 * U.shape[-1]))
     nn.init.normal_(V, std=1 / math.sqrt(in_features))
+    linear_bias_init(bias, in_features)
+
+
+@torch.no_grad()
+def linear_bias_init(bias: torch.Tensor | None, in_features: int) -> None:
+    """nn.Linear's bias init, U(-1/sqrt(in), 1/sqrt(in)); nothing without a bias."""
     if bias is not None:
         bound = 1 / math.sqrt(in_features)
         nn.init.uniform_(bias, -bound, bound)

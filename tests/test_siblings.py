@@ -130,3 +130,19 @@ def test_load_fuses_on_request_and_equals_unfused(tmp_path):
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_export_refuses_stacked_factors(structure, monkeypatch):
+    """ONNX has one node per layer: a fused group is refused with a clear error, not exported wrong."""
+    from blrdeploy import functional as F
+
+    model, _ = _tiny_llama(structure)
+    (group,) = fuse_siblings(model.model.layers[0].mlp, LLAMA)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="export the model before fuse_siblings"):
+        group(x)
+    single = model.model.layers[0].self_attn.q_proj  # unfused: still one node
+    monkeypatch.setattr(F, "_onnx_node", lambda op, *a: op)
+    assert single(x) == {"blast": "BlastLinear", "lowrank": "LowRankLinear"}[structure]
