@@ -55,6 +55,22 @@ def blast_reference(
     return _finish(y.reshape(xf.shape[0], -1), x, bias)
 
 
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a gated MLP's stacked gate and up outputs, x (..., 2*h) = [gate | up] -> (..., h)."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def blast_swiglu_reference(
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A BLAST layer (U, S, V as in :func:`blast_reference`, not stacked) applied to ``swiglu(x)``: a gated MLP's
+    down projection fed the stacked gate and up outputs, x (..., 2*b_in*q)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"a SwiGLU input holds gate and up side by side: an even width, got {x.shape[-1]}")
+    return blast_reference(swiglu(x), U, S, V, bias)
+
+
 def blast_to_dense(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     b_out, p, _ = U.shape
     b_in, q, _ = V.shape
@@ -110,6 +126,16 @@ def blast_linear(
         _refuse_stacked(U, 3)
         return _onnx_node("BlastLinear", x, [U, S, V], U.shape[0] * U.shape[1], bias)
     return torch.ops.blrdeploy.blast_linear(x, U, S, V, bias)
+
+
+def blast_linear_swiglu(
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`blast_swiglu_reference` as one op: on the kernels, silu(gate) * up is computed as the first stage
+    loads its input. Exists only in a fused model (:class:`blrdeploy.siblings.SwiGLUMLP`), so it has no ONNX op."""
+    if torch.onnx.is_in_onnx_export():
+        raise ValueError("a fused SwiGLU MLP has no ONNX op: export the model before fuse_siblings")
+    return torch.ops.blrdeploy.blast_linear_swiglu(x, U, S, V, bias)
 
 
 def monarch_linear(

@@ -24,6 +24,7 @@ class Family:
     exclude: tuple[str, ...] = ()
     sample: Callable = None  # (model, batch, seed, seq=16) -> kwargs for forward; seq only for token models
     siblings: tuple[tuple[str, ...], ...] = ()  # child names that read one input: fused on CUDA (blrdeploy.siblings)
+    swiglu_mlps: tuple[str, ...] = ()  # gated MLP classes, down(silu(gate(x)) * up(x)): their activation fused too
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ FAMILIES: dict[str, Family] = {
             include=("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"),
             sample=_token_inputs,
             siblings=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+            swiglu_mlps=("LlamaMLP",),
         ),
         Family(
             "gpt2",

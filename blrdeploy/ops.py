@@ -1,4 +1,5 @@
-"""One ``torch.library`` op per structure: ``blrdeploy::blast_linear``, ``::monarch_linear``, ``::lowrank_linear``.
+"""One ``torch.library`` op per structure: ``blrdeploy::blast_linear``, ``::monarch_linear``, ``::lowrank_linear``;
+and ``::blast_linear_swiglu``, a BLAST down projection that applies a gated MLP's activation as it loads its input.
 
 Each runs the Triton kernels on CUDA (float16, bfloat16, float32) and the PyTorch reference everywhere else, has a
 fake implementation so ``torch.compile`` (CUDA graphs included) and ``torch.export`` see through it, and a backward
@@ -7,6 +8,7 @@ that differentiates the reference, so converted models can still be fine-tuned.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,7 +30,7 @@ def _on_shipped_kernels() -> bool:
     return isinstance(runtime.backend(), runtime.ShippedKernels)
 
 
-def _on_kernels(reference: Callable, launcher_name: str, x: torch.Tensor, factors, bias, out_features: int):
+def _on_kernels(reference: Callable, launcher: str | Callable, x: torch.Tensor, factors, bias, out_features: int):
     if x.dtype not in _KERNEL_DTYPES:
         return reference(x, *factors, bias)
     in_features = x.shape[-1]
@@ -36,7 +38,8 @@ def _on_kernels(reference: Callable, launcher_name: str, x: torch.Tensor, factor
     if _on_shipped_kernels() and (x2.stride(-1) != 1 or x2.stride(0) != in_features or x2.data_ptr() % 16):
         # A bundle's cubins are specialized for a contiguous, 16-byte-aligned input, as packaging planned it.
         x2 = x2.clone(memory_format=torch.contiguous_format) if x2.is_contiguous() else x2.contiguous()
-    y = getattr(_kernels(), launcher_name)(x2, *factors, bias)
+    forward = getattr(_kernels(), launcher) if isinstance(launcher, str) else launcher
+    y = forward(x2, *factors, bias)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -87,6 +90,24 @@ def _stacked_out(U: torch.Tensor) -> int:
     return U.numel() // U.shape[-1]
 
 
+@torch.library.custom_op("blrdeploy::blast_linear_swiglu", mutates_args=())
+def blast_linear_swiglu(
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return F.blast_swiglu_reference(x, U, S, V, bias)
+
+
+@blast_linear_swiglu.register_kernel("cuda")
+def _(x, U, S, V, bias):
+    forward = functools.partial(_kernels().blast_forward, swiglu=True)
+    return _on_kernels(F.blast_swiglu_reference, forward, x, (U, S, V), bias, _stacked_out(U))
+
+
+@blast_linear_swiglu.register_fake
+def _(x, U, S, V, bias):
+    return _fake(x, _stacked_out(U))
+
+
 @torch.library.custom_op("blrdeploy::monarch_linear", mutates_args=())
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.monarch_reference(x, w1, w2, bias)
@@ -118,5 +139,6 @@ def _(x, U, V, bias):
 
 
 _register_autograd(blast_linear, F.blast_reference, 3)
+_register_autograd(blast_linear_swiglu, F.blast_swiglu_reference, 3)
 _register_autograd(monarch_linear, F.monarch_reference, 2)
 _register_autograd(lowrank_linear, F.lowrank_reference, 2)

@@ -18,6 +18,10 @@ than the U weights themselves.
 Sibling layers (L layers of one shape reading the same input, see ``blrdeploy.siblings``) run as one launch: grid
 axis 1 walks (layer, rank tile) pairs, each layer's V and S found ``s_vl`` / ``s_sl`` apart, and layer l's mix lands
 in output blocks l*b_out ... so the U stage sees one grouped GEMM of L*b_out groups.
+
+With ``SWIGLU`` the layer is a gated MLP's down projection and x holds the stacked gate and up outputs side by
+side, (N, 2*b_in*q): each x tile is loaded as silu(gate) * up, computed in float32 and rounded once to x's dtype
+(as inductor's fused pointwise kernel does), so the product never makes a pass over memory nor costs a launch.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def blast_vs_kernel(
     IEEE: tl.constexpr,
     LAUNCH_DEPS: tl.constexpr,  # let the U stage's programs launch now (they wait for w)
     REDUCE: tl.constexpr,  # the last program of a tile sums the split partials into red
+    SWIGLU: tl.constexpr,  # x is [gate | up], (N, 2*B_IN*Q): the input is silu(gate) * up
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     if LAUNCH_DEPS:
@@ -75,7 +80,12 @@ def blast_vs_kernel(
         j = j_start + t // k_steps
         kk = (t % k_steps) * BK + rk
         k_mask = kk < Q
-        xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        x_mask = n_mask[:, None] & k_mask[None, :]
+        xa = tl.load(x_base + (j * Q + kk)[None, :] * s_xk, mask=x_mask, other=0.0)
+        if SWIGLU:
+            up = tl.load(x_base + (B_IN * Q + j * Q + kk)[None, :] * s_xk, mask=x_mask, other=0.0)
+            gate = xa.to(tl.float32)
+            xa = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         vb = tl.load(
             v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
             mask=k_mask[:, None] & r_mask[None, :],

@@ -319,27 +319,39 @@ BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U
 
 
 def blast_forward(
-    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    swiglu: bool = False,
 ) -> torch.Tensor:
     """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p). Or L stacked sibling
     layers of that shape reading the same x: U (L, b_out, p, r), S (L, b_out, b_in, r), V (L, b_in, q, r), bias
     (L*b_out*p,) -> (N, L*b_out*p), layer l in columns l*b_out*p ...
+
+    ``swiglu``: the layer is a gated MLP's down projection fed its stacked gate and up outputs, x (N, 2*b_in*q) =
+    [gate | up], and its input is silu(gate) * up: computed as V+S loads x, or for many tokens in one pass first.
 
     Few tokens: V and S fused (z stays on chip), then U; stacked layers share both launches. Many: per layer, V as a
     grouped GEMM writing z, the S mix at memory speed, then U (see ``blast_mix_kernel`` for why)."""
     lead = U.shape[:1] if U.dim() == 4 else ()  # stacked siblings: L
     L, b_out, p, r = U.shape if lead else (1, *U.shape)
     b_in, q = V.shape[len(lead) : len(lead) + 2]
-    expected = {"x": (b_in * q,), "S": (*lead, b_out, b_in, r), "V": (*lead, b_in, q, r)}
+    expected = {"x": ((2 if swiglu else 1) * b_in * q,), "S": (*lead, b_out, b_in, r), "V": (*lead, b_in, q, r)}
     _check(x, {"U": U, "S": S, "V": V}, expected, bias, L * b_out * p)
     if not lead:
         U, S, V = U[None], S[None], V[None]
     N = x.shape[0]
+    if swiglu and N > BLAST_FUSED_MAX_N:  # the V GEMM's tiles have no such prologue: one pass, as unfused
+        gate, up = x.split(b_in * q, dim=1)
+        x, swiglu = torch.nn.functional.silu(gate) * up, False
     m = b_out * p
     y = _empty((N, L * m), x)
     if N == 0:
         return y
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"  # one layer's shape: the many-token launches
+    # SwiGLU shares the plain layer's configs: it adds a few KB of input loads to a stream of weights.
     vs_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
     b_out_pow2 = _pow2(b_out)
     pdl = _pdl(x.device, N)
@@ -356,7 +368,7 @@ def blast_forward(
             (x, V, S, w, red, w if counters is None else counters, N, q, r, b_in, b_out, per,
              x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride()),
             dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, REDUCE=counters is not None,
-                 BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+                 SWIGLU=swiglu, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
             cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w if counters is None else red[None]

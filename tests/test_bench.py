@@ -221,7 +221,7 @@ def test_gpu_loaded_model_compiles_with_graphs_and_generates(tmp_path, monkeypat
 
     calls = []
     original = launch.blast_forward
-    monkeypatch.setattr(launch, "blast_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(launch, "blast_forward", lambda *a, **k: calls.append(k.get("swiglu")) or original(*a, **k))
     save(bench.resolve("llama-tiny", dtype=torch.float32, seed=2).variants[1].build(), tmp_path / "ckpt")
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
     ref = load(tmp_path / "ckpt", dtype=torch.float32)(input_ids=ids).logits
@@ -229,6 +229,7 @@ def test_gpu_loaded_model_compiles_with_graphs_and_generates(tmp_path, monkeypat
     with torch.no_grad():
         eager = gpu(input_ids=ids.cuda()).logits.float().cpu()
         assert len(calls) == 10  # 2 layers x (q, k+v stacked, o, gate+up stacked, down), each on the kernels
+        assert calls.count(True) == 2  # down applies the MLP's SiLU as it loads gate+up's output
         assert sum(isinstance(m, Siblings) for m in gpu.modules()) == 4  # load fuses siblings on CUDA
         compiled = torch.compile(gpu, mode="reduce-overhead")
         for _ in range(3):  # recorded, then replayed from the CUDA graph

@@ -4,6 +4,7 @@ Every buffer a launcher allocates is poisoned with NaN first, so an element the 
 check; inputs are fresh random draws with odd sizes that no tile divides, and strided (non-contiguous) rows.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def _blast(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None):
     return launch.blast_forward, F.blast_reference, (x, U, S, V, b)
 
 
+def _blast_swiglu(gen, dtype, n, b_in, q, b_out, p, r, bias=True):
+    """A gated MLP's down projection fed [gate | up] (N, 2*b_in*q), strided: its input is silu(gate) * up."""
+    _, _, (_, U, S, V, b) = _blast(gen, dtype, n, b_in, q, b_out, p, r, bias)
+    x = _strided_input(gen, n, 2 * b_in * q, dtype)
+    return functools.partial(launch.blast_forward, swiglu=True), F.blast_swiglu_reference, (x, U, S, V, b)
+
+
 def _monarch(gen, dtype, n, b, R, in_blk, out_blk, bias=True):
     x = _strided_input(gen, n, b * in_blk, dtype)
     w1 = _rand(gen, b, R, in_blk, dtype=dtype, scale=in_blk**-0.5)
@@ -77,6 +85,9 @@ CASES = {
     "blast-stack3-1tok": lambda g, dt: _blast(g, dt, 1, 3, 20, 2, 24, 17, layers=3),  # sibling layers stacked
     "blast-stack2-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False, layers=2),
     "blast-stack2-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40, layers=2),  # one layer at a time
+    "blast-swiglu-1tok": lambda g, dt: _blast_swiglu(g, dt, 1, 3, 20, 2, 24, 17),  # silu(gate) * up as V+S loads
+    "blast-swiglu-odd": lambda g, dt: _blast_swiglu(g, dt, 37, 4, 9, 3, 11, 33, bias=False),
+    "blast-swiglu-many": lambda g, dt: _blast_swiglu(g, dt, 97, 3, 24, 5, 8, 40),  # one pass, then as unfused
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
     "monarch-wide-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 64, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
@@ -120,12 +131,12 @@ def test_every_config(kernel, cfg, gen):
     dtype = torch.float16
     if cfg.BM == 1:  # the one-token tier: served only N = 1 (one program per row is slow under the interpreter)
         cases = (
-            ["blast-1tok", "blast-b5-1tok", "blast-stack3-1tok"]
+            ["blast-1tok", "blast-b5-1tok", "blast-stack3-1tok", "blast-swiglu-1tok"]
             if kernel == "blast_vs"
             else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok", "lowrank-stack3-1tok"]
         )
     elif kernel == "blast_vs":
-        cases = ["blast-odd", "blast-b5", "blast-stack2-odd"]
+        cases = ["blast-odd", "blast-b5", "blast-stack2-odd", "blast-swiglu-odd"]
     else:
         cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd", "lowrank-stack2-odd"]
     with launch.forced(**{kernel: cfg}):
@@ -148,6 +159,9 @@ def test_bad_inputs_are_refused(gen):
         fn(x.double(), U.double(), S.double(), V.double(), b)
     with pytest.raises(ValueError, match="2-D input"):
         fn(x[None], U, S, V, b)
+    fn, _, (x, U, S, V, b) = CASES["blast-swiglu-odd"](gen, torch.float32)
+    with pytest.raises(ValueError, match=r"x has shape \(37, 36\); the other factors imply \(37, 72\)"):
+        fn(x[:, :36], U, S, V, b)  # the plain layer's width: gate without up
     _, _, (x, w1, w2, bb) = CASES["monarch-odd"](gen, torch.float32)
     with pytest.raises(ValueError, match="w2 has shape"):
         launch.monarch_forward(x, w1, w2[:, :, :-1], bb)
@@ -238,7 +252,8 @@ def test_split_reductions(gen):
     small = Config(16, 32, 16, 4, 2, split=0)
     with launch.forced(gemm=small, blast_vs=Config(16, 32, 16, 4, 2, split=2)):
         for case in (
-            "blast-1tok", "blast-b5", "blast-stack2-odd", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd"
+            "blast-1tok", "blast-b5", "blast-stack2-odd", "blast-swiglu-odd", "monarch-1tok", "monarch-b4",
+            "lowrank-1tok", "lowrank-odd",
         ):  # fmt: skip
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} split")
@@ -247,6 +262,7 @@ def test_split_reductions(gen):
             "blast-1tok",
             "blast-b5-1tok",
             "blast-stack3-1tok",
+            "blast-swiglu-1tok",
             "monarch-1tok",
             "lowrank-1tok",
             "lowrank-long-1tok",
@@ -288,6 +304,7 @@ GPU_SHAPES = {
     "monarch": lambda g, dt, n: _monarch(g, dt, n, 8, 200, 96, 136),
     "lowrank": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232),
     "blast-stacked": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200, layers=3),
+    "blast-swiglu": lambda g, dt, n: _blast_swiglu(g, dt, n, 8, 96, 6, 200, 200),
     "lowrank-stacked": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232, layers=2),
 }
 

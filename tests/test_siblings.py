@@ -11,7 +11,15 @@ from blrdeploy.bench import resolve
 from blrdeploy.checkpoint import read_blr_config
 from blrdeploy.models import FAMILIES
 from blrdeploy.modules import BlastLinear, LowRankLinear, MonarchLinear
-from blrdeploy.siblings import SiblingOutput, Siblings, blr_layer_count, fuse_siblings
+from blrdeploy.siblings import (
+    SiblingOutput,
+    Siblings,
+    SwiGLUMLP,
+    blr_layer_count,
+    fuse_family,
+    fuse_siblings,
+    fuse_swiglu,
+)
 from blrdeploy.sources import build_builtin
 
 LLAMA = FAMILIES["llama"].siblings
@@ -71,6 +79,46 @@ def test_compiled_fused_mlp_has_no_graph_break_and_one_op(structure):
         torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x))
 
 
+def test_swiglu_mlp_matches_unfused_forward_and_backward():
+    model, ids = _tiny_llama()
+    fused = copy.deepcopy(model)
+    fuse_family(fused, "llama")
+    assert all(isinstance(layer.mlp, SwiGLUMLP) for layer in fused.model.layers)
+    assert blr_layer_count(fused) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    mlp, ref_mlp = fused.model.layers[1].mlp, model.model.layers[1].mlp
+    x = torch.randn(3, 64, requires_grad=True)
+    (grad,) = torch.autograd.grad(mlp(x).square().sum(), x)
+    (ref_grad,) = torch.autograd.grad(ref_mlp(x).square().sum(), x)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_swiglu_mlp_is_two_ops_and_no_activation():
+    model, _ = _tiny_llama()
+    fuse_family(model, "llama")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 64)
+    explained = torch._dynamo.explain(mlp)(x)
+    assert explained.graph_break_count == 0
+    targets = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert [t for t in targets if "blrdeploy" in t] == ["blrdeploy.blast_linear", "blrdeploy.blast_linear_swiglu"]
+    assert not any("silu" in t or "mul" in t for t in targets), targets
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x))
+
+
+def test_swiglu_only_where_down_is_blast_and_the_activation_is_silu():
+    model, _ = _tiny_llama("lowrank")
+    fuse_siblings(model, LLAMA)
+    assert fuse_swiglu(model, ["LlamaMLP"]) == 0  # low-rank down: no fused first stage to load through
+    model, _ = _tiny_llama()
+    fuse_siblings(model, LLAMA)
+    assert fuse_swiglu(model, ["GPT2MLP"]) == 0  # not a class the family names
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    assert fuse_swiglu(model, ["LlamaMLP"]) == 1  # the other layer only
+
+
 def test_fusing_refuses_mismatched_members_and_skips_other_shapes():
     a, b = BlastLinear(32, 48, 4, 8), BlastLinear(32, 24, 4, 8)
     with pytest.raises(ValueError, match="one shape"):
@@ -90,7 +138,7 @@ def test_fusing_refuses_mismatched_members_and_skips_other_shapes():
 def test_saving_a_fused_model_writes_the_unfused_checkpoint(tmp_path, structure):
     model, ids = _tiny_llama(structure)
     save(model, tmp_path / "plain", source={"id": "llama-tiny"})
-    fuse_siblings(model, LLAMA)
+    fuse_family(model, "llama")  # stacked siblings, and for BLAST the SwiGLU MLPs
     save(model, tmp_path / "fused", source={"id": "llama-tiny"})
     plain, again = load(tmp_path / "plain"), load(tmp_path / "fused")
     layers = [sorted(read_blr_config(tmp_path / d)["layers"], key=lambda e: e["name"]) for d in ("fused", "plain")]
@@ -127,6 +175,7 @@ def test_load_fuses_on_request_and_equals_unfused(tmp_path):
     plain, fused = load(tmp_path / "c"), load(tmp_path / "c", fuse_siblings=True)
     assert not any(isinstance(m, Siblings) for m in plain.modules())
     assert sum(isinstance(m, Siblings) for m in fused.modules()) == 4
+    assert sum(isinstance(m, SwiGLUMLP) for m in fused.modules()) == 2
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6)
@@ -146,3 +195,12 @@ def test_export_refuses_stacked_factors(structure, monkeypatch):
     single = model.model.layers[0].self_attn.q_proj  # unfused: still one node
     monkeypatch.setattr(F, "_onnx_node", lambda op, *a: op)
     assert single(x) == {"blast": "BlastLinear", "lowrank": "LowRankLinear"}[structure]
+
+
+def test_export_refuses_the_swiglu_op(monkeypatch):
+    from blrdeploy import functional as F
+
+    down = _tiny_llama()[0].model.layers[0].mlp.down_proj
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    with pytest.raises(ValueError, match="fused SwiGLU MLP has no ONNX op: export the model before fuse_siblings"):
+        F.blast_linear_swiglu(torch.randn(1, 2 * down.in_features), down.U, down.S, down.V)
