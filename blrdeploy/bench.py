@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .blocks import FusedPreNormBlock
 from .checkpoint import BLR_CONFIG, blr_module, load, read_blr_config
 from .convert import ConvertConfig, is_linear, linear_dims, plan
 from .job import unique_params
@@ -558,6 +559,7 @@ def run_variant(
         result["params"], result["weight_bytes"] = unique_params(model)
         result["blr_layers"] = blr_layer_count(model)
         result["sibling_groups"] = sum(isinstance(m, Siblings) for m in model.modules())
+        result["fused_blocks"] = sum(isinstance(m, FusedPreNormBlock) for m in model.modules())
         for batch, seq in shapes_for(target, config):
             feed = prefill_inputs(target, model, batch, seq, config.seed, device)
             for mode in config.modes:

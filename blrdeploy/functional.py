@@ -61,14 +61,36 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def blast_swiglu_reference(
-    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Llama's: normalized in float32, rounded to x's dtype, then scaled by the weight."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def blast_fused_reference(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    swiglu_input: bool = False,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A BLAST layer (U, S, V as in :func:`blast_reference`, not stacked) applied to ``swiglu(x)``: a gated MLP's
-    down projection fed the stacked gate and up outputs, x (..., 2*b_in*q)."""
-    if x.shape[-1] % 2:
-        raise ValueError(f"a SwiGLU input holds gate and up side by side: an even width, got {x.shape[-1]}")
-    return blast_reference(swiglu(x), U, S, V, bias)
+    """A BLAST layer (factors as in :func:`blast_reference`) with what a pre-norm residual block puts around it:
+    its input ``swiglu(x)`` (``swiglu_input``: x holds a gated MLP's gate and up outputs) or ``rms_norm(x,
+    norm_weight, eps)``, and ``residual`` added to its output."""
+    if swiglu_input and norm_weight is not None:
+        raise ValueError("a BLAST layer takes SwiGLU or RMSNorm on its input, not both")
+    if swiglu_input:
+        if x.shape[-1] % 2:
+            raise ValueError(f"a SwiGLU input holds gate and up side by side: an even width, got {x.shape[-1]}")
+        x = swiglu(x)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    y = blast_reference(x, U, S, V, bias)
+    return y if residual is None else y + residual
 
 
 def blast_to_dense(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -128,14 +150,24 @@ def blast_linear(
     return torch.ops.blrdeploy.blast_linear(x, U, S, V, bias)
 
 
-def blast_linear_swiglu(
-    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
+def blast_linear_fused(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    swiglu_input: bool = False,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`blast_swiglu_reference` as one op: on the kernels, silu(gate) * up is computed as the first stage
-    loads its input. Exists only in a fused model (:class:`blrdeploy.siblings.SwiGLUMLP`), so it has no ONNX op."""
+    """:func:`blast_fused_reference` as one op (``blrdeploy::blast_linear_fused``): on the kernels the SwiGLU or
+    RMSNorm is applied as the first stage loads its input and the residual added as the last stores its output.
+    Only fused models call it (:mod:`blrdeploy.siblings`, :mod:`blrdeploy.blocks`), so it has no ONNX op."""
     if torch.onnx.is_in_onnx_export():
-        raise ValueError("a fused SwiGLU MLP has no ONNX op: export the model before fuse_siblings")
-    return torch.ops.blrdeploy.blast_linear_swiglu(x, U, S, V, bias)
+        raise ValueError("a fused BLAST layer has no ONNX op: export the model before fuse_siblings")
+    return torch.ops.blrdeploy.blast_linear_fused(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
 
 
 def monarch_linear(

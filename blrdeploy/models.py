@@ -25,6 +25,7 @@ class Family:
     sample: Callable = None  # (model, batch, seed, seq=16) -> kwargs for forward; seq only for token models
     siblings: tuple[tuple[str, ...], ...] = ()  # child names that read one input: fused on CUDA (blrdeploy.siblings)
     swiglu_mlps: tuple[str, ...] = ()  # gated MLP classes, down(silu(gate(x)) * up(x)): their activation fused too
+    blocks: tuple[str, ...] = ()  # pre-norm decoder layer classes: norms and residual adds fused too (.blocks)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ FAMILIES: dict[str, Family] = {
             sample=_token_inputs,
             siblings=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
             swiglu_mlps=("LlamaMLP",),
+            blocks=("LlamaDecoderLayer",),
         ),
         Family(
             "gpt2",

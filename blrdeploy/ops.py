@@ -1,5 +1,5 @@
 """One ``torch.library`` op per structure: ``blrdeploy::blast_linear``, ``::monarch_linear``, ``::lowrank_linear``;
-and ``::blast_linear_swiglu``, a BLAST down projection that applies a gated MLP's activation as it loads its input.
+and ``::blast_linear_fused``, a BLAST layer with the SwiGLU or RMSNorm before it and the residual add after it inside.
 
 Each runs the Triton kernels on CUDA (float16, bfloat16, float32) and the PyTorch reference everywhere else, has a
 fake implementation so ``torch.compile`` (CUDA graphs included) and ``torch.export`` see through it, and a backward
@@ -47,23 +47,25 @@ def _fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _register_autograd(op, reference: Callable, n_factors: int) -> None:
+def _register_autograd(op, reference: Callable) -> None:
     """Backward through the reference: recompute its graph on the saved inputs and differentiate it."""
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[: 1 + n_factors], *(inputs[-1:] if inputs[-1] is not None else []))
-        ctx.has_bias = inputs[-1] is not None
+        ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
+        ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor, strict=True)]
+        ctx.save_for_backward(*(a for a in inputs if isinstance(a, torch.Tensor)))
 
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        args = [t.detach().requires_grad_(t.requires_grad or ctx.needs_input_grad[i]) for i, t in enumerate(saved)]
-        bias = args[-1] if ctx.has_bias else None
+        saved = iter(ctx.saved_tensors)
+        args = [
+            next(saved).detach().requires_grad_(ctx.needs_input_grad[i]) if t else ctx.others[i]
+            for i, t in enumerate(ctx.is_tensor)
+        ]
+        wanted = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
         with torch.enable_grad():
-            y = reference(*args[: 1 + n_factors], bias)
-        wanted = [a for a in args if a.requires_grad]
+            y = reference(*args)
         grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
-        out = [next(grads) if a.requires_grad else None for a in args]
-        return (*out[: 1 + n_factors], out[-1] if ctx.has_bias else None)
+        return tuple(next(grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
 
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -90,21 +92,38 @@ def _stacked_out(U: torch.Tensor) -> int:
     return U.numel() // U.shape[-1]
 
 
-@torch.library.custom_op("blrdeploy::blast_linear_swiglu", mutates_args=())
-def blast_linear_swiglu(
-    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None
+@torch.library.custom_op("blrdeploy::blast_linear_fused", mutates_args=())
+def blast_linear_fused(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None,
+    swiglu_input: bool,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    return F.blast_swiglu_reference(x, U, S, V, bias)
+    return F.blast_fused_reference(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
 
 
-@blast_linear_swiglu.register_kernel("cuda")
-def _(x, U, S, V, bias):
-    forward = functools.partial(_kernels().blast_forward, swiglu=True)
-    return _on_kernels(F.blast_swiglu_reference, forward, x, (U, S, V), bias, _stacked_out(U))
+@blast_linear_fused.register_kernel("cuda")
+def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
+    out = _stacked_out(U)
+    forward = functools.partial(
+        _kernels().blast_forward,
+        swiglu=swiglu_input,
+        norm=None if norm_weight is None else (norm_weight, eps),
+        residual=None if residual is None else residual.reshape(-1, out),
+    )
+    reference = functools.partial(
+        F.blast_fused_reference, swiglu_input=swiglu_input, norm_weight=norm_weight, eps=eps, residual=residual
+    )
+    return _on_kernels(reference, forward, x, (U, S, V), bias, out)
 
 
-@blast_linear_swiglu.register_fake
-def _(x, U, S, V, bias):
+@blast_linear_fused.register_fake
+def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
     return _fake(x, _stacked_out(U))
 
 
@@ -138,7 +157,7 @@ def _(x, U, V, bias):
     return _fake(x, _stacked_out(U))
 
 
-_register_autograd(blast_linear, F.blast_reference, 3)
-_register_autograd(blast_linear_swiglu, F.blast_swiglu_reference, 3)
-_register_autograd(monarch_linear, F.monarch_reference, 2)
-_register_autograd(lowrank_linear, F.lowrank_reference, 2)
+_register_autograd(blast_linear, F.blast_reference)
+_register_autograd(blast_linear_fused, F.blast_fused_reference)
+_register_autograd(monarch_linear, F.monarch_reference)
+_register_autograd(lowrank_linear, F.lowrank_reference)

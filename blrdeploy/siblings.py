@@ -16,7 +16,7 @@ stacked shapes are tuned on their own).
 
 A gated MLP, ``down(silu(gate(x)) * up(x))``, whose gate and up became one group and whose down is BLAST goes one
 step further (:func:`fuse_swiglu`): :class:`SwiGLUMLP` hands the group's stacked output straight to down's first
-stage, which computes silu(gate) * up as it loads it (``blrdeploy::blast_linear_swiglu``): no activation pass and,
+stage, which computes silu(gate) * up as it loads it (``blrdeploy::blast_linear_fused``): no activation pass and,
 at one token, no activation launch, a few µs per block. Checkpoints, ONNX export and bundles use unfused layers:
 ``save`` writes a fused model's factors under its members' names, export wants the model before fusing.
 """
@@ -57,6 +57,7 @@ class Siblings(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=first.bias.requires_grad)
         self.fit_errors = tuple(None if m.fit_result is None else m.fit_result.relative_error for m in members)
         self._pending: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
+        self.norm: tuple[nn.Module, ...] = ()  # an RMSNorm the group reads its input through (blrdeploy.blocks)
 
     def factors(self) -> dict[str, torch.Tensor]:
         """The stacked factors by name, as the members' ``factors()`` with a leading L."""
@@ -76,6 +77,11 @@ class Siblings(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm:
+            norm = self.norm[0]
+            return F.blast_linear_fused(
+                x, self.U, self.S, self.V, self.bias, norm_weight=norm.weight, eps=norm.variance_epsilon
+            )
         if self.structure == "blast":
             return F.blast_linear(x, self.U, self.S, self.V, self.bias)
         return F.lowrank_linear(x, self.U, self.V, self.bias)
@@ -120,17 +126,26 @@ class SiblingOutput(nn.Module):
 class SwiGLUMLP(nn.Module):
     """Stands where a gated MLP with a SiLU was, once its gate and up are one :class:`Siblings` group and its down is
     BLAST: ``down(swiglu(gate_up(x)))`` in two op calls. The group and ``down_proj`` keep the names they had on the
-    MLP, so a state dict (and ``save``) sees what the fused MLP had."""
+    MLP, so a state dict (and ``save``) sees what the fused MLP had. With ``adds_residual`` (a fused block,
+    :mod:`blrdeploy.blocks`) it returns ``x + down(...)``, the add done as down's last stage stores."""
 
     def __init__(self, group_name: str, group: Siblings, down_proj: BlastLinear) -> None:
         super().__init__()
         self.add_module(group_name, group)
         self.down_proj = down_proj
         self._group = (group,)  # read in forward without knowing the name it is registered under
+        self.adds_residual = False
+
+    @property
+    def gate_up(self) -> Siblings:
+        return self._group[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down = self.down_proj
-        return F.blast_linear_swiglu(self._group[0](x), down.U, down.S, down.V, down.bias)
+        return F.blast_linear_fused(
+            self._group[0](x), down.U, down.S, down.V, down.bias,
+            swiglu_input=True, residual=x if self.adds_residual else None,
+        )  # fmt: skip
 
 
 def _swiglu_parts(mlp: nn.Module) -> tuple[str, Siblings] | None:
@@ -193,8 +208,10 @@ def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> l
 
 
 def fuse_family(model: nn.Module, family: str | None) -> list[Siblings]:
-    """:func:`fuse_siblings`, then :func:`fuse_swiglu`, with the sibling names and gated MLP classes of a model
-    family (``blrdeploy.models.FAMILIES``); an unknown family has none."""
+    """:func:`fuse_siblings`, :func:`fuse_swiglu`, then :func:`blrdeploy.blocks.fuse_blocks`, with the sibling
+    names, gated MLP classes and decoder layer classes of a model family (``blrdeploy.models.FAMILIES``); an
+    unknown family has none."""
+    from .blocks import fuse_blocks
     from .models import FAMILIES
 
     known = FAMILIES.get(family or "")
@@ -202,6 +219,7 @@ def fuse_family(model: nn.Module, family: str | None) -> list[Siblings]:
         return []
     groups = fuse_siblings(model, known.siblings)
     fuse_swiglu(model, known.swiglu_mlps)
+    fuse_blocks(model, known.blocks)
     return groups
 
 

@@ -74,7 +74,10 @@ def compile_variant(variant: Variant, config: Config, arch: int):
         constexprs["BM"], constexprs["BS"] = interleave_tile(constexprs["B_P2"])
     elif variant.kernel == "blast_vs":
         fn = jit_function(blast_vs_kernel)
-        constexprs = {"B_OUT": 16, "LAUNCH_DEPS": False, "REDUCE": False, "SWIGLU": False, **constexprs}
+        constexprs = {
+            "B_OUT": 16, "LAUNCH_DEPS": False, "REDUCE": False, "SWIGLU": False, "RMS_NORM": False, "EPS": 0.0,
+            "NORM_BK": 16, **constexprs,
+        }  # fmt: skip
         constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
         if variant.intermediate_fp32:  # the launcher passes w itself where no reduction needs red and counters
             overrides.update(w_ptr="*fp32", red_ptr="*fp32", cnt_ptr="*fp32")

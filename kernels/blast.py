@@ -19,9 +19,16 @@ Sibling layers (L layers of one shape reading the same input, see ``blrdeploy.si
 axis 1 walks (layer, rank tile) pairs, each layer's V and S found ``s_vl`` / ``s_sl`` apart, and layer l's mix lands
 in output blocks l*b_out ... so the U stage sees one grouped GEMM of L*b_out groups.
 
-With ``SWIGLU`` the layer is a gated MLP's down projection and x holds the stacked gate and up outputs side by
-side, (N, 2*b_in*q): each x tile is loaded as silu(gate) * up, computed in float32 and rounded once to x's dtype
-(as inductor's fused pointwise kernel does), so the product never makes a pass over memory nor costs a launch.
+Two prologues take a pre-norm transformer block's small kernels into the weight stream (one launch each saved at
+one token, where a launch costs more than its bytes):
+
+* ``SWIGLU``: the layer is a gated MLP's down projection and x holds the stacked gate and up outputs side by side,
+  (N, 2*b_in*q); each x tile is loaded as silu(gate) * up, computed in float32 and rounded once to x's dtype (as
+  inductor's fused pointwise kernel does).
+* ``RMS_NORM``: the layer reads RMSNorm(x) = g * x / rms(x). Each x tile is loaded times g; since the V and S
+  stages are linear, 1/rms(x) scales the accumulator once at the end. Every program needs the whole row's mean
+  square: its first chunk is loaded before the weight stream starts and reduced after it, so the load's latency
+  hides behind the stream (the row is 2-8 KB at one token, read from L2).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ def blast_vs_kernel(
     # operands: x (N, b_in*q), V (L, b_in, q, r), S (L, b_out, b_in, r), w (split, N, L*b_out, r); with REDUCE
     # red (N, L*b_out, r) float32 and one int32 arrival counter per (token tile, layer and rank tile)
     x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr,
+    g_ptr,  # RMSNorm's weight (b_in*q,) with RMS_NORM
     # sizes; J_PER_SPLIT input blocks per program on grid axis 2
     N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
     # strides
@@ -51,6 +59,9 @@ def blast_vs_kernel(
     LAUNCH_DEPS: tl.constexpr,  # let the U stage's programs launch now (they wait for w)
     REDUCE: tl.constexpr,  # the last program of a tile sums the split partials into red
     SWIGLU: tl.constexpr,  # x is [gate | up], (N, 2*B_IN*Q): the input is silu(gate) * up
+    RMS_NORM: tl.constexpr,  # the input is g * x / sqrt(mean(x^2) + EPS)
+    EPS: tl.constexpr,
+    NORM_BK: tl.constexpr,  # row chunk of the mean square (a power of two; one chunk covers the row at one token)
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     if LAUNCH_DEPS:
@@ -73,6 +84,10 @@ def blast_vs_kernel(
     i_mask = ri < B_OUT_REAL
     x_base = x_ptr + rn.to(tl.int64)[:, None] * s_xn
     acc = tl.zeros((B_OUT, BM, BR), dtype=tl.float32)
+    if RMS_NORM:  # issued now, reduced after the stream: in flight meanwhile
+        width = B_IN * Q
+        cols = tl.arange(0, NORM_BK)
+        row_head = tl.load(x_base + cols[None, :] * s_xk, mask=n_mask[:, None] & (cols < width)[None, :], other=0.0)
     j_start = pid_s * J_PER_SPLIT
     k_steps = tl.cdiv(Q, BK)
     n_steps = (tl.minimum(j_start + J_PER_SPLIT, B_IN) - j_start) * k_steps
@@ -86,6 +101,9 @@ def blast_vs_kernel(
             up = tl.load(x_base + (B_IN * Q + j * Q + kk)[None, :] * s_xk, mask=x_mask, other=0.0)
             gate = xa.to(tl.float32)
             xa = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if RMS_NORM:
+            g = tl.load(g_ptr + j * Q + kk, mask=k_mask, other=0.0)
+            xa = (xa.to(tl.float32) * g.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
         vb = tl.load(
             v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
             mask=k_mask[:, None] & r_mask[None, :],
@@ -103,6 +121,15 @@ def blast_vs_kernel(
             other=0.0,
         )
         acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
+    if RMS_NORM:
+        head = row_head.to(tl.float32)
+        sum_sq = tl.sum(head * head, axis=1)
+        for k0 in range(NORM_BK, width, NORM_BK):
+            more = tl.load(
+                x_base + (k0 + cols)[None, :] * s_xk, mask=n_mask[:, None] & (k0 + cols < width)[None, :], other=0.0
+            ).to(tl.float32)
+            sum_sq += tl.sum(more * more, axis=1)
+        acc *= tl.rsqrt(sum_sq / width + EPS)[None, :, None]
     w = (
         w_ptr
         + pid_s * s_ws

@@ -72,10 +72,11 @@ def grouped_gemm_kernel(
     # group * n_splits + split)
     N, K, C, K_PER,
     # strides: A (row, group, k, chunk, split partial), B (group, column, k), out (split, row, group, column), bias
+    # (row, group, column): row stride 0 for a bias vector, the residual's own for a residual added in the epilogue
     s_an, s_ag, s_ak, s_ac, s_as,
     s_bg, s_bc, s_bk,
     s_os, s_on, s_og, s_oc,
-    s_biasg, s_biasc,
+    s_biasn, s_biasg, s_biasc,
     A_CHUNK: tl.constexpr,  # >0: A's k lives at chunk k // A_CHUNK (stride s_ac), offset k % A_CHUNK (no k-split)
     A_SPLIT: tl.constexpr,  # A is the sum of this many partials, s_as apart (summed in fp32 while loading)
     PERM_M: tl.constexpr,  # >0: output column c reads B row (c % PERM_M) * PERM_B + c // PERM_M
@@ -134,7 +135,11 @@ def grouped_gemm_kernel(
         acc = _mma(a, b, acc, IEEE, BM == 1)
     if HAS_BIAS:
         if split == 0:
-            bias = tl.load(bias_ptr + g * s_biasg + rc * s_biasc, mask=c_mask, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            bias = tl.load(
+                bias_ptr + rn.to(tl.int64)[:, None] * s_biasn + g * s_biasg + rc[None, :] * s_biasc,
+                mask=n_mask[:, None] & c_mask[None, :],
+                other=0.0,
+            )
+            acc += bias.to(tl.float32)
     out = out_ptr + split * s_os + g * s_og + rn.to(tl.int64)[:, None] * s_on + rc[None, :] * s_oc
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])

@@ -258,10 +258,11 @@ def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor)
 
 def _gemm(
     a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config, k_per=None,
-    bias=None, bias_strides=(0, 0), a_chunk=0, a_split=1, perm=(0, 0), producer=False, consumer=False,
+    bias=None, bias_strides=(0, 0, 0), a_chunk=0, a_split=1, perm=(0, 0), producer=False, consumer=False,
     g_fast=False,
 ) -> None:  # fmt: skip
-    """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column). A ``producer``'s output
+    """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column), ``bias_strides`` = (row,
+    group, column): a bias vector has row stride 0, a residual its own. A ``producer``'s output
     feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
     most = max_partials(cfg.BM, _arch(out.device))
     if a_split > most:
@@ -325,33 +326,51 @@ def blast_forward(
     V: torch.Tensor,
     bias: torch.Tensor | None = None,
     swiglu: bool = False,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p). Or L stacked sibling
     layers of that shape reading the same x: U (L, b_out, p, r), S (L, b_out, b_in, r), V (L, b_in, q, r), bias
     (L*b_out*p,) -> (N, L*b_out*p), layer l in columns l*b_out*p ...
 
-    ``swiglu``: the layer is a gated MLP's down projection fed its stacked gate and up outputs, x (N, 2*b_in*q) =
-    [gate | up], and its input is silu(gate) * up: computed as V+S loads x, or for many tokens in one pass first.
+    What a pre-norm residual block puts around the layer can run inside it (see ``blast.py``):
+    ``swiglu``: x (N, 2*b_in*q) is a gated MLP's [gate | up] and the input is silu(gate) * up; ``norm`` = (g, eps):
+    the input is RMSNorm(x) with weight g (b_in*q,); ``residual`` (N, L*b_out*p) is added in the U stage's
+    epilogue. Few tokens apply the first two as V+S loads x; many tokens in one pass first, as unfused.
 
     Few tokens: V and S fused (z stays on chip), then U; stacked layers share both launches. Many: per layer, V as a
     grouped GEMM writing z, the S mix at memory speed, then U (see ``blast_mix_kernel`` for why)."""
     lead = U.shape[:1] if U.dim() == 4 else ()  # stacked siblings: L
     L, b_out, p, r = U.shape if lead else (1, *U.shape)
     b_in, q = V.shape[len(lead) : len(lead) + 2]
+    m = b_out * p
+    if swiglu and norm is not None:
+        raise ValueError("a BLAST layer takes SwiGLU or RMSNorm on its input, not both")
+    factors = {"U": U, "S": S, "V": V}
     expected = {"x": ((2 if swiglu else 1) * b_in * q,), "S": (*lead, b_out, b_in, r), "V": (*lead, b_in, q, r)}
-    _check(x, {"U": U, "S": S, "V": V}, expected, bias, L * b_out * p)
+    if norm is not None:
+        factors["norm weight"], expected["norm weight"] = norm[0], (b_in * q,)
+    if residual is not None:
+        factors["residual"], expected["residual"] = residual, (x.shape[0], L * m)
+    _check(x, factors, expected, bias, L * m)
     if not lead:
         U, S, V = U[None], S[None], V[None]
     N = x.shape[0]
-    if swiglu and N > BLAST_FUSED_MAX_N:  # the V GEMM's tiles have no such prologue: one pass, as unfused
-        gate, up = x.split(b_in * q, dim=1)
-        x, swiglu = torch.nn.functional.silu(gate) * up, False
-    m = b_out * p
+    if N > BLAST_FUSED_MAX_N:  # the V GEMM's tiles have no prologue: one pass first, as unfused
+        if swiglu:
+            gate, up = x.split(b_in * q, dim=1)
+            x = torch.nn.functional.silu(gate) * up
+        if norm is not None:
+            x32 = x.float()
+            x = (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + norm[1])).to(x.dtype) * norm[0]
+        swiglu, norm = False, None
+    if residual is not None and bias is not None:
+        residual, bias = residual + bias, None  # the epilogue adds one addend; no model here has both
     y = _empty((N, L * m), x)
     if N == 0:
         return y
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"  # one layer's shape: the many-token launches
-    # SwiGLU shares the plain layer's configs: it adds a few KB of input loads to a stream of weights.
+    # The prologues share the plain layer's configs: they add a few KB of input loads to a stream of weights.
     vs_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
     b_out_pow2 = _pow2(b_out)
     pdl = _pdl(x.device, N)
@@ -363,12 +382,15 @@ def blast_forward(
         grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
         counters = _counters(x.device, grid[0] * grid[1]) if partials > 1 and cfg.reduce and REDUCE_SPLITS else None
         red = w[0] if counters is None else _empty((N, L * b_out, r), x, torch.float32)
+        norm_bk = min(_pow2(b_in * q), max(16, 4096 // cfg.BM)) if norm is not None else 16
         runtime.launch(
             "blast_vs", grid,
-            (x, V, S, w, red, w if counters is None else counters, N, q, r, b_in, b_out, per,
+            (x, V, S, w, red, w if counters is None else counters, x if norm is None else norm[0],
+             N, q, r, b_in, b_out, per,
              x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride()),
             dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, REDUCE=counters is not None,
-                 SWIGLU=swiglu, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+                 SWIGLU=swiglu, RMS_NORM=norm is not None, EPS=0.0 if norm is None else float(norm[1]),
+                 NORM_BK=norm_bk, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
             cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w if counters is None else red[None]
@@ -399,11 +421,18 @@ def blast_forward(
         )  # fmt: skip
         return w
 
-    def u(w: torch.Tensor, U: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, cfg: Config) -> None:
+    def addend(lo: int, hi: int) -> tuple[torch.Tensor | None, tuple[int, int, int]]:
+        """What the U stage adds to output columns lo:hi, with (row, group, column) strides."""
+        if residual is not None:
+            res = residual[:, lo:hi]
+            return res, (res.stride(0), p * res.stride(1), res.stride(1))
+        return (None, (0, 0, 0)) if bias is None else (bias[lo:hi], (0, p, 1))
+
+    def u(w: torch.Tensor, U: torch.Tensor, y: torch.Tensor, add, cfg: Config) -> None:
         _gemm(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
             y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=U.shape[0], cfg=cfg,
-            bias=bias, bias_strides=(p, 1), a_split=w.shape[0], consumer=True,
+            bias=add[0], bias_strides=add[1], a_split=w.shape[0], consumer=True,
         )  # fmt: skip
 
     if N > BLAST_FUSED_MAX_N:  # compute-bound: one layer at a time, each into its columns of y
@@ -411,19 +440,20 @@ def blast_forward(
             Vl, Sl, Ul = V[layer], S[layer], U[layer]
             z = v(Vl, _choose("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))
             w = mix(z, Sl)
-            yl, bl = y[:, layer * m : (layer + 1) * m], None if bias is None else bias[layer * m : (layer + 1) * m]
+            yl, al = y[:, layer * m : (layer + 1) * m], addend(layer * m, (layer + 1) * m)
             key = f"blast_u|{shape_key}|split1"
-            u(w, Ul, yl, bl, _choose("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, bl=bl: u(w, Ul, yl, bl, c)))
+            u(w, Ul, yl, al, _choose("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, al=al: u(w, Ul, yl, al, c)))
         return y
     try:
         U_all = U.view(L * b_out, p, r)
     except RuntimeError as exc:
         raise ValueError("stacked U must be one (L*b_out, p, r) view: store the siblings' U contiguously") from exc
+    add = addend(0, L * m)
     u_default = default("gemm", _arch(x.device), N)
-    vs_cfg = _choose("blast_vs", vs_key, N, x.device, lambda c: u(vs(c), U_all, y, bias, u_default), b_out_pow2)
+    vs_cfg = _choose("blast_vs", vs_key, N, x.device, lambda c: u(vs(c), U_all, y, add, u_default), b_out_pow2)
     w = vs(vs_cfg)
     u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
-    u(w, U_all, y, bias, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, bias, c)))
+    u(w, U_all, y, add, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c)))
     return y
 
 
@@ -466,7 +496,7 @@ def monarch_forward(
         _gemm(
             h, (h.stride(1), m * h.stride(3), h.stride(3), h.stride(2), h.stride(0)), w2, w2.stride(),
             o, (0, y.stride(0), 1, b) if direct else (0, *o.stride()), N=N, K=R, C=out_blk, G=b, cfg=cfg,
-            bias=bias, bias_strides=(1, b), a_chunk=m, a_split=h.shape[0], consumer=True, g_fast=direct,
+            bias=bias, bias_strides=(0, 1, b), a_chunk=m, a_split=h.shape[0], consumer=True, g_fast=direct,
         )  # fmt: skip
         if not direct:
             b_pow2 = _pow2(b)
@@ -516,7 +546,7 @@ def lowrank_forward(
         _gemm(
             t, (t.stride(1), t.stride(2), t.stride(3), 0, t.stride(0)), U, U.stride(),
             y, (0, y.stride(0), out_f, 1), N=N, K=r, C=out_f, G=L, cfg=cfg,
-            bias=bias, bias_strides=(out_f, 1), a_split=t.shape[0], consumer=True,
+            bias=bias, bias_strides=(0, out_f, 1), a_split=t.shape[0], consumer=True,
         )  # fmt: skip
 
     t = stage1(_choose("gemm", f"lowrank_1|{shape_key}", N, x.device, stage1))

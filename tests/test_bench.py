@@ -70,6 +70,7 @@ def test_bench_command_on_cpu(tmp_path):
     assert [(r["batch"], r["seq"], r["mode"]) for r in blr["prefill"]] == [(1, 64, "eager")]  # 1024 capped at 64
     assert blr["decode"][0]["new_tokens"] == 6 and blr["decode"][0]["tokens_per_s"] > 0
     assert blr["weight_bytes"] < dense["weight_bytes"] and data["speedup"]["weights_smaller"] > 1
+    assert (blr["sibling_groups"], blr["fused_blocks"]) == (4, 2) and dense["fused_blocks"] == 0
     ratio = dense["prefill"][0]["ms"] / blr["prefill"][0]["ms"]
     assert data["speedup"]["prefill"][0]["vs_dense_same_mode"] == pytest.approx(ratio)
 

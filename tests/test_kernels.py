@@ -4,7 +4,6 @@ Every buffer a launcher allocates is poisoned with NaN first, so an element the 
 check; inputs are fresh random draws with odd sizes that no tile divides, and strided (non-contiguous) rows.
 """
 
-import functools
 import json
 from pathlib import Path
 
@@ -51,11 +50,25 @@ def _blast(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None):
     return launch.blast_forward, F.blast_reference, (x, U, S, V, b)
 
 
-def _blast_swiglu(gen, dtype, n, b_in, q, b_out, p, r, bias=True):
-    """A gated MLP's down projection fed [gate | up] (N, 2*b_in*q), strided: its input is silu(gate) * up."""
-    _, _, (_, U, S, V, b) = _blast(gen, dtype, n, b_in, q, b_out, p, r, bias)
-    x = _strided_input(gen, n, 2 * b_in * q, dtype)
-    return functools.partial(launch.blast_forward, swiglu=True), F.blast_swiglu_reference, (x, U, S, V, b)
+def _blast_fused(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None, swiglu=False, norm=False, res=False):
+    """A BLAST layer with a pre-norm block's pieces inside: its input silu(gate) * up of x = [gate | up] (N,
+    2*b_in*q, strided) or RMSNorm(x); a residual (N, out, strided) added to its output."""
+    _, _, (x, U, S, V, b) = _blast(gen, dtype, n, b_in, q, b_out, p, r, bias, layers)
+    if swiglu:
+        x = _strided_input(gen, n, 2 * b_in * q, dtype)
+    g = (1 + 0.2 * _rand(gen, b_in * q, dtype=torch.float64)).to(dtype) if norm else None
+    residual = _strided_input(gen, n, (layers or 1) * b_out * p, dtype) if res else None
+    fused = dict(norm_eps=1e-5 if norm else None, swiglu=swiglu)
+
+    def forward(x, U, S, V, b, g, residual):
+        norm = None if g is None else (g, fused["norm_eps"])
+        return launch.blast_forward(x, U, S, V, b, swiglu=fused["swiglu"], norm=norm, residual=residual)
+
+    def reference(x, U, S, V, b, g, residual):
+        eps = fused["norm_eps"] or 0.0
+        return F.blast_fused_reference(x, U, S, V, b, swiglu, norm_weight=g, eps=eps, residual=residual)
+
+    return forward, reference, (x, U, S, V, b, g, residual)
 
 
 def _monarch(gen, dtype, n, b, R, in_blk, out_blk, bias=True):
@@ -85,9 +98,15 @@ CASES = {
     "blast-stack3-1tok": lambda g, dt: _blast(g, dt, 1, 3, 20, 2, 24, 17, layers=3),  # sibling layers stacked
     "blast-stack2-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False, layers=2),
     "blast-stack2-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40, layers=2),  # one layer at a time
-    "blast-swiglu-1tok": lambda g, dt: _blast_swiglu(g, dt, 1, 3, 20, 2, 24, 17),  # silu(gate) * up as V+S loads
-    "blast-swiglu-odd": lambda g, dt: _blast_swiglu(g, dt, 37, 4, 9, 3, 11, 33, bias=False),
-    "blast-swiglu-many": lambda g, dt: _blast_swiglu(g, dt, 97, 3, 24, 5, 8, 40),  # one pass, then as unfused
+    # a pre-norm block's pieces inside the layer: SwiGLU or RMSNorm as V+S loads x, the residual in U's epilogue
+    "blast-swiglu-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, swiglu=True),
+    "blast-swiglu-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 9, 3, 11, 33, bias=False, swiglu=True),
+    "blast-swiglu-many": lambda g, dt: _blast_fused(g, dt, 97, 3, 24, 5, 8, 40, swiglu=True),  # one pass first
+    "blast-norm-res-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, norm=True, res=True),
+    "blast-norm-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 80, 3, 11, 33, bias=False, norm=True),  # 2 chunks
+    "blast-norm-stack3-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, layers=3, norm=True),
+    "blast-res-stack2-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 9, 3, 11, 33, layers=2, res=True),
+    "blast-norm-res-many": lambda g, dt: _blast_fused(g, dt, 97, 3, 24, 5, 8, 40, layers=2, norm=True, res=True),
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
     "monarch-wide-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 64, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
@@ -131,12 +150,12 @@ def test_every_config(kernel, cfg, gen):
     dtype = torch.float16
     if cfg.BM == 1:  # the one-token tier: served only N = 1 (one program per row is slow under the interpreter)
         cases = (
-            ["blast-1tok", "blast-b5-1tok", "blast-stack3-1tok", "blast-swiglu-1tok"]
+            ["blast-1tok", "blast-b5-1tok", "blast-stack3-1tok", "blast-swiglu-1tok", "blast-norm-res-1tok"]
             if kernel == "blast_vs"
             else ["blast-1tok", "monarch-wide-1tok", "lowrank-1tok", "lowrank-stack3-1tok"]
         )
     elif kernel == "blast_vs":
-        cases = ["blast-odd", "blast-b5", "blast-stack2-odd", "blast-swiglu-odd"]
+        cases = ["blast-odd", "blast-b5", "blast-stack2-odd", "blast-swiglu-odd", "blast-norm-odd"]
     else:
         cases = ["blast-1tok", "blast-many", "monarch-b4", "monarch-wide", "lowrank-odd", "lowrank-stack2-odd"]
     with launch.forced(**{kernel: cfg}):
@@ -159,9 +178,18 @@ def test_bad_inputs_are_refused(gen):
         fn(x.double(), U.double(), S.double(), V.double(), b)
     with pytest.raises(ValueError, match="2-D input"):
         fn(x[None], U, S, V, b)
-    fn, _, (x, U, S, V, b) = CASES["blast-swiglu-odd"](gen, torch.float32)
+    fn, _, (x, U, S, V, b, g, res) = CASES["blast-swiglu-odd"](gen, torch.float32)
     with pytest.raises(ValueError, match=r"x has shape \(37, 36\); the other factors imply \(37, 72\)"):
-        fn(x[:, :36], U, S, V, b)  # the plain layer's width: gate without up
+        fn(x[:, :36], U, S, V, b, g, res)  # the plain layer's width: gate without up
+    fn, _, (x, U, S, V, b, g, res) = CASES["blast-norm-res-1tok"](gen, torch.float32)
+    with pytest.raises(ValueError, match=r"norm weight has shape \(59,\); the other factors imply \(60,\)"):
+        fn(x, U, S, V, b, g[:-1], res)
+    with pytest.raises(ValueError, match=r"residual has shape \(1, 47\); the other factors imply \(1, 48\)"):
+        fn(x, U, S, V, b, g, res[:, :-1])
+    with pytest.raises(TypeError, match="residual is torch.float16 but the input is torch.float32"):
+        fn(x, U, S, V, b, g, res.half())
+    with pytest.raises(ValueError, match="SwiGLU or RMSNorm on its input, not both"):
+        launch.blast_forward(x, U, S, V, b, swiglu=True, norm=(g, 1e-5))
     _, _, (x, w1, w2, bb) = CASES["monarch-odd"](gen, torch.float32)
     with pytest.raises(ValueError, match="w2 has shape"):
         launch.monarch_forward(x, w1, w2[:, :, :-1], bb)
@@ -252,8 +280,8 @@ def test_split_reductions(gen):
     small = Config(16, 32, 16, 4, 2, split=0)
     with launch.forced(gemm=small, blast_vs=Config(16, 32, 16, 4, 2, split=2)):
         for case in (
-            "blast-1tok", "blast-b5", "blast-stack2-odd", "blast-swiglu-odd", "monarch-1tok", "monarch-b4",
-            "lowrank-1tok", "lowrank-odd",
+            "blast-1tok", "blast-b5", "blast-stack2-odd", "blast-swiglu-odd", "blast-norm-odd",
+            "blast-res-stack2-odd", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd",
         ):  # fmt: skip
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} split")
@@ -263,6 +291,8 @@ def test_split_reductions(gen):
             "blast-b5-1tok",
             "blast-stack3-1tok",
             "blast-swiglu-1tok",
+            "blast-norm-res-1tok",
+            "blast-norm-stack3-1tok",
             "monarch-1tok",
             "lowrank-1tok",
             "lowrank-long-1tok",
@@ -304,7 +334,10 @@ GPU_SHAPES = {
     "monarch": lambda g, dt, n: _monarch(g, dt, n, 8, 200, 96, 136),
     "lowrank": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232),
     "blast-stacked": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200, layers=3),
-    "blast-swiglu": lambda g, dt, n: _blast_swiglu(g, dt, n, 8, 96, 6, 200, 200),
+    "blast-swiglu": lambda g, dt, n: _blast_fused(g, dt, n, 8, 96, 6, 200, 200, swiglu=True),
+    "blast-norm-res-stacked": lambda g, dt, n: _blast_fused(
+        g, dt, n, 8, 96, 6, 200, 200, layers=3, norm=True, res=True
+    ),
     "lowrank-stacked": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232, layers=2),
 }
 

@@ -8,6 +8,7 @@ import torch
 
 from blrdeploy import ConvertConfig, convert, load, save
 from blrdeploy.bench import resolve
+from blrdeploy.blocks import FusedPreNormBlock
 from blrdeploy.checkpoint import read_blr_config
 from blrdeploy.models import FAMILIES
 from blrdeploy.modules import BlastLinear, LowRankLinear, MonarchLinear
@@ -79,10 +80,16 @@ def test_compiled_fused_mlp_has_no_graph_break_and_one_op(structure):
         torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x))
 
 
-def test_swiglu_mlp_matches_unfused_forward_and_backward():
+def _swiglu_llama():
     model, ids = _tiny_llama()
     fused = copy.deepcopy(model)
-    fuse_family(fused, "llama")
+    fuse_siblings(fused, LLAMA)
+    assert fuse_swiglu(fused, ["LlamaMLP"]) == 2
+    return model, fused, ids
+
+
+def test_swiglu_mlp_matches_unfused_forward_and_backward():
+    model, fused, ids = _swiglu_llama()
     assert all(isinstance(layer.mlp, SwiGLUMLP) for layer in fused.model.layers)
     assert blr_layer_count(fused) == 14
     with torch.no_grad():
@@ -95,14 +102,13 @@ def test_swiglu_mlp_matches_unfused_forward_and_backward():
 
 
 def test_compiled_swiglu_mlp_is_two_ops_and_no_activation():
-    model, _ = _tiny_llama()
-    fuse_family(model, "llama")
-    mlp = model.model.layers[0].mlp
+    _, fused, _ = _swiglu_llama()
+    mlp = fused.model.layers[0].mlp
     x = torch.randn(2, 5, 64)
     explained = torch._dynamo.explain(mlp)(x)
     assert explained.graph_break_count == 0
     targets = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert [t for t in targets if "blrdeploy" in t] == ["blrdeploy.blast_linear", "blrdeploy.blast_linear_swiglu"]
+    assert [t for t in targets if "blrdeploy" in t] == ["blrdeploy.blast_linear", "blrdeploy.blast_linear_fused"]
     assert not any("silu" in t or "mul" in t for t in targets), targets
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x))
@@ -138,7 +144,7 @@ def test_fusing_refuses_mismatched_members_and_skips_other_shapes():
 def test_saving_a_fused_model_writes_the_unfused_checkpoint(tmp_path, structure):
     model, ids = _tiny_llama(structure)
     save(model, tmp_path / "plain", source={"id": "llama-tiny"})
-    fuse_family(model, "llama")  # stacked siblings, and for BLAST the SwiGLU MLPs
+    fuse_family(model, "llama")  # stacked siblings, and for BLAST the SwiGLU MLPs and the fused blocks
     save(model, tmp_path / "fused", source={"id": "llama-tiny"})
     plain, again = load(tmp_path / "plain"), load(tmp_path / "fused")
     layers = [sorted(read_blr_config(tmp_path / d)["layers"], key=lambda e: e["name"]) for d in ("fused", "plain")]
@@ -176,6 +182,7 @@ def test_load_fuses_on_request_and_equals_unfused(tmp_path):
     assert not any(isinstance(m, Siblings) for m in plain.modules())
     assert sum(isinstance(m, Siblings) for m in fused.modules()) == 4
     assert sum(isinstance(m, SwiGLUMLP) for m in fused.modules()) == 2
+    assert sum(isinstance(m, FusedPreNormBlock) for m in fused.modules()) == 2
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6)
@@ -197,10 +204,10 @@ def test_export_refuses_stacked_factors(structure, monkeypatch):
     assert single(x) == {"blast": "BlastLinear", "lowrank": "LowRankLinear"}[structure]
 
 
-def test_export_refuses_the_swiglu_op(monkeypatch):
+def test_export_refuses_the_fused_op(monkeypatch):
     from blrdeploy import functional as F
 
     down = _tiny_llama()[0].model.layers[0].mlp.down_proj
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    with pytest.raises(ValueError, match="fused SwiGLU MLP has no ONNX op: export the model before fuse_siblings"):
-        F.blast_linear_swiglu(torch.randn(1, 2 * down.in_features), down.U, down.S, down.V)
+    with pytest.raises(ValueError, match="fused BLAST layer has no ONNX op: export the model before fuse_siblings"):
+        F.blast_linear_fused(torch.randn(1, 2 * down.in_features), down.U, down.S, down.V, swiglu_input=True)
