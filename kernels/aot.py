@@ -76,13 +76,15 @@ def compile_variant(variant: Variant, config: Config, arch: int):
         fn = jit_function(blast_vs_kernel)
         constexprs = {
             "B_OUT": 16, "LAUNCH_DEPS": False, "REDUCE": False, "SWIGLU": False, "RMS_NORM": False, "EPS": 0.0,
-            "NORM_BK": 16, **constexprs,
+            **constexprs,
         }  # fmt: skip
         constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
         if variant.intermediate_fp32:  # the launcher passes w itself where no reduction needs red and counters
             overrides.update(w_ptr="*fp32", red_ptr="*fp32", cnt_ptr="*fp32")
         if constexprs["REDUCE"]:
             overrides.update(red_ptr="*fp32", cnt_ptr="*i32")
+        if constexprs["RMS_NORM"] and constexprs["REDUCE"]:
+            overrides.update(sq_ptr="*fp32")
     else:
         raise ValueError(f"unknown kernel {variant.kernel!r}")
     if "IEEE" in fn.arg_names:  # the kernels with a dot on the inputs' dtype: full-precision float32

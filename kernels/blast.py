@@ -26,9 +26,11 @@ one token, where a launch costs more than its bytes):
   (N, 2*b_in*q); each x tile is loaded as silu(gate) * up, computed in float32 and rounded once to x's dtype (as
   inductor's fused pointwise kernel does).
 * ``RMS_NORM``: the layer reads RMSNorm(x) = g * x / rms(x). Each x tile is loaded times g; since the V and S
-  stages are linear, 1/rms(x) scales the accumulator once at the end. Every program needs the whole row's mean
-  square: its first chunk is loaded before the weight stream starts and reduced after it, so the load's latency
-  hides behind the stream (the row is 2-8 KB at one token, read from L2).
+  stages are linear, 1/rms(x) scales the accumulator once at the end. The mean square comes from the x tiles the
+  program loads anyway: a program that walks every input block scales its own accumulator; split programs store
+  their partial sums of squares beside their partial w, and the program that sums the tile's partials (``REDUCE``,
+  which the launcher then always uses) sums those too. (Loading the whole row in every program instead kept 16-32
+  more registers live across the weight stream, and measured ~4 µs per launch slower: fewer programs per SM.)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def blast_vs_kernel(
     # operands: x (N, b_in*q), V (L, b_in, q, r), S (L, b_out, b_in, r), w (split, N, L*b_out, r); with REDUCE
     # red (N, L*b_out, r) float32 and one int32 arrival counter per (token tile, layer and rank tile)
     x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr,
-    g_ptr,  # RMSNorm's weight (b_in*q,) with RMS_NORM
+    g_ptr, sq_ptr,  # RMS_NORM: the norm's weight (b_in*q,); split programs' partial sums of squares (split, N)
     # sizes; J_PER_SPLIT input blocks per program on grid axis 2
     N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
     # strides
@@ -61,7 +63,6 @@ def blast_vs_kernel(
     SWIGLU: tl.constexpr,  # x is [gate | up], (N, 2*B_IN*Q): the input is silu(gate) * up
     RMS_NORM: tl.constexpr,  # the input is g * x / sqrt(mean(x^2) + EPS)
     EPS: tl.constexpr,
-    NORM_BK: tl.constexpr,  # row chunk of the mean square (a power of two; one chunk covers the row at one token)
     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     if LAUNCH_DEPS:
@@ -84,10 +85,7 @@ def blast_vs_kernel(
     i_mask = ri < B_OUT_REAL
     x_base = x_ptr + rn.to(tl.int64)[:, None] * s_xn
     acc = tl.zeros((B_OUT, BM, BR), dtype=tl.float32)
-    if RMS_NORM:  # issued now, reduced after the stream: in flight meanwhile
-        width = B_IN * Q
-        cols = tl.arange(0, NORM_BK)
-        row_head = tl.load(x_base + cols[None, :] * s_xk, mask=n_mask[:, None] & (cols < width)[None, :], other=0.0)
+    sum_sq = tl.zeros((BM,), dtype=tl.float32)
     j_start = pid_s * J_PER_SPLIT
     k_steps = tl.cdiv(Q, BK)
     n_steps = (tl.minimum(j_start + J_PER_SPLIT, B_IN) - j_start) * k_steps
@@ -103,7 +101,9 @@ def blast_vs_kernel(
             xa = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if RMS_NORM:
             g = tl.load(g_ptr + j * Q + kk, mask=k_mask, other=0.0)
-            xa = (xa.to(tl.float32) * g.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+            xf = xa.to(tl.float32)
+            sum_sq += tl.sum(xf * xf, axis=1)
+            xa = (xf * g.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
         vb = tl.load(
             v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
             mask=k_mask[:, None] & r_mask[None, :],
@@ -121,15 +121,8 @@ def blast_vs_kernel(
             other=0.0,
         )
         acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
-    if RMS_NORM:
-        head = row_head.to(tl.float32)
-        sum_sq = tl.sum(head * head, axis=1)
-        for k0 in range(NORM_BK, width, NORM_BK):
-            more = tl.load(
-                x_base + (k0 + cols)[None, :] * s_xk, mask=n_mask[:, None] & (k0 + cols < width)[None, :], other=0.0
-            ).to(tl.float32)
-            sum_sq += tl.sum(more * more, axis=1)
-        acc *= tl.rsqrt(sum_sq / width + EPS)[None, :, None]
+    if RMS_NORM and not REDUCE:  # this program walked the whole row
+        acc *= tl.rsqrt(sum_sq / (B_IN * Q) + EPS)[None, :, None]
     w = (
         w_ptr
         + pid_s * s_ws
@@ -141,6 +134,8 @@ def blast_vs_kernel(
     tl.store(w, acc.to(w_ptr.dtype.element_ty), mask=mask)
     if REDUCE:
         n_split = tl.num_programs(2)
+        if RMS_NORM:  # every rank tile of this split stores the same values: x is shared
+            tl.store(sq_ptr + pid_s * N + rn, sum_sq, mask=n_mask)
         counter = cnt_ptr + pid_n * tl.num_programs(1) + tl.program_id(1)
         tl.debug_barrier()  # every thread's partial is stored before the one arriving thread's release
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
@@ -149,6 +144,11 @@ def blast_vs_kernel(
             w_tile = w - pid_s * s_ws
             for s in range(0, n_split):  # stored by other programs: read through L2, never a stale L1 line
                 total += tl.load(w_tile + s * s_ws, mask=mask, other=0.0, cache_modifier=".cg")
+            if RMS_NORM:
+                row_sq = tl.zeros((BM,), dtype=tl.float32)
+                for s in range(0, n_split):
+                    row_sq += tl.load(sq_ptr + s * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
+                total *= tl.rsqrt(row_sq / (B_IN * Q) + EPS)[None, :, None]
             red = red_ptr + rn.to(tl.int64)[None, :, None] * s_rn + ri[:, None, None] * s_ri + rr[None, None, :] * s_rr
             tl.store(red, total, mask=mask)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch

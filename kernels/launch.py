@@ -380,17 +380,19 @@ def blast_forward(
         cfg = _effective(cfg, x.dtype)
         w = _partials(partials, (N, L * b_out, r), x)
         grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
-        counters = _counters(x.device, grid[0] * grid[1]) if partials > 1 and cfg.reduce and REDUCE_SPLITS else None
+        # RMSNorm over split partials is finished by the program that sums them: it always reduces
+        reduce = partials > 1 and (norm is not None or (cfg.reduce and REDUCE_SPLITS))
+        counters = _counters(x.device, grid[0] * grid[1]) if reduce else None
         red = w[0] if counters is None else _empty((N, L * b_out, r), x, torch.float32)
-        norm_bk = min(_pow2(b_in * q), max(16, 4096 // cfg.BM)) if norm is not None else 16
+        sq = _empty((partials, N), x, torch.float32) if norm is not None and reduce else x
         runtime.launch(
             "blast_vs", grid,
-            (x, V, S, w, red, w if counters is None else counters, x if norm is None else norm[0],
+            (x, V, S, w, red, w if counters is None else counters, x if norm is None else norm[0], sq,
              N, q, r, b_in, b_out, per,
              x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride()),
             dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, REDUCE=counters is not None,
                  SWIGLU=swiglu, RMS_NORM=norm is not None, EPS=0.0 if norm is None else float(norm[1]),
-                 NORM_BK=norm_bk, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+                 BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
             cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w if counters is None else red[None]
