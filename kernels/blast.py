@@ -85,7 +85,7 @@ def blast_vs_kernel(
     i_mask = ri < B_OUT_REAL
     x_base = x_ptr + rn.to(tl.int64)[:, None] * s_xn
     acc = tl.zeros((B_OUT, BM, BR), dtype=tl.float32)
-    sum_sq = tl.zeros((BM,), dtype=tl.float32)
+    sq_tile = tl.zeros((BM, BK), dtype=tl.float32)  # squares summed elementwise, reduced once after the loop
     j_start = pid_s * J_PER_SPLIT
     k_steps = tl.cdiv(Q, BK)
     n_steps = (tl.minimum(j_start + J_PER_SPLIT, B_IN) - j_start) * k_steps
@@ -99,11 +99,11 @@ def blast_vs_kernel(
             up = tl.load(x_base + (B_IN * Q + j * Q + kk)[None, :] * s_xk, mask=x_mask, other=0.0)
             gate = xa.to(tl.float32)
             xa = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        if RMS_NORM:
-            g = tl.load(g_ptr + j * Q + kk, mask=k_mask, other=0.0)
+        if RMS_NORM:  # g addressed as an x tile: the same register layout, so no shuffle through shared memory
+            g = tl.load(g_ptr + rn[:, None] * 0 + (j * Q + kk)[None, :], mask=x_mask, other=0.0)
             xf = xa.to(tl.float32)
-            sum_sq += tl.sum(xf * xf, axis=1)
-            xa = (xf * g.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+            sq_tile += xf * xf
+            xa = (xf * g.to(tl.float32)).to(x_ptr.dtype.element_ty)
         vb = tl.load(
             v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
             mask=k_mask[:, None] & r_mask[None, :],
@@ -121,8 +121,10 @@ def blast_vs_kernel(
             other=0.0,
         )
         acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
-    if RMS_NORM and not REDUCE:  # this program walked the whole row
-        acc *= tl.rsqrt(sum_sq / (B_IN * Q) + EPS)[None, :, None]
+    if RMS_NORM:
+        sum_sq = tl.sum(sq_tile, axis=1)
+        if not REDUCE:  # this program walked the whole row
+            acc *= tl.rsqrt(sum_sq / (B_IN * Q) + EPS)[None, :, None]
     w = (
         w_ptr
         + pid_s * s_ws
