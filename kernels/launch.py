@@ -454,7 +454,11 @@ def blast_forward(
     u_default = default("gemm", _arch(x.device), N)
     vs_cfg = _choose("blast_vs", vs_key, N, x.device, lambda c: u(vs(c), U_all, y, add, u_default), b_out_pow2)
     w = vs(vs_cfg)
-    u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
+    # A reduction the norm forced (the config sums no partials itself) leaves U the config tuned for reading the
+    # partials: the same weights and tiles, one A read instead of several.
+    forced = norm is not None and w.shape[0] == 1 and not (vs_cfg.reduce and REDUCE_SPLITS)
+    split = vs_partials(vs_cfg, N, r, b_in, x.device, x.dtype, L)[1] if forced else w.shape[0]
+    u_key = f"blast_u|{vs_key}|split{split}"
     u(w, U_all, y, add, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c)))
     return y
 

@@ -388,3 +388,26 @@ def test_a_16_row_consumer_refuses_too_many_partials(gen):
         pytest.raises(ValueError, match="sums at most 4 partials"),
     ):
         fn(*args)
+
+
+def test_a_norm_reduces_its_split_partials_and_u_keeps_their_config(gen, monkeypatch):
+    """RMSNorm over split partials is finished by the program that sums them, so a norm always reduces; the U
+    stage then reads one w but looks up the config tuned for the partials it would have read."""
+    from blrdeploy.kernels import runtime
+
+    launched, keys = [], []
+    real_launch, real_choose = runtime.launch, launch._choose
+    monkeypatch.setattr(
+        runtime,
+        "launch",
+        lambda k, g, a, c, *more, **kw: launched.append((k, c)) or real_launch(k, g, a, c, *more, **kw),
+    )
+    monkeypatch.setattr(
+        launch, "_choose", lambda kernel, key, *a, **kw: keys.append(key) or real_choose(kernel, key, *a, **kw)
+    )
+    with launch.forced(blast_vs=Config(1, 16, 16, 4, 2, split=5, reduce=0)):
+        fn, ref, args = CASES["blast-norm-res-1tok"](gen, torch.float32)  # b_in = 3: three partials
+        _check(fn, ref, args, torch.float32, "norm with a non-reducing split config")
+    assert [c["REDUCE"] for k, c in launched if k == "blast_vs"] == [True]
+    assert [c["A_SPLIT"] for k, c in launched if k == "gemm"] == [1]
+    assert [k for k in keys if k.startswith("blast_u|")] == ["blast_u|3x20->2x24|r17|float32|split3"]
