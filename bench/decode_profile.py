@@ -2,6 +2,7 @@
 timed over many replays and profiled kernel by kernel.
 
     python bench/decode_profile.py [--model llama-7b] [--structure blast] [--modes graph,compile] [--json OUT]
+                                   [--without-blocks]
 
 Per variant and mode it prints ms per token, the GPU time summed per kernel class (our BLR kernels, dense GEMV /
 GEMM, everything else) and the idle time between kernels (step time minus the kernels' sum; negative where
@@ -81,7 +82,14 @@ def main(argv=None) -> int:
     ap.add_argument("--structure", default="blast")
     ap.add_argument("--modes", default="graph,compile")
     ap.add_argument("--json", dest="json_path")
+    ap.add_argument(
+        "--without-blocks", action="store_true", help="BLR model without fused blocks (blrdeploy.blocks): an A/B"
+    )
     args = ap.parse_args(argv)
+    if args.without_blocks:
+        import blrdeploy.blocks
+
+        blrdeploy.blocks.fuse_blocks = lambda *a, **k: 0
     device = torch.device("cuda")
     target = resolve(args.model, args.structure, device=device)
     prompt = torch.randint(0, 1000, (1, 16), device=device, generator=torch.Generator(device).manual_seed(0))

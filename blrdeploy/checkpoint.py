@@ -327,8 +327,8 @@ def load(
     stored tensor is cast to ``dtype`` before it is moved to ``device``, one at a time: the device never holds more
     than the final weights (no float32 copy of a bfloat16 model, no dense weight) plus, while sibling layers are
     stacked, one group's factors. ``fuse_siblings`` (default: on CUDA) stacks the BLAST and low-rank layers of the
-    model family's sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`): fewer kernel launches, the same
-    outputs up to float summation order."""
+    model family's sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`) and fuses its pre-norm blocks
+    (:mod:`blrdeploy.blocks`): fewer kernel launches, the same outputs up to float rounding."""
     from safetensors import SafetensorError, safe_open
 
     from .sources import instantiate, read_config

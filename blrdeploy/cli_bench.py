@@ -99,7 +99,7 @@ def bench(
         bool,
         typer.Option(
             help="Run BLAST or low-rank layers that read one input (q/k/v, gate/up) stacked, one launch pair for "
-            "the group, and a Llama MLP's SiLU inside its BLAST down projection. "
+            "the group, and a Llama block's SiLU, RMSNorms and residual adds inside its BLAST layers. "
             "--no-fuse-siblings runs each layer on its own (to measure what stacking brings)."
         ),
     ] = True,
