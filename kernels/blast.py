@@ -233,3 +233,27 @@ def blast_mix_dot_kernel(
         w.to(w_ptr.dtype.element_ty),
         mask=r_mask & n_mask & (ri < B_OUT)[None, None, :],
     )
+
+
+@triton.jit
+def input_prologue_kernel(
+    x_ptr, g_ptr, out_ptr,
+    W, s_xn, s_xk, s_on,
+    SWIGLU: tl.constexpr,  # x is [gate | up], (N, 2*W): out = silu(gate) * up
+    RMS_NORM: tl.constexpr,  # out = g * RMSNorm(x), rounded as Llama's norm (BLOCK covers the row)
+    EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The many-token path's input prologue, one pass over x (the V GEMM's tiles take none): what the fused V+S stage
+    applies while loading at few tokens, and what one inductor kernel did before the layer took it over."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < W
+    x = tl.load(x_ptr + row * s_xn + cols * s_xk, mask=mask, other=0.0).to(tl.float32)
+    if SWIGLU:
+        up = tl.load(x_ptr + row * s_xn + (W + cols) * s_xk, mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.sigmoid(x) * up
+    else:
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / W + EPS)).to(out_ptr.dtype.element_ty)
+        y = normed.to(tl.float32) * tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * s_on + cols, y.to(out_ptr.dtype.element_ty), mask=mask)

@@ -319,6 +319,19 @@ MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-cor
 BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
 
 
+def _input_prologue(x: torch.Tensor, width: int, swiglu: bool, norm: tuple[torch.Tensor, float] | None):
+    """silu(gate) * up or RMSNorm of x (N, width, or 2*width for SwiGLU) in one pass: the layer's input."""
+    out = _empty((x.shape[0], width), x)
+    block = 1024 if swiglu else _pow2(width)  # a norm's program holds its whole row
+    runtime.launch(
+        "input_prologue", (x.shape[0], _cdiv(width, block)),
+        (x, x if norm is None else norm[0], out, width, x.stride(0), x.stride(1), out.stride(0)),
+        dict(SWIGLU=swiglu, RMS_NORM=norm is not None, EPS=0.0 if norm is None else float(norm[1]), BLOCK=block),
+        num_warps=4 if swiglu else 8, num_stages=1,
+    )  # fmt: skip
+    return out
+
+
 def blast_forward(
     x: torch.Tensor,
     U: torch.Tensor,
@@ -356,14 +369,8 @@ def blast_forward(
     if not lead:
         U, S, V = U[None], S[None], V[None]
     N = x.shape[0]
-    if N > BLAST_FUSED_MAX_N:  # the V GEMM's tiles have no prologue: one pass first, as unfused
-        if swiglu:
-            gate, up = x.split(b_in * q, dim=1)
-            x = torch.nn.functional.silu(gate) * up
-        if norm is not None:
-            x32 = x.float()
-            x = (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + norm[1])).to(x.dtype) * norm[0]
-        swiglu, norm = False, None
+    if N > BLAST_FUSED_MAX_N and (swiglu or norm is not None):  # the V GEMM's tiles take no prologue: one pass
+        x, swiglu, norm = _input_prologue(x, b_in * q, swiglu, norm), False, None
     if residual is not None and bias is not None:
         residual, bias = residual + bias, None  # the epilogue adds one addend; no model here has both
     y = _empty((N, L * m), x)

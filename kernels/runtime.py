@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from triton.runtime.jit import JITFunction
 
-from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel
+from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel, input_prologue_kernel
 from .gemm import grouped_gemm_kernel
 from .monarch import interleave_kernel
 
@@ -34,6 +34,7 @@ KERNELS = {
     "blast_mix": blast_mix_kernel,
     "blast_mix_dot": blast_mix_dot_kernel,
     "interleave": interleave_kernel,
+    "input_prologue": input_prologue_kernel,
 }
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
 UNSPECIALIZED = ("N",)  # arguments whose value varies within a token bucket
