@@ -38,7 +38,9 @@ class FusedBlastLinear(BlastLinear):
     pending_residual: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual, self.pending_residual = self.pending_residual, None
+        residual = self.pending_residual
+        if residual is not None:  # written only when set: an attribute write on every call recompiles
+            self.pending_residual = None
         norm = self.norm[0] if self.norm else None
         return F.blast_linear_fused(
             x, self.U, self.S, self.V, self.bias,
@@ -50,6 +52,10 @@ class FusedBlastLinear(BlastLinear):
 class FusedPreNormBlock:
     """The forward of a fused pre-norm decoder layer (mixed into the layer's own class, see :func:`fuse_blocks`)."""
 
+    def __reduce__(self):
+        # The fused class is made at fuse time, so pickle names the layer's own class and rebuilds it fused.
+        return _rebuild_fused, (type(self).__bases__[1],), self.__getstate__()
+
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         self.self_attn.o_proj.pending_residual = hidden_states
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)  # q/k/v normalize; o_proj adds
@@ -59,6 +65,11 @@ class FusedPreNormBlock:
 @functools.cache
 def _fused_class(cls: type) -> type:
     return type(f"Fused{cls.__name__}", (FusedPreNormBlock, cls), {"__module__": __name__})
+
+
+def _rebuild_fused(cls: type) -> nn.Module:
+    fused = _fused_class(cls)
+    return fused.__new__(fused)
 
 
 def _is_rms_norm(module) -> bool:
@@ -96,9 +107,16 @@ def _fusable(layer: nn.Module) -> list[nn.Module] | None:
     norms = getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)
     if attn is None or not isinstance(mlp, SwiGLUMLP) or not all(_is_rms_norm(n) for n in norms):
         return None
+    if mlp.gate_up.structure != "blast":  # the norm runs in BLAST's first stage (a BLAST down may follow low-rank)
+        return None
     if type(getattr(attn, "o_proj", None)) is not BlastLinear or not _returns_tensor(type(layer)):
         return None
     return _qkv_producers(attn)
+
+
+def _to_fused_linear(layer: BlastLinear) -> None:
+    layer.__class__ = FusedBlastLinear
+    layer.norm, layer.pending_residual = (), None  # instance attributes from the start: compiled guards stay valid
 
 
 def fuse_blocks(model: nn.Module, block_classes: Sequence[str]) -> int:
@@ -114,12 +132,10 @@ def fuse_blocks(model: nn.Module, block_classes: Sequence[str]) -> int:
         if producers is None:
             continue
         for producer in producers:
-            if isinstance(producer, Siblings):
-                producer.norm = (layer.input_layernorm,)
-            else:
-                producer.__class__ = FusedBlastLinear
-                producer.norm = (layer.input_layernorm,)
-        layer.self_attn.o_proj.__class__ = FusedBlastLinear
+            if not isinstance(producer, Siblings):
+                _to_fused_linear(producer)
+            producer.norm = (layer.input_layernorm,)
+        _to_fused_linear(layer.self_attn.o_proj)
         layer.mlp.gate_up.norm = (layer.post_attention_layernorm,)
         layer.mlp.adds_residual = True
         layer.__class__ = _fused_class(type(layer))

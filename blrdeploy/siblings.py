@@ -77,7 +77,7 @@ class Siblings(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm:
+        if self.norm:  # fuse_blocks gives one to BLAST groups only
             norm = self.norm[0]
             return F.blast_linear_fused(
                 x, self.U, self.S, self.V, self.bias, norm_weight=norm.weight, eps=norm.variance_epsilon

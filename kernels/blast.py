@@ -24,7 +24,7 @@ one token, where a launch costs more than its bytes):
 
 * ``SWIGLU``: the layer is a gated MLP's down projection and x holds the stacked gate and up outputs side by side,
   (N, 2*b_in*q); each x tile is loaded as silu(gate) * up, computed in float32 and rounded once to x's dtype (as
-  inductor's fused pointwise kernel does).
+  inductor's fused pointwise kernel does; a one-token row is not rounded at all).
 * ``RMS_NORM``: the layer reads RMSNorm(x) = g * x / rms(x). Each x tile is loaded times g; since the V and S
   stages are linear, 1/rms(x) scales the accumulator once at the end. The mean square comes from the x tiles the
   program loads anyway: a program that walks every input block scales its own accumulator; split programs store
@@ -99,12 +99,16 @@ def blast_vs_kernel(
         if SWIGLU:
             up = tl.load(x_base + (B_IN * Q + j * Q + kk)[None, :] * s_xk, mask=x_mask, other=0.0)
             gate = xa.to(tl.float32)
-            xa = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            xa = gate * tl.sigmoid(gate) * up.to(tl.float32)
+            if BM > 1:  # the tensor cores take x's dtype; one token row multiplies in float32 anyway
+                xa = xa.to(x_ptr.dtype.element_ty)
         if RMS_NORM:  # g addressed as an x tile: the same register layout, so no shuffle through shared memory
             g = tl.load(g_ptr + rn[:, None] * 0 + (j * Q + kk)[None, :], mask=x_mask, other=0.0)
             xf = xa.to(tl.float32)
             sq_tile += xf * xf
-            xa = (xf * g.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            xa = xf * g.to(tl.float32)
+            if BM > 1:  # rounded before 1/rms: a float16 row all below 6e-5 would lose bits (bfloat16 would not)
+                xa = xa.to(x_ptr.dtype.element_ty)
         vb = tl.load(
             v_ptr + j * s_vj + kk[:, None] * s_vq + rr[None, :] * s_vr,
             mask=k_mask[:, None] & r_mask[None, :],

@@ -363,6 +363,8 @@ def blast_forward(
     expected = {"x": ((2 if swiglu else 1) * b_in * q,), "S": (*lead, b_out, b_in, r), "V": (*lead, b_in, q, r)}
     if norm is not None:
         factors["norm weight"], expected["norm weight"] = norm[0], (b_in * q,)
+        if norm[0].dim() == 1 and norm[0].stride(0) != 1:
+            raise ValueError("the norm weight must be contiguous")
     if residual is not None:
         factors["residual"], expected["residual"] = residual, (x.shape[0], L * m)
     _check(x, factors, expected, bias, L * m)

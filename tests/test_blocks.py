@@ -2,12 +2,13 @@
 model computes what the unfused one does (forward, backward, compiled), with no kernel left between the layers."""
 
 import copy
+import pickle
 
 import torch
 
 from blrdeploy.bench import resolve
 from blrdeploy.blocks import FusedBlastLinear, FusedPreNormBlock, fuse_blocks
-from blrdeploy.modules import BlastLinear
+from blrdeploy.modules import BlastLinear, LowRankLinear
 from blrdeploy.siblings import Siblings, fuse_family, fuse_siblings, fuse_swiglu
 
 
@@ -61,6 +62,14 @@ def test_only_blocks_whose_parts_are_all_fused_blast():
     fuse_family(model, "llama")  # low-rank: no SwiGLU MLP, so no fused block
     assert not any(isinstance(m, FusedPreNormBlock) for m in model.modules())
     model, ids = _llama()
+    for layer in model.model.layers:  # low-rank gate/up before a BLAST down: SwiGLU yes, the norm in gate/up no
+        layer.mlp.gate_proj, layer.mlp.up_proj = LowRankLinear(64, 128, 8), LowRankLinear(64, 128, 8)
+    reference = copy.deepcopy(model)
+    fuse_family(model, "llama")
+    assert not any(isinstance(m, FusedPreNormBlock) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    model, ids = _llama()
     reference = copy.deepcopy(model)
     plain_o = torch.nn.Linear(64, 64, bias=False)
     model.model.layers[0].self_attn.o_proj = plain_o  # a dense o_proj cannot add the residual
@@ -72,6 +81,20 @@ def test_only_blocks_whose_parts_are_all_fused_blast():
     assert type(model.model.layers[0].self_attn.q_proj) is BlastLinear
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_fused_model_compiles_once_and_pickles():
+    model, ids = _llama()
+    fuse_family(model, "llama")
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        first = compiled(ids).logits
+        with torch.compiler.set_stance("fail_on_recompile"):  # no guard on state the forward itself changes
+            for _ in range(2):
+                torch.testing.assert_close(compiled(ids).logits, first)
+        again = pickle.loads(pickle.dumps(model))
+        assert type(again.model.layers[0]) is type(model.model.layers[0])
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
 
 
 def test_a_lone_fused_layer_without_its_block_is_plain():

@@ -188,6 +188,8 @@ def test_bad_inputs_are_refused(gen):
         fn(x, U, S, V, b, g, res[:, :-1])
     with pytest.raises(TypeError, match="residual is torch.float16 but the input is torch.float32"):
         fn(x, U, S, V, b, g, res.half())
+    with pytest.raises(ValueError, match="norm weight must be contiguous"):
+        fn(x, U, S, V, b, torch.stack([g, g], 1)[:, 0], res)
     with pytest.raises(ValueError, match="SwiGLU or RMSNorm on its input, not both"):
         launch.blast_forward(x, U, S, V, b, swiglu=True, norm=(g, 1e-5))
     _, _, (x, w1, w2, bb) = CASES["monarch-odd"](gen, torch.float32)
