@@ -143,7 +143,7 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down = self.down_proj
         return F.blast_linear_fused(
-            self._group[0](x), down.U, down.S, down.V, down.bias,
+            self.gate_up(x), down.U, down.S, down.V, down.bias,
             swiglu_input=True, residual=x if self.adds_residual else None,
         )  # fmt: skip
 
