@@ -55,16 +55,24 @@ def profile_step(model, prompt, mode: str, tokens: int = 64) -> dict:
         torch.cuda.synchronize()
     by_class: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
-    count = 0
+    ordered = []
     for e in prof.events():
         if e.device_type.name != "CUDA":
             continue
         us = e.time_range.elapsed_us() / steps
         by_class[kernel_class(e.name)] += us
         by_name[e.name[:60]] += us
-        count += 1
+        ordered.append((e.time_range.start, e.name[:40], e.time_range.elapsed_us()))
+    count = len(ordered)
     busy = sum(by_class.values())
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:20]
+    # One step's kernels in launch order, each averaged over the profiled steps: a block's launches side by side.
+    ordered.sort()
+    per_step = count // steps
+    sequence = [
+        (ordered[i][1], round(sum(ordered[s * per_step + i][2] for s in range(steps)) / steps, 2))
+        for i in range(per_step)
+    ]
     del graph, dec
     return {
         "mode": mode,
@@ -73,6 +81,7 @@ def profile_step(model, prompt, mode: str, tokens: int = 64) -> dict:
         "kernel_us": {k: round(v, 1) for k, v in by_class.items()},
         "idle_us": round(1e3 * ms - busy, 1),
         "top": [(n, round(v, 1)) for n, v in top],
+        "sequence": sequence,
     }
 
 

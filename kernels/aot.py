@@ -57,10 +57,13 @@ def compile_variant(variant: Variant, config: Config, arch: int):
     if variant.kernel == "gemm":
         fn = jit_function(grouped_gemm_kernel)
         flags = ("HAS_BIAS", "WAIT", "LAUNCH_DEPS", "G_FAST")
-        constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, **dict.fromkeys(flags, False), **constexprs}
+        constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, "RMS_SPLIT": 0, "EPS": 0.0,
+                      **dict.fromkeys(flags, False), **constexprs}  # fmt: skip
         constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
         if constexprs["A_SPLIT"] > 1:
             overrides["a_ptr"] = "*fp32"
+        if constexprs["RMS_SPLIT"] > 0:
+            overrides["sq_ptr"] = "*fp32"
     elif variant.kernel == "blast_mix":
         fn = jit_function(blast_mix_kernel)
         constexprs = {"B_OUT": 16, **constexprs}
@@ -83,7 +86,7 @@ def compile_variant(variant: Variant, config: Config, arch: int):
             overrides.update(w_ptr="*fp32", red_ptr="*fp32", cnt_ptr="*fp32")
         if constexprs["REDUCE"]:
             overrides.update(red_ptr="*fp32", cnt_ptr="*i32")
-        if constexprs["RMS_NORM"] and constexprs["REDUCE"]:
+        if constexprs["RMS_NORM"]:
             overrides.update(sq_ptr="*fp32")
     else:
         raise ValueError(f"unknown kernel {variant.kernel!r}")
@@ -107,10 +110,13 @@ def shipped() -> list[tuple[int, Config, Variant]]:
             c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True), ("G_FAST", True))
             if cfg.BM <= SMALL_N:  # a split producer's consumer, launched early
                 c += (("A_SPLIT", max_partials(cfg.BM, arch)), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
+                c += (("RMS_SPLIT", max_partials(cfg.BM, arch)), ("EPS", 1e-5))  # and scales rows after a norm
             cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
         for cfg in space("blast_vs", arch):
             b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
             c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl), ("REDUCE", bool(cfg.reduce)))
+            if cfg.split != 1:  # a norm over split programs stores its partial sums of squares
+                c += (("RMS_NORM", True), ("EPS", 1e-5))
             cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))

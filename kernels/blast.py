@@ -28,10 +28,12 @@ one token, where a launch costs more than its bytes):
 * ``RMS_NORM``: the layer reads RMSNorm(x) = g * x / rms(x). Each x tile is loaded times g; since the V and S
   stages are linear, 1/rms(x) scales the accumulator once at the end. The mean square comes from the x tiles the
   program loads anyway: a program that walks every input block scales its own accumulator; split programs store
-  their partial sums of squares beside their partial w, and the program that sums the tile's partials (``REDUCE``,
-  which the launcher then always uses) sums those too. The norm weight is addressed like the x tile and the squares
-  are summed elementwise, reduced once after the loop: a broadcast weight vector and a reduction in every step
-  made this launch ~5.7 µs slower at one token on Llama-7B (bench/NOTES.md).
+  their partial sums of squares beside their partial w, and the U stage, linear too, scales its rows by 1/rms of
+  their sum (the grouped GEMM's ``RMS_SPLIT``). Finishing the norm in the program that sums the split partials
+  instead forced that serial reduction on every norm layer: 5–10 µs more per launch on Llama-3.2-1B, whose tuned
+  configs do not reduce (bench/NOTES.md). The norm weight is addressed like the x tile and the squares are summed
+  elementwise, reduced once after the loop: a broadcast weight vector and a reduction in every step made this
+  launch ~5.7 µs slower at one token on Llama-7B.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def blast_vs_kernel(
     # operands: x (N, b_in*q), V (L, b_in, q, r), S (L, b_out, b_in, r), w (split, N, L*b_out, r); with REDUCE
     # red (N, L*b_out, r) float32 and one int32 arrival counter per (token tile, layer and rank tile)
     x_ptr, v_ptr, s_ptr, w_ptr, red_ptr, cnt_ptr,
-    g_ptr, sq_ptr,  # RMS_NORM: the norm's weight (b_in*q,); split programs' partial sums of squares (split, N)
+    g_ptr, sq_ptr,  # RMS_NORM: the norm's weight (b_in*q,); split programs' partial sums of squares (split, N) fp32
     # sizes; J_PER_SPLIT input blocks per program on grid axis 2
     N, Q, R, B_IN, B_OUT_REAL, J_PER_SPLIT,
     # strides
@@ -128,8 +130,10 @@ def blast_vs_kernel(
         acc += s.to(tl.float32)[:, None, :] * z[None, :, :]
     if RMS_NORM:
         sum_sq = tl.sum(sq_tile, axis=1)
-        if not REDUCE:  # this program walked the whole row
+        if tl.num_programs(2) == 1:  # this program walked the whole row
             acc *= tl.rsqrt(sum_sq / (B_IN * Q) + EPS)[None, :, None]
+        else:  # the U stage scales by 1/rms of the splits' sum; every rank tile stores the same values (x is shared)
+            tl.store(sq_ptr + pid_s * N + rn, sum_sq, mask=n_mask)
     w = (
         w_ptr
         + pid_s * s_ws
@@ -141,8 +145,6 @@ def blast_vs_kernel(
     tl.store(w, acc.to(w_ptr.dtype.element_ty), mask=mask)
     if REDUCE:
         n_split = tl.num_programs(2)
-        if RMS_NORM:  # every rank tile of this split stores the same values: x is shared
-            tl.store(sq_ptr + pid_s * N + rn, sum_sq, mask=n_mask)
         counter = cnt_ptr + pid_n * tl.num_programs(1) + tl.program_id(1)
         tl.debug_barrier()  # every thread's partial is stored before the one arriving thread's release
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
@@ -151,11 +153,6 @@ def blast_vs_kernel(
             w_tile = w - pid_s * s_ws
             for s in range(0, n_split):  # stored by other programs: read through L2, never a stale L1 line
                 total += tl.load(w_tile + s * s_ws, mask=mask, other=0.0, cache_modifier=".cg")
-            if RMS_NORM:
-                row_sq = tl.zeros((BM,), dtype=tl.float32)
-                for s in range(0, n_split):
-                    row_sq += tl.load(sq_ptr + s * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
-                total *= tl.rsqrt(row_sq / (B_IN * Q) + EPS)[None, :, None]
             red = red_ptr + rn.to(tl.int64)[None, :, None] * s_rn + ri[:, None, None] * s_ri + rr[None, None, :] * s_rr
             tl.store(red, total, mask=mask)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero again for the next launch

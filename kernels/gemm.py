@@ -3,7 +3,8 @@
 ``out[s, n, g, c] = sum_{k in split s} A[n, g, k] * B[g, c, k] (+ bias)`` for groups g, with every operand
 addressed by strides so that no stage needs a transpose or permutation copy:
 
-* BLAST U stage: A = the mixed intermediate w (optionally the sum of split partials), B = U.
+* BLAST U stage: A = the mixed intermediate w (optionally the sum of split partials), B = U; after an RMSNorm the
+  V+S stage split, each row is scaled by 1/rms from the splits' partial sums of squares (``RMS_SPLIT``).
 * Monarch stage 1: B rows are read in a permuted order, so the intermediate is written in the order stage 2 wants.
 * Monarch stage 2: A is gathered in chunks from every stage-1 block; the output is stored interleaved (stride b),
   so the b groups of one output tile run side by side (``G_FAST``) and their 2-byte stores meet in L2 as whole
@@ -49,6 +50,15 @@ def _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT: tl.cons
 
 
 @triton.jit
+def _inv_rms(sq_ptr, rn, n_mask, N, NORM_D, RMS_SPLIT: tl.constexpr, EPS: tl.constexpr):
+    """1/rms of rows rn from RMS_SPLIT partial sums of squares (split, N); unrolled so the loads issue together."""
+    sum_sq = tl.zeros(rn.shape, dtype=tl.float32)
+    for s in tl.static_range(RMS_SPLIT):
+        sum_sq += tl.load(sq_ptr + s * N + rn, mask=n_mask, other=0.0)
+    return tl.rsqrt(sum_sq / NORM_D + EPS)
+
+
+@triton.jit
 def gemv(a, b):
     """One token row: a (1, BK) times b (BK, BN) as multiply-and-reduce on the CUDA cores, in float32. A 16-row MMA
     tile would spend 15/16 of its registers and shared memory on masked rows; here every register holds weights."""
@@ -68,9 +78,10 @@ def _mma(a, b, acc, IEEE: tl.constexpr, GEMV: tl.constexpr):
 def grouped_gemm_kernel(
     # operands
     a_ptr, b_ptr, out_ptr, bias_ptr,
+    sq_ptr,  # RMS_SPLIT: the V+S stage's partial sums of squares of its input rows (RMS_SPLIT, N), float32
     # sizes: rows, reduction, columns per group; reduction length per split (programs on grid axis 2 are
-    # group * n_splits + split)
-    N, K, C, K_PER,
+    # group * n_splits + split); RMS_SPLIT: the normed row's length
+    N, K, C, K_PER, NORM_D,
     # strides: A (row, group, k, chunk, split partial), B (group, column, k), out (split, row, group, column), bias
     # (row, group, column): row stride 0 for a bias vector, the residual's own for a residual added in the epilogue
     s_an, s_ag, s_ak, s_ac, s_as,
@@ -82,6 +93,8 @@ def grouped_gemm_kernel(
     PERM_M: tl.constexpr,  # >0: output column c reads B row (c % PERM_M) * PERM_B + c // PERM_M
     PERM_B: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RMS_SPLIT: tl.constexpr,  # >0: rows are scaled by 1/sqrt(sum of RMS_SPLIT partials / NORM_D + EPS), before bias
+    EPS: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dot instead of tf32
     WAIT: tl.constexpr,  # dependent launch: fetch the first B tile, then wait for the kernel that writes A
     LAUNCH_DEPS: tl.constexpr,  # let the next kernel's programs launch now (they wait for this one's writes)
@@ -125,14 +138,20 @@ def grouped_gemm_kernel(
         chunk, u, kk, k_mask = _step(0, k_start, k_end, rk, A_CHUNK, BK)
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         gdc_wait()
+        if RMS_SPLIT > 0:  # written by the kernel waited for; its loads overlap the weight stream
+            inv_rms = _inv_rms(sq_ptr, rn, n_mask, N, NORM_D, RMS_SPLIT, EPS)
         a = _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
         acc = _mma(a, b, acc, IEEE, BM == 1)
         t_loop = 1
+    elif RMS_SPLIT > 0:
+        inv_rms = _inv_rms(sq_ptr, rn, n_mask, N, NORM_D, RMS_SPLIT, EPS)
     for t in range(t_loop, n_steps):
         chunk, u, kk, k_mask = _step(t, k_start, k_end, rk, A_CHUNK, BK)
         a = _load_a(a_base, chunk, u, k_mask, n_mask, s_ak, s_ac, s_as, A_SPLIT)
         b = tl.load(b_base + kk[:, None] * s_bk, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _mma(a, b, acc, IEEE, BM == 1)
+    if RMS_SPLIT > 0:
+        acc *= inv_rms[:, None]
     if HAS_BIAS:
         if split == 0:
             bias = tl.load(

@@ -259,10 +259,11 @@ def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor)
 def _gemm(
     a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config, k_per=None,
     bias=None, bias_strides=(0, 0, 0), a_chunk=0, a_split=1, perm=(0, 0), producer=False, consumer=False,
-    g_fast=False,
+    g_fast=False, rms=None,
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column), ``bias_strides`` = (row,
-    group, column): a bias vector has row stride 0, a residual its own. A ``producer``'s output
+    group, column): a bias vector has row stride 0, a residual its own. ``rms`` = (partial sums of squares
+    (splits, N) float32, row length, eps): each row is scaled by its 1/rms before the bias. A ``producer``'s output
     feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
     most = max_partials(cfg.BM, _arch(out.device))
     if a_split > most:
@@ -278,10 +279,11 @@ def _gemm(
         grid = grid[::-1]
     runtime.launch(
         "gemm", grid,
-        (a, b, out, bias if bias is not None else out, N, K, C, k_per,
-         *a_strides, *b_strides, *out_strides, *bias_strides),
+        (a, b, out, bias if bias is not None else out, out if rms is None else rms[0], N, K, C, k_per,
+         0 if rms is None else rms[1], *a_strides, *b_strides, *out_strides, *bias_strides),
         dict(A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
-             HAS_BIAS=bias is not None, IEEE=b.dtype == torch.float32,
+             HAS_BIAS=bias is not None, RMS_SPLIT=0 if rms is None else rms[0].shape[0],
+             EPS=0.0 if rms is None else float(rms[2]), IEEE=b.dtype == torch.float32,
              WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
         cfg.num_warps, cfg.num_stages, pdl=consumer and pdl,
     )  # fmt: skip
@@ -384,16 +386,16 @@ def blast_forward(
     b_out_pow2 = _pow2(b_out)
     pdl = _pdl(x.device, N)
 
-    def vs(cfg: Config) -> torch.Tensor:
+    def vs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """w (partials or their sum) and, for a norm over split programs, their partial sums of squares."""
         per, partials = vs_partials(cfg, N, r, b_in, x.device, x.dtype, L)
         cfg = _effective(cfg, x.dtype)
         w = _partials(partials, (N, L * b_out, r), x)
         grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
-        # RMSNorm over split partials is finished by the program that sums them: it always reduces
-        reduce = partials > 1 and (norm is not None or (cfg.reduce and REDUCE_SPLITS))
+        reduce = partials > 1 and cfg.reduce and REDUCE_SPLITS
         counters = _counters(x.device, grid[0] * grid[1]) if reduce else None
         red = w[0] if counters is None else _empty((N, L * b_out, r), x, torch.float32)
-        sq = _empty((partials, N), x, torch.float32) if norm is not None and reduce else x
+        sq = _empty((partials, N), x, torch.float32) if norm is not None else x
         runtime.launch(
             "blast_vs", grid,
             (x, V, S, w, red, w if counters is None else counters, x if norm is None else norm[0], sq,
@@ -404,7 +406,7 @@ def blast_forward(
                  BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
             cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
-        return w if counters is None else red[None]
+        return w if counters is None else red[None], sq if norm is not None and partials > 1 else None
 
     def v(V: torch.Tensor, cfg: Config) -> torch.Tensor:
         z = _empty((N, b_in, r), x)
@@ -439,11 +441,12 @@ def blast_forward(
             return res, (res.stride(0), p * res.stride(1), res.stride(1))
         return (None, (0, 0, 0)) if bias is None else (bias[lo:hi], (0, p, 1))
 
-    def u(w: torch.Tensor, U: torch.Tensor, y: torch.Tensor, add, cfg: Config) -> None:
+    def u(w: torch.Tensor, U: torch.Tensor, y: torch.Tensor, add, cfg: Config, sq: torch.Tensor | None = None):
         _gemm(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
             y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=U.shape[0], cfg=cfg,
             bias=add[0], bias_strides=add[1], a_split=w.shape[0], consumer=True,
+            rms=None if sq is None else (sq, b_in * q, norm[1]),
         )  # fmt: skip
 
     if N > BLAST_FUSED_MAX_N:  # compute-bound: one layer at a time, each into its columns of y
@@ -461,14 +464,14 @@ def blast_forward(
         raise ValueError("stacked U must be one (L*b_out, p, r) view: store the siblings' U contiguously") from exc
     add = addend(0, L * m)
     u_default = default("gemm", _arch(x.device), N)
-    vs_cfg = _choose("blast_vs", vs_key, N, x.device, lambda c: u(vs(c), U_all, y, add, u_default), b_out_pow2)
-    w = vs(vs_cfg)
-    # A reduction the norm forced (the config sums no partials itself) leaves U the config tuned for reading the
-    # partials: the same weights and tiles, one A read instead of several.
-    forced = norm is not None and w.shape[0] == 1 and not (vs_cfg.reduce and REDUCE_SPLITS)
-    split = vs_partials(vs_cfg, N, r, b_in, x.device, x.dtype, L)[1] if forced else w.shape[0]
-    u_key = f"blast_u|{vs_key}|split{split}"
-    u(w, U_all, y, add, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c)))
+
+    def vs_then_u(cfg: Config) -> None:  # what tuning V+S times: the U stage reading its output included
+        w, sq = vs(cfg)
+        u(w, U_all, y, add, u_default, sq)
+
+    w, sq = vs(_choose("blast_vs", vs_key, N, x.device, vs_then_u, b_out_pow2))
+    u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
+    u(w, U_all, y, add, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c, sq)), sq)
     return y
 
 
