@@ -82,6 +82,8 @@ def main(argv=None) -> int:
             continue
         us, vs, u = best
         split = launch.vs_partials(vs, 1, r, b, x.device, dtype)[1]
+        if split > 1 and vs.reduce and launch.REDUCE_SPLITS:  # the V+S programs sum the partials: U reads one w
+            split = 1
         shape_key = f"{b}x{in_f // b}->{b}x{out_f // b}|r{r}|bfloat16"
         table.put(f"blast_vs|{shape_key}|N1", vs)
         table.put(f"gemm|blast_u|{shape_key}|split{split}|N1", u)

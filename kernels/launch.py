@@ -318,7 +318,22 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
 
 REDUCE_SPLITS = True  # off: no config sums the V+S split partials once (Config.reduce); bench switch
 MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
-BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S
+BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S, except:
+# with few output blocks (b_out <= FUSED_MANY_MAX_BOUT) the fused tiles stay full-size, and fused V+S -> U wins for
+# stacked siblings (2 launches for all of them, where the staged path runs each layer's 3) and for a lone layer from
+# FUSED_MANY_LONE_MIN_N tokens on (below, its fused grid has too few programs: GPT-2 S at 384 tokens ran 5% slower
+# fused). Measured on ViT-B and GPT-2 S, bench/NOTES.md (eighth session).
+FUSED_MANY_MAX_BOUT = 4
+FUSED_MANY_LONE_MIN_N = 4096
+MANY_TOKENS_FUSED = True  # bench switch: False runs every layer staged above BLAST_FUSED_MAX_N
+
+
+def _staged(n: int, layers: int, b_out_pow2: int) -> bool:
+    """Whether BLAST runs V GEMM -> S mix -> U (else fused V+S -> U) for ``n`` tokens."""
+    if n <= BLAST_FUSED_MAX_N:
+        return False
+    fused = b_out_pow2 <= FUSED_MANY_MAX_BOUT and (layers > 1 or n >= FUSED_MANY_LONE_MIN_N)
+    return not (MANY_TOKENS_FUSED and fused)
 
 
 def _input_prologue(x: torch.Tensor, width: int, swiglu: bool, norm: tuple[torch.Tensor, float] | None):
@@ -373,7 +388,9 @@ def blast_forward(
     if not lead:
         U, S, V = U[None], S[None], V[None]
     N = x.shape[0]
-    if N > BLAST_FUSED_MAX_N and (swiglu or norm is not None):  # the V GEMM's tiles take no prologue: one pass
+    b_out_pow2 = _pow2(b_out)
+    staged = _staged(N, L, b_out_pow2)
+    if staged and (swiglu or norm is not None):  # the V GEMM's tiles take no prologue: one pass
         x, swiglu, norm = _input_prologue(x, b_in * q, swiglu, norm), False, None
     if residual is not None and bias is not None:
         residual, bias = residual + bias, None  # the epilogue adds one addend; no model here has both
@@ -383,7 +400,6 @@ def blast_forward(
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"  # one layer's shape: the many-token launches
     # The prologues share the plain layer's configs: they add a few KB of input loads to a stream of weights.
     vs_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
-    b_out_pow2 = _pow2(b_out)
     pdl = _pdl(x.device, N)
 
     def vs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -449,7 +465,7 @@ def blast_forward(
             rms=None if sq is None else (sq, b_in * q, norm[1]),
         )  # fmt: skip
 
-    if N > BLAST_FUSED_MAX_N:  # compute-bound: one layer at a time, each into its columns of y
+    if staged:  # compute-bound: one layer at a time, each into its columns of y
         for layer in range(L):
             Vl, Sl, Ul = V[layer], S[layer], U[layer]
             z = v(Vl, _choose("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))

@@ -98,6 +98,7 @@ CASES = {
     "blast-stack3-1tok": lambda g, dt: _blast(g, dt, 1, 3, 20, 2, 24, 17, layers=3),  # sibling layers stacked
     "blast-stack2-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False, layers=2),
     "blast-stack2-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40, layers=2),  # one layer at a time
+    "blast-stack3-few-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 3, 8, 40, layers=3),  # b_out <= 4: fused
     # a pre-norm block's pieces inside the layer: SwiGLU or RMSNorm as V+S loads x, the residual in U's epilogue
     "blast-swiglu-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, swiglu=True),
     "blast-swiglu-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 9, 3, 11, 33, bias=False, swiglu=True),
@@ -105,8 +106,12 @@ CASES = {
     "blast-norm-res-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, norm=True, res=True),
     "blast-norm-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 80, 3, 11, 33, bias=False, norm=True),  # 2 chunks
     "blast-norm-stack3-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, layers=3, norm=True),
+    "blast-norm-stack2-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 80, 3, 11, 33, layers=2, norm=True),
     "blast-res-stack2-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 9, 3, 11, 33, layers=2, res=True),
     "blast-norm-res-many": lambda g, dt: _blast_fused(g, dt, 97, 3, 24, 5, 8, 40, layers=2, norm=True, res=True),
+    "blast-norm-res-few-many": lambda g, dt: _blast_fused(
+        g, dt, 97, 3, 24, 3, 8, 40, layers=2, norm=True, res=True
+    ),  # fused V+S at many tokens: the norm in its 16+-row tiles
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
     "monarch-wide-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 64, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
@@ -283,7 +288,8 @@ def test_split_reductions(gen):
     with launch.forced(gemm=small, blast_vs=Config(16, 32, 16, 4, 2, split=2)):
         for case in (
             "blast-1tok", "blast-b5", "blast-stack2-odd", "blast-swiglu-odd", "blast-norm-odd",
-            "blast-res-stack2-odd", "monarch-1tok", "monarch-b4", "lowrank-1tok", "lowrank-odd",
+            "blast-res-stack2-odd", "blast-norm-stack2-odd", "monarch-1tok", "monarch-b4", "lowrank-1tok",
+            "lowrank-odd",
         ):  # fmt: skip
             fn, ref, args = CASES[case](gen, dtype)
             _check(fn, ref, args, dtype, f"{case} split")
@@ -336,6 +342,7 @@ GPU_SHAPES = {
     "monarch": lambda g, dt, n: _monarch(g, dt, n, 8, 200, 96, 136),
     "lowrank": lambda g, dt, n: _lowrank(g, dt, n, 768, 1000, 232),
     "blast-stacked": lambda g, dt, n: _blast(g, dt, n, 8, 96, 6, 200, 200, layers=3),
+    "blast-stacked-few-blocks": lambda g, dt, n: _blast(g, dt, n, 3, 96, 3, 200, 200, layers=3),  # fused at 1000
     "blast-swiglu": lambda g, dt, n: _blast_fused(g, dt, n, 8, 96, 6, 200, 200, swiglu=True),
     "blast-norm-res-stacked": lambda g, dt, n: _blast_fused(
         g, dt, n, 8, 96, 6, 200, 200, layers=3, norm=True, res=True
@@ -415,3 +422,25 @@ def test_a_norm_over_split_partials_is_finished_by_the_u_stage(reduce, gen, monk
     assert [(c["A_SPLIT"], c["RMS_SPLIT"]) for k, c in launched if k == "gemm"] == [(1 if reduce else 3, 3)]
     split = 1 if reduce else 3
     assert [k for k in keys if k.startswith("blast_u|")] == [f"blast_u|3x20->2x24|r17|float32|split{split}"]
+
+
+def test_many_tokens_run_staged_except_few_output_blocks(monkeypatch):
+    """Above BLAST_FUSED_MAX_N: V GEMM -> mix -> U, except with b_out <= 4 for stacked siblings, and for a lone
+    layer from FUSED_MANY_LONE_MIN_N tokens on; the bench switch turns the exception off."""
+    many, lone_min = launch.BLAST_FUSED_MAX_N + 1, launch.FUSED_MANY_LONE_MIN_N
+    assert not launch._staged(launch.BLAST_FUSED_MAX_N, 1, 16)
+    assert launch._staged(many, 3, 16) and launch._staged(many, 1, 4) and launch._staged(lone_min, 3, 8)
+    assert not launch._staged(many, 2, 4) and not launch._staged(lone_min, 1, 4)
+    monkeypatch.setattr(launch, "MANY_TOKENS_FUSED", False)
+    assert launch._staged(many, 2, 4) and launch._staged(lone_min, 1, 4)
+
+
+def test_stacked_few_blocks_run_fused_at_many_tokens(gen, monkeypatch):
+    from blrdeploy.kernels import runtime
+
+    launched = []
+    real_launch = runtime.launch
+    monkeypatch.setattr(runtime, "launch", lambda k, *a, **kw: launched.append(k) or real_launch(k, *a, **kw))
+    fn, ref, args = CASES["blast-stack3-few-many"](gen, torch.float32)
+    _check(fn, ref, args, torch.float32, "stacked, b_out 3, 97 tokens")
+    assert launched == ["blast_vs", "gemm"]
