@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass
 from .devices import Device
 
 PATHS = ("dense", "pytorch", "kernels")
-BLAST_FUSED_MAX_N = 64  # as kernels/launch.py, where a layer with few output blocks stays fused from
-FUSED_MANY_LONE_MIN_N = 4096  # this many tokens on (stacked siblings earlier; layers are modeled one at a time)
+BLAST_FUSED_MAX_N = 64  # as kernels/launch.py, where a layer with few output blocks stays fused above it
 FUSED_MANY_MAX_BOUT = 4
 MONARCH_DIRECT_MAX_N = 64
 
@@ -66,7 +65,7 @@ def stages(layer: dict, path: str, n: int, elem: int = 2) -> list[Stage]:
         u = Stage("U", e * (w + o * r + n * o) + bias, 2 * n * r * o)
         if path == "kernels":
             few_blocks = 1 << max(0, b_out - 1).bit_length() <= FUSED_MANY_MAX_BOUT
-            if n <= BLAST_FUSED_MAX_N or (few_blocks and n >= FUSED_MANY_LONE_MIN_N):
+            if n <= BLAST_FUSED_MAX_N or few_blocks:
                 return [Stage("V+S", e * (n * i + i * r + s + w), v.flops + mix.flops), u]
             return [v, mix, u]
         copies = [Stage("copy z", 2 * e * z, 0), Stage("copy w", 2 * e * w, 0)]

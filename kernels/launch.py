@@ -318,22 +318,17 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
 
 REDUCE_SPLITS = True  # off: no config sums the V+S split partials once (Config.reduce); bench switch
 MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
-BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S, except:
-# with few output blocks (b_out <= FUSED_MANY_MAX_BOUT) the fused tiles stay full-size, and fused V+S -> U wins for
-# stacked siblings (2 launches for all of them, where the staged path runs each layer's 3) and for a lone layer from
-# FUSED_MANY_LONE_MIN_N tokens on (below, its fused grid has too few programs: GPT-2 S at 384 tokens ran 5% slower
-# fused). Measured on ViT-B and GPT-2 S, bench/NOTES.md (eighth session).
+BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S, except
+# with few output blocks (b_out <= FUSED_MANY_MAX_BOUT): the fused tiles then keep their full size, and fused V+S -> U
+# saves the intermediate's round trips and a launch, and stacked siblings' 3 launches each (the staged path runs
+# them one layer at a time). Measured on ViT-B (b = 3) and GPT-2 S (b = 6, slower fused), bench/NOTES.md.
 FUSED_MANY_MAX_BOUT = 4
-FUSED_MANY_LONE_MIN_N = 4096
 MANY_TOKENS_FUSED = True  # bench switch: False runs every layer staged above BLAST_FUSED_MAX_N
 
 
-def _staged(n: int, layers: int, b_out_pow2: int) -> bool:
+def _staged(n: int, b_out_pow2: int) -> bool:
     """Whether BLAST runs V GEMM -> S mix -> U (else fused V+S -> U) for ``n`` tokens."""
-    if n <= BLAST_FUSED_MAX_N:
-        return False
-    fused = b_out_pow2 <= FUSED_MANY_MAX_BOUT and (layers > 1 or n >= FUSED_MANY_LONE_MIN_N)
-    return not (MANY_TOKENS_FUSED and fused)
+    return n > BLAST_FUSED_MAX_N and not (MANY_TOKENS_FUSED and b_out_pow2 <= FUSED_MANY_MAX_BOUT)
 
 
 def _input_prologue(x: torch.Tensor, width: int, swiglu: bool, norm: tuple[torch.Tensor, float] | None):
@@ -389,7 +384,7 @@ def blast_forward(
         U, S, V = U[None], S[None], V[None]
     N = x.shape[0]
     b_out_pow2 = _pow2(b_out)
-    staged = _staged(N, L, b_out_pow2)
+    staged = _staged(N, b_out_pow2)
     if staged and (swiglu or norm is not None):  # the V GEMM's tiles take no prologue: one pass
         x, swiglu, norm = _input_prologue(x, b_in * q, swiglu, norm), False, None
     if residual is not None and bias is not None:

@@ -425,14 +425,13 @@ def test_a_norm_over_split_partials_is_finished_by_the_u_stage(reduce, gen, monk
 
 
 def test_many_tokens_run_staged_except_few_output_blocks(monkeypatch):
-    """Above BLAST_FUSED_MAX_N: V GEMM -> mix -> U, except with b_out <= 4 for stacked siblings, and for a lone
-    layer from FUSED_MANY_LONE_MIN_N tokens on; the bench switch turns the exception off."""
-    many, lone_min = launch.BLAST_FUSED_MAX_N + 1, launch.FUSED_MANY_LONE_MIN_N
-    assert not launch._staged(launch.BLAST_FUSED_MAX_N, 1, 16)
-    assert launch._staged(many, 3, 16) and launch._staged(many, 1, 4) and launch._staged(lone_min, 3, 8)
-    assert not launch._staged(many, 2, 4) and not launch._staged(lone_min, 1, 4)
+    """Above BLAST_FUSED_MAX_N: V GEMM -> mix -> U, except with b_out <= 4; the bench switch turns that off."""
+    many = launch.BLAST_FUSED_MAX_N + 1
+    assert not launch._staged(launch.BLAST_FUSED_MAX_N, 16)
+    assert launch._staged(many, 8) and launch._staged(100_000, 16)
+    assert not launch._staged(many, 4) and not launch._staged(100_000, 2)
     monkeypatch.setattr(launch, "MANY_TOKENS_FUSED", False)
-    assert launch._staged(many, 2, 4) and launch._staged(lone_min, 1, 4)
+    assert launch._staged(many, 4)
 
 
 def test_stacked_few_blocks_run_fused_at_many_tokens(gen, monkeypatch):
