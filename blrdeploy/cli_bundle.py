@@ -229,6 +229,13 @@ def run(
     allow_jit: Annotated[
         bool, typer.Option(help="Bundle only: compile (with a warning) a launch no shipped kernel serves.")
     ] = False,
+    fuse_siblings: Annotated[
+        bool,
+        typer.Option(
+            help="Checkpoint on a GPU: stack sibling layers and fuse the family's blocks (faster; the bundle path runs "
+            "every layer unfused, so --no-fuse-siblings gives the same arithmetic as a bundle)."
+        ),
+    ] = True,
     repeat: Annotated[int, typer.Option(help="Timed forwards after the first.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print timings and the result as JSON on stdout.")] = False,
 ) -> None:
@@ -278,7 +285,7 @@ def run(
             torch_dtype = bundle.DTYPES.get(dtype)
             if torch_dtype is None:
                 fail(f"--dtype must be one of {', '.join(bundle.DTYPES)}, got {dtype!r}")
-            model = load(checkpoint, device=dev, dtype=torch_dtype)
+            model = load(checkpoint, device=dev, dtype=torch_dtype, fuse_siblings=None if fuse_siblings else False)
         if prompt is not None:
             return _generate_text(model, b.root / bundle.CHECKPOINT if b else checkpoint, prompt, max_new_tokens,
                                   time.perf_counter() - t0, as_json)  # fmt: skip
