@@ -198,6 +198,7 @@ def run(args) -> dict:
         "dtype": "bfloat16",
         "pdl": launch.USE_PDL,
         "blast_fused_max_n": launch.BLAST_FUSED_MAX_N,
+        "many_tokens_fused": launch.MANY_TOKENS_FUSED,
         "monarch_direct_max_n": launch.MONARCH_DIRECT_MAX_N,
         "mix": args.mix,
         "ceilings": asdict(ceilings),
@@ -296,7 +297,11 @@ def main(argv=None) -> int:
         "--blast-fused-max-n",
         type=int,
         default=launch.BLAST_FUSED_MAX_N,
-        help=f"BLAST runs V+S fused up to this N (default {launch.BLAST_FUSED_MAX_N}), else V GEMM, mix, U GEMM",
+        help=f"BLAST runs V+S fused up to this N (default {launch.BLAST_FUSED_MAX_N}), else V GEMM, mix, U GEMM "
+        "(layers with b_out <= 4 stay fused unless --many-staged)",
+    )
+    ap.add_argument(
+        "--many-staged", action="store_true", help="every BLAST layer staged above --blast-fused-max-n (A/B switch)"
     )
     ap.add_argument(
         "--monarch-direct-max-n",
@@ -331,6 +336,7 @@ def main(argv=None) -> int:
     args.n = [int(v) for v in args.n.split(",") if v]
     launch.USE_PDL = args.pdl
     launch.BLAST_FUSED_MAX_N = args.blast_fused_max_n
+    launch.MANY_TOKENS_FUSED = not args.many_staged
     launch.MONARCH_DIRECT_MAX_N = args.monarch_direct_max_n
     launch.MIX_DOT = args.mix == "dot"
     result = run(args)

@@ -232,8 +232,8 @@ def run(
     fuse_siblings: Annotated[
         bool,
         typer.Option(
-            help="Checkpoint on a GPU: stack sibling layers and fuse the family's blocks (faster; the bundle path runs "
-            "every layer unfused, so --no-fuse-siblings gives the same arithmetic as a bundle)."
+            help="Checkpoint on a GPU: stack sibling layers and fuse the family's blocks (faster). A bundle runs every "
+            "layer on its own, as --no-fuse-siblings does."
         ),
     ] = True,
     repeat: Annotated[int, typer.Option(help="Timed forwards after the first.")] = 10,
@@ -254,6 +254,8 @@ def run(
 
     if (checkpoint is None) == (bundle_dir is None):
         fail("give either a CHECKPOINT or --bundle DIR")
+    if bundle_dir is not None and not fuse_siblings:
+        fail("--no-fuse-siblings is for a checkpoint: a bundle always runs every layer on its own")
     dev = resolve_device(device)
     if memory_limit is not None:
         from .bench import limit_gpu_memory, parse_size

@@ -8,9 +8,9 @@ Modeled stages:
 * dense: read x and W, write y.
 * PyTorch reference (``blrdeploy.functional``): every einsum reads its operands and writes its result, and every
   intermediate is also copied once more (read + write) because the next einsum batches over another axis.
-* our kernels (``kernels/launch.py``): BLAST up to 64 tokens fuses V and S (z never reaches memory), above it runs
-  V, the S mix and U; Monarch's permutation is folded into the index maps (above 64 tokens one interleave pass is
-  added); low-rank is two GEMMs.
+* our kernels (``kernels/launch.py``): BLAST up to 64 tokens, and at any size with at most 4 output blocks, fuses V
+  and S (z never reaches memory), otherwise runs V, the S mix and U; Monarch's permutation is folded into the index
+  maps (above 64 tokens one interleave pass is added); low-rank is two GEMMs.
 """
 
 from __future__ import annotations

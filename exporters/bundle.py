@@ -51,7 +51,9 @@ from blrdeploy.checkpoint import (
 )
 from blrdeploy.checkpoint import verify as verify_checkpoint
 
-FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
+# 2: the manifest carries its own checksum; 3: the grouped GEMM takes a norm's row scale and BLAST layers with
+# b_out <= 4 run fused V+S above 64 tokens, so a version-2 bundle lacks kernels this launcher asks for
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 SELF_SUM = "manifest_sha256"  # the manifest's own checksum, over its canonical JSON without this field
 CHECKPOINT = "checkpoint"
@@ -565,7 +567,14 @@ def open_bundle(path: str | Path) -> tuple[Path, dict]:
         raise BundleError(f"no such bundle: {path}")
     if path.is_file():
         path = _extract(path)
-    manifest = read_format_file(path / MANIFEST, "a blrdeploy bundle", FORMAT_VERSION, (), BundleError, ChecksumError)
+    try:
+        manifest = read_format_file(
+            path / MANIFEST, "a blrdeploy bundle", FORMAT_VERSION, (), BundleError, ChecksumError
+        )
+    except BundleError as exc:
+        if "format version" in str(exc):
+            raise BundleError(f"{exc}: package the checkpoint again with this blrdeploy") from None
+        raise
     if manifest.get(SELF_SUM) != _canonical_sum(manifest):  # before trusting any field of it
         raise ChecksumError(f"{MANIFEST} does not match its own checksum: the manifest was changed or corrupted")
     for key in ("target", "dtype", "files", "kernels", "launch_configs", "checkpoint", "sample", "buckets"):

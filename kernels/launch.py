@@ -361,10 +361,12 @@ def blast_forward(
     What a pre-norm residual block puts around the layer can run inside it (see ``blast.py``):
     ``swiglu``: x (N, 2*b_in*q) is a gated MLP's [gate | up] and the input is silu(gate) * up; ``norm`` = (g, eps):
     the input is RMSNorm(x) with weight g (b_in*q,); ``residual`` (N, L*b_out*p) is added in the U stage's
-    epilogue. Few tokens apply the first two as V+S loads x; many tokens in one pass first, as unfused.
+    epilogue. The fused V+S stage applies the first two as it loads x; the staged path (and float16 with a norm
+    above one token) in one pass first, as unfused.
 
-    Few tokens: V and S fused (z stays on chip), then U; stacked layers share both launches. Many: per layer, V as a
-    grouped GEMM writing z, the S mix at memory speed, then U (see ``blast_mix_kernel`` for why)."""
+    Few tokens, and any number for b_out <= 4: V and S fused (z stays on chip), then U; stacked layers share both
+    launches. Otherwise (:func:`_staged`), per layer: V as a grouped GEMM writing z, the S mix at memory speed,
+    then U (see ``blast_mix_kernel`` for why)."""
     lead = U.shape[:1] if U.dim() == 4 else ()  # stacked siblings: L
     L, b_out, p, r = U.shape if lead else (1, *U.shape)
     b_in, q = V.shape[len(lead) : len(lead) + 2]
@@ -385,7 +387,11 @@ def blast_forward(
     N = x.shape[0]
     b_out_pow2 = _pow2(b_out)
     staged = _staged(N, b_out_pow2)
-    if staged and (swiglu or norm is not None):  # the V GEMM's tiles take no prologue: one pass
+    # The V GEMM's tiles take no prologue: one pass first. Nor does float16 take the norm in a 16+-row V+S tile:
+    # the tensor cores need x * g in float16 before 1/rms scales it, and a residual stream's outliers times g can
+    # pass 65504 where the normalized input would not.
+    fp16_norm = norm is not None and x.dtype == torch.float16 and N > 1
+    if (staged and swiglu) or ((staged or fp16_norm) and norm is not None):
         x, swiglu, norm = _input_prologue(x, b_in * q, swiglu, norm), False, None
     if residual is not None and bias is not None:
         residual, bias = residual + bias, None  # the epilogue adds one addend; no model here has both

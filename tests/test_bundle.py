@@ -144,10 +144,11 @@ def test_bundle_of_another_format_version_is_unusable(bundles, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(out, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    manifest["format_version"] = 1
+    manifest["format_version"] = 2
     (old / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["verify-bundle", str(old)])
-    assert result.exit_code == 2 and "format version 1; this blrdeploy reads 2" in result.output, result.output
+    expected = "format version 2; this blrdeploy reads 3: package the checkpoint again"
+    assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
 
 
 def test_archive_round_trip_and_truncation(bundles, tmp_path):
@@ -207,6 +208,8 @@ def test_run_bundle_on_cpu_checks_the_sample(bundles, tmp_path):
     assert data["kernels"] == "PyTorch reference"
     assert load_file(str(tmp_path / "o.safetensors"))["output"].shape == (1, 16, 128)
     assert runner.invoke(app, ["run"]).exit_code == 2  # neither a checkpoint nor --bundle
+    refused = runner.invoke(app, ["run", "--bundle", str(out), "--no-fuse-siblings"])
+    assert refused.exit_code == 2 and "is for a checkpoint" in refused.output, refused.output
 
 
 class _Interpreted:

@@ -99,10 +99,12 @@ CASES = {
     "blast-stack2-odd": lambda g, dt: _blast(g, dt, 37, 4, 9, 3, 11, 33, bias=False, layers=2),
     "blast-stack2-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 5, 8, 40, layers=2),  # one layer at a time
     "blast-stack3-few-many": lambda g, dt: _blast(g, dt, 97, 3, 24, 3, 8, 40, layers=3),  # b_out <= 4: fused
+    "blast-b2-many": lambda g, dt: _blast(g, dt, 131, 3, 24, 2, 8, 40),  # a lone layer too, no tile divides 131
     # a pre-norm block's pieces inside the layer: SwiGLU or RMSNorm as V+S loads x, the residual in U's epilogue
     "blast-swiglu-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, swiglu=True),
     "blast-swiglu-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 9, 3, 11, 33, bias=False, swiglu=True),
     "blast-swiglu-many": lambda g, dt: _blast_fused(g, dt, 97, 3, 24, 5, 8, 40, swiglu=True),  # one pass first
+    "blast-swiglu-few-many": lambda g, dt: _blast_fused(g, dt, 97, 3, 24, 1, 8, 40, swiglu=True),  # in V+S
     "blast-norm-res-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, norm=True, res=True),
     "blast-norm-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 80, 3, 11, 33, bias=False, norm=True),  # 2 chunks
     "blast-norm-stack3-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, layers=3, norm=True),
@@ -352,12 +354,13 @@ GPU_SHAPES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("structure", ["blast", "monarch", "lowrank"])
+@pytest.mark.parametrize("structure", ["blast", "blast-stacked-few-blocks", "monarch", "lowrank"])
 def test_gpu_every_config_layer_sized(structure, gen):
     arch = launch._arch(torch.device("cuda"))
+    b_out_pow2 = 4 if structure == "blast-stacked-few-blocks" else 8  # b_out <= 4: fused V+S at 1000 tokens too
     for n in (1, 16, 1000):
-        for kernel in configs.KERNELS if structure == "blast" else ("gemm",):
-            for cfg in configs.space(kernel, arch, configs.tier(n), b_out_pow2=8):
+        for kernel in configs.KERNELS if structure.startswith("blast") else ("gemm",):
+            for cfg in configs.space(kernel, arch, configs.tier(n), b_out_pow2=b_out_pow2):
                 forced = {kernel: cfg}
                 if kernel == "gemm" and cfg.BM > 1:  # a 16-row consumer sums at most max_partials(16)
                     forced["blast_vs"] = configs.space("blast_vs", arch, "small")[0]
@@ -443,3 +446,16 @@ def test_stacked_few_blocks_run_fused_at_many_tokens(gen, monkeypatch):
     fn, ref, args = CASES["blast-stack3-few-many"](gen, torch.float32)
     _check(fn, ref, args, torch.float32, "stacked, b_out 3, 97 tokens")
     assert launched == ["blast_vs", "gemm"]
+
+
+def test_float16_norm_over_many_rows_cannot_overflow_before_the_scale(gen):
+    """A 16+-row V+S tile needs x * g in float16 before 1/rms scales it: a residual stream's outliers times g pass
+    65504. So float16 with a norm takes the one-pass prologue above one token (normalized first, as unfused)."""
+    fn, ref, args = CASES["blast-norm-res-few-many"](gen, torch.float16)
+    x, *rest = args
+    x = (x.double() * 3000 / x.double().abs().max()).half()  # one row element at 3000, g up to ~1.6: 4800
+    g = rest[4]
+    g.mul_(20)  # x * g up to ~96000 > 65504; the normalized input is ~20 at most
+    for n in (37, 97):  # a 16-row tile of the fused stage, and the many-token path of b_out <= 4
+        call = (x[:n], *rest[:5], rest[5][:n])
+        _check(fn, ref, call, torch.float16, f"float16 norm with outliers, N={n}")

@@ -14,6 +14,8 @@ runner = CliRunner()
 LAYERS = [
     {"name": "a", "structure": "blast", "in_features": 512, "out_features": 768, "num_blocks": [4, 2], "rank": 64,
      "bias": True},
+    {"name": "a8", "structure": "blast", "in_features": 512, "out_features": 768, "num_blocks": [8, 2], "rank": 64,
+     "bias": True},  # b_out 8: staged above 64 tokens
     {"name": "b", "structure": "monarch", "in_features": 512, "out_features": 768, "num_blocks": 4, "rank": 64,
      "bias": False},
     {"name": "c", "structure": "lowrank", "in_features": 512, "out_features": 768, "num_blocks": None, "rank": 48,
@@ -21,7 +23,7 @@ LAYERS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=lambda entry: entry["structure"])
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda entry: entry["name"])
 @pytest.mark.parametrize("n", [1, 64, 65, 1000])
 def test_modeled_flops_are_the_layers_own(layer, n):
     module = blr_module(layer)
@@ -92,3 +94,13 @@ def test_roofline_beside_a_measured_bench(tmp_path):
     bad.write_text("{}")
     result = runner.invoke(app, ["roofline", "llama-tiny", "--target", "h100", "--measured", str(bad)])
     assert result.exit_code == 2 and "dense and a BLR model" in result.output
+
+
+def test_blast_path_follows_the_launchers_rule():
+    from blrdeploy.kernels import launch
+
+    for layer in LAYERS[:2]:
+        b_out = layer["num_blocks"][0]
+        for n in (1, 64, 65, 1000):
+            names = [st.name for st in roofline.stages(layer, "kernels", n)]
+            assert (names == ["V", "S", "U"]) == launch._staged(n, launch._pow2(b_out)), (b_out, n, names)
