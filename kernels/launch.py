@@ -391,7 +391,7 @@ def blast_forward(
     # the tensor cores need x * g in float16 before 1/rms scales it, and a residual stream's outliers times g can
     # pass 65504 where the normalized input would not.
     fp16_norm = norm is not None and x.dtype == torch.float16 and N > 1
-    if (staged and swiglu) or ((staged or fp16_norm) and norm is not None):
+    if fp16_norm or (staged and (swiglu or norm is not None)):
         x, swiglu, norm = _input_prologue(x, b_in * q, swiglu, norm), False, None
     if residual is not None and bias is not None:
         residual, bias = residual + bias, None  # the epilogue adds one addend; no model here has both
