@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             continue
         us, vs, u = best
         split = launch.vs_partials(vs, 1, r, b, x.device, dtype)[1]
-        if split > 1 and vs.reduce and launch.REDUCE_SPLITS:  # the V+S programs sum the partials: U reads one w
+        if launch.vs_reduces(vs, split):  # U reads one w
             split = 1
         shape_key = f"{b}x{in_f // b}->{b}x{out_f // b}|r{r}|bfloat16"
         table.put(f"blast_vs|{shape_key}|N1", vs)

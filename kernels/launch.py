@@ -331,6 +331,11 @@ def _staged(n: int, b_out_pow2: int) -> bool:
     return n > BLAST_FUSED_MAX_N and not (MANY_TOKENS_FUSED and b_out_pow2 <= FUSED_MANY_MAX_BOUT)
 
 
+def vs_reduces(cfg: Config, partials: int) -> bool:
+    """Whether a V+S launch with ``cfg`` writing ``partials`` sums them itself, so that U reads one w."""
+    return partials > 1 and bool(cfg.reduce) and REDUCE_SPLITS
+
+
 def _input_prologue(x: torch.Tensor, width: int, swiglu: bool, norm: tuple[torch.Tensor, float] | None):
     """silu(gate) * up or RMSNorm of x (N, width, or 2*width for SwiGLU) in one pass: the layer's input."""
     out = _empty((x.shape[0], width), x)
@@ -409,8 +414,7 @@ def blast_forward(
         cfg = _effective(cfg, x.dtype)
         w = _partials(partials, (N, L * b_out, r), x)
         grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
-        reduce = partials > 1 and cfg.reduce and REDUCE_SPLITS
-        counters = _counters(x.device, grid[0] * grid[1]) if reduce else None
+        counters = _counters(x.device, grid[0] * grid[1]) if vs_reduces(cfg, partials) else None
         red = w[0] if counters is None else _empty((N, L * b_out, r), x, torch.float32)
         sq = _empty((partials, N), x, torch.float32) if norm is not None else x
         runtime.launch(
