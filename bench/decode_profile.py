@@ -19,17 +19,9 @@ from collections import defaultdict
 import torch
 from common import machine
 from layers import write_json
+from prefill_profile import kernel_class
 
 from blrdeploy.bench import Decoder, _capture, resolve
-
-
-def kernel_class(name: str) -> str:
-    if "blast" in name or "grouped_gemm" in name or "interleave" in name:
-        return "blr"
-    low = name.lower()
-    if any(k in low for k in ("gemv", "gemm", "nvjet", "cutlass", "sm90_xmma", "splitk")):
-        return "dense-linear"
-    return "other"
 
 
 @torch.no_grad()
@@ -115,13 +107,14 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     print(f"\n{'variant':10s} {'mode':8s} {'ms/tok':>7s} {'tok/s':>7s} {'kernels':>7s} "
-          f"{'blr µs':>8s} {'dense µs':>8s} {'other µs':>8s} {'idle µs':>8s}")  # fmt: skip
+          f"{'blr µs':>8s} {'dense µs':>8s} {'attn µs':>8s} {'other µs':>8s} {'idle µs':>8s}")  # fmt: skip
     for r in result["runs"]:
         k = r["kernel_us"]
         print(
             f"{r['variant']:10s} {r['mode']:8s} {r['ms_per_token']:7.3f} "
             f"{1e3 / r['ms_per_token']:7.1f} {r['kernels_per_token']:7.0f} {k.get('blr', 0):8.0f} "
-            f"{k.get('dense-linear', 0):8.0f} {k.get('other', 0):8.0f} {r['idle_us']:8.0f}"
+            f"{k.get('dense-linear', 0):8.0f} {k.get('attention', 0):8.0f} {k.get('other', 0):8.0f} "
+            f"{r['idle_us']:8.0f}"
         )
     return 0
 

@@ -101,7 +101,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
     """Every (arch, config, variant) CI compiles: each config of each architecture's space, in one specialization
     that takes every addressing path (chunked A, permuted B rows, fused bias; float32 partials on the small-N side),
     plus the other dtypes once."""
-    from .configs import SMALL_N, VS_ACC_LIMIT, max_partials, space
+    from .configs import MIX_DOT_STAGES, MIX_DOT_TILES, SMALL_N, VS_ACC_LIMIT, max_partials, space
 
     cases = []
     for arch in ARCHS:
@@ -120,7 +120,9 @@ def shipped() -> list[tuple[int, Config, Variant]]:
             cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
-        cases.append((arch, Config(32, 32, 0, 4, 3), Variant("blast_mix_dot", "bfloat16")))
+        for bm, br, warps in MIX_DOT_TILES:
+            mix = Variant("blast_mix_dot", "bfloat16", (("STAGES", MIX_DOT_STAGES),))
+            cases.append((arch, Config(bm, br, 0, warps, MIX_DOT_STAGES), mix))
         bm, bs = interleave_tile(16)
         cases.append((arch, Config(bm, bs, 0, 4, 3), Variant("interleave", "bfloat16")))
     cases.append((90, space("gemm", 90, "large")[0], Variant("gemm", "float16")))

@@ -123,6 +123,17 @@ _VS_LARGE_90 = [
 _VS_LARGE_8X = [Config(64, 32, 64, 8, 2), Config(32, 64, 64, 4, 2), Config(64, 64, 64, 8, 2)]
 VS_ACC_LIMIT = 32768  # b_out_pow2 * BM * BR fp32 accumulators: 128 registers a thread at 8 warps
 
+# BLAST's many-token S mix as batched MMAs: (BM, BR, num_warps), largest first (the launcher takes the first
+# giving 2 tiles an SM). The largest holds 80 KB of shared memory: it fits every architecture here. Up to
+# MIX_DOT_ONE_PASS tiles an SM each program takes one; beyond, MIX_DOT_PROGRAMS_PER_SM programs an SM walk them
+# (measured on an H100, bench/NOTES.md: Llama-7B's 4-6 tiles an SM ran fastest one each, DiT's 16-23 with 4
+# programs an SM, 1.1-1.5x faster than one each).
+MIX_DOT_TILES = ((64, 32, 4), (32, 16, 4), (16, 8, 8))
+MIX_DOT_STAGES = 2
+MIX_DOT_ONE_PASS = 8
+MIX_DOT_PROGRAMS_PER_SM = 4
+
+
 KERNELS = ("gemm", "blast_vs")
 TIERS = ("one", "small", "large")
 _SMALL_SMEM_ARCHS = (86, 89)  # ~100 KB of shared memory per program, against 163 KB (sm_80/87) and 227 KB (sm_90)

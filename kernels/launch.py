@@ -22,7 +22,20 @@ import torch
 
 from . import runtime
 from .blast import mix_tile
-from .configs import SMALL_N, Config, ConfigTable, bucket, default, max_partials, space, tier
+from .configs import (
+    MIX_DOT_ONE_PASS,
+    MIX_DOT_PROGRAMS_PER_SM,
+    MIX_DOT_STAGES,
+    MIX_DOT_TILES,
+    SMALL_N,
+    Config,
+    ConfigTable,
+    bucket,
+    default,
+    max_partials,
+    space,
+    tier,
+)
 from .monarch import interleave_tile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -326,6 +339,18 @@ FUSED_MANY_MAX_BOUT = 4
 MANY_TOKENS_FUSED = True  # bench switch: False runs every layer staged above BLAST_FUSED_MAX_N
 
 
+def mix_dot_launch(n: int, r: int, sms: int) -> tuple[int, int, int, tuple[int, int]]:
+    """(BM, BR, num_warps, grid) of the batched-MMA mix over ``n`` tokens and ``r`` ranks on ``sms`` SMs (see
+    MIX_DOT_TILES): the largest tile giving 2 tiles an SM; one program a tile, or above MIX_DOT_ONE_PASS tiles an
+    SM, MIX_DOT_PROGRAMS_PER_SM programs an SM, each walking its rank tile's token tiles."""
+    tiles = MIX_DOT_TILES
+    bm, br, warps = next((t for t in tiles if _cdiv(n, t[0]) * _cdiv(r, t[1]) >= 2 * sms), tiles[-1])
+    n_tiles, r_tiles = _cdiv(n, bm), _cdiv(r, br)
+    if n_tiles * r_tiles > MIX_DOT_ONE_PASS * sms:
+        n_tiles = min(n_tiles, _cdiv(MIX_DOT_PROGRAMS_PER_SM * sms, r_tiles))
+    return bm, br, warps, (n_tiles, r_tiles)
+
+
 def _staged(n: int, b_out_pow2: int) -> bool:
     """Whether BLAST runs V GEMM -> S mix -> U (else fused V+S -> U) for ``n`` tokens."""
     return n > BLAST_FUSED_MAX_N and not (MANY_TOKENS_FUSED and b_out_pow2 <= FUSED_MANY_MAX_BOUT)
@@ -440,11 +465,12 @@ def blast_forward(
     def mix(z: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         w = _empty((1, N, b_out, r), x)
         if MIX_DOT and x.dtype != torch.float32:
-            bj, bi = max(16, _pow2(b_in)), max(16, b_out_pow2)
+            bm, br, warps, grid = mix_dot_launch(N, r, _sm_count(x.device))
             runtime.launch(
-                "blast_mix_dot", (_cdiv(N, 32), _cdiv(r, 32)),
+                "blast_mix_dot", grid,
                 (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:]),
-                dict(BJ=bj, BI=bi, BM=32, BR=32), num_warps=4, num_stages=3,
+                dict(BJ=max(16, _pow2(b_in)), BI=max(16, b_out_pow2), BM=bm, BR=br, STAGES=MIX_DOT_STAGES),
+                num_warps=warps, num_stages=MIX_DOT_STAGES,
             )  # fmt: skip
             return w
         bm, br = mix_tile(b_out_pow2)

@@ -459,3 +459,35 @@ def test_float16_norm_over_many_rows_cannot_overflow_before_the_scale(gen):
     for n in (37, 97):  # a 16-row tile of the fused stage, and the many-token path of b_out <= 4
         call = (x[:n], *rest[:5], rest[5][:n])
         _check(fn, ref, call, torch.float16, f"float16 norm with outliers, N={n}")
+
+
+@pytest.mark.parametrize("one_pass", [0, 8])
+def test_mix_walks_several_token_tiles_per_program(one_pass, gen, monkeypatch):
+    """The many-token S mix: a program keeps its S tile and walks token tiles (here 2 programs for 7 tiles, the
+    last one partial), or takes one tile when there are few. float16: the interpreter's bfloat16 dot is inexact."""
+    from blrdeploy.kernels import runtime
+
+    monkeypatch.setattr(launch, "MIX_DOT_ONE_PASS", one_pass)
+    monkeypatch.setattr(launch, "MIX_DOT_PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(launch, "_sm_count", lambda device: 8)  # the interpreter's count, on a GPU too
+    grids = []
+    real_launch = runtime.launch
+    monkeypatch.setattr(runtime, "launch", lambda k, g, *a, **kw: grids.append((k, g)) or real_launch(k, g, *a, **kw))
+    fn, ref, args = CASES["blast-many"](gen, torch.float16)
+    _check(fn, ref, args, torch.float16, f"staged, one pass up to {one_pass} tiles an SM")
+    (grid,) = [g for k, g in grids if k == "blast_mix_dot"]
+    assert grid == ((2, 5) if one_pass == 0 else (7, 5))  # (16, 8) tiles: 7 token x 5 rank tiles
+
+
+def test_mix_tile_rule():
+    """The largest tile giving 2 tiles an SM (else the smallest); a program a tile up to MIX_DOT_ONE_PASS tiles an
+    SM, else MIX_DOT_PROGRAMS_PER_SM programs an SM; every token tile has a program walking it."""
+    tiles = configs.MIX_DOT_TILES
+    for n, r, sms in [(1024, 1024, 132), (1024, 1488, 132), (384, 192, 132), (16384, 256, 132), (65, 8, 84)]:
+        bm, br, warps, (g0, g1) = launch.mix_dot_launch(n, r, sms)
+        assert (bm, br, warps) in tiles and g1 == -(-r // br) and 1 <= g0 <= -(-n // bm)
+        bigger = tiles[: tiles.index((bm, br, warps))]
+        assert all(-(-n // a) * -(-r // b) < 2 * sms for a, b, _ in bigger)
+    assert launch.mix_dot_launch(1024, 1488, 132) == (64, 32, 4, (16, 47))  # 5.7 tiles an SM: one each
+    assert launch.mix_dot_launch(384, 192, 132) == (16, 8, 8, (24, 24))
+    assert launch.mix_dot_launch(16384, 256, 132) == (64, 32, 4, (66, 8))  # 15.5 tiles an SM: 4 programs an SM
