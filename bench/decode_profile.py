@@ -4,9 +4,10 @@ timed over many replays and profiled kernel by kernel.
     python bench/decode_profile.py [--model llama-7b] [--structure blast] [--modes graph,compile] [--json OUT]
                                    [--without-blocks]
 
-Per variant and mode it prints ms per token, the GPU time summed per kernel class (our BLR kernels, dense GEMV /
-GEMM, everything else) and the idle time between kernels (step time minus the kernels' sum; negative where
-kernels overlap: a dependent launch's consumer is timed from its early start).
+Per variant and mode it prints ms per token, the GPU time summed per kernel class (``prefill_profile.kernel_class``:
+our BLR kernels, dense GEMV / GEMM, attention, everything else; before the ninth session inductor kernels named
+after ``blast_linear`` counted as BLR, and attention as other) and the idle time between kernels (step time minus
+the kernels' sum; negative where kernels overlap: a dependent launch's consumer is timed from its early start).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """BLAST's many-token staged layer on the reference models' shapes: the S mix kernel's tiles against a copy of the
-same bytes, and the layer's V and U stages against cuBLAS batched GEMMs (torch.bmm) and the dense layer.
+same bytes, and the layer's V and U stages against cuBLAS batched GEMMs (torch.bmm) and the dense layer. z and w are
+laid out as bmm writes them, (b, N, r); the launcher's are (N, b, r).
 
     python bench/mix_sweep.py [--shapes llama7b-q,...] [--json OUT]
 
@@ -44,7 +45,8 @@ def mix(z, S, w, BM, BR, warps, stages, per_sm) -> None:
     b, N, r = z.shape
     bj = max(16, 1 << (b - 1).bit_length())
     r_tiles, n_tiles = _cdiv(r, BR), _cdiv(N, BM)
-    grid = (n_tiles if per_sm == 0 else min(n_tiles, _cdiv(per_sm * 132, r_tiles)), r_tiles)
+    sms = torch.cuda.get_device_properties(z.device).multi_processor_count
+    grid = (n_tiles if per_sm == 0 else min(n_tiles, _cdiv(per_sm * sms, r_tiles)), r_tiles)
     blast_mix_dot_kernel[grid](
         z, S, w, N, r, b, b, z.stride(1), z.stride(0), z.stride(2), *S.stride(), w.stride(1), w.stride(0),
         w.stride(2), BJ=bj, BI=bj, BM=BM, BR=BR, STAGES=stages, num_warps=warps, num_stages=stages,

@@ -30,7 +30,7 @@ _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 class Variant:
     """One specialization of a kernel besides its launch config: element types and the structural constexprs."""
 
-    kernel: str  # "gemm", "blast_vs", "blast_mix" or "interleave"
+    kernel: str  # "gemm", "blast_vs", "blast_mix", "blast_mix_dot" or "interleave"
     dtype: str = "bfloat16"  # operands and output
     constexprs: tuple[tuple[str, object], ...] = ()
     intermediate_fp32: bool = False  # blast_vs: float32 partials (split > 1)
@@ -101,7 +101,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
     """Every (arch, config, variant) CI compiles: each config of each architecture's space, in one specialization
     that takes every addressing path (chunked A, permuted B rows, fused bias; float32 partials on the small-N side),
     plus the other dtypes once."""
-    from .configs import MIX_DOT_STAGES, MIX_DOT_TILES, SMALL_N, VS_ACC_LIMIT, max_partials, space
+    from .configs import MIX_DOT_STAGES, SMALL_N, VS_ACC_LIMIT, max_partials, mix_dot_tiles, space
 
     cases = []
     for arch in ARCHS:
@@ -120,9 +120,10 @@ def shipped() -> list[tuple[int, Config, Variant]]:
             cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
         mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
         cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
-        for bm, br, warps in MIX_DOT_TILES:
-            mix = Variant("blast_mix_dot", "bfloat16", (("STAGES", MIX_DOT_STAGES),))
-            cases.append((arch, Config(bm, br, 0, warps, MIX_DOT_STAGES), mix))
+        for blocks in (16, 32):  # up to 16 and 32 blocks: the tiles the launcher may pick for them
+            for bm, br, warps in mix_dot_tiles(arch, blocks, blocks):
+                mix = Variant("blast_mix_dot", "bfloat16", (("BJ", blocks), ("BI", blocks), ("STAGES", MIX_DOT_STAGES)))
+                cases.append((arch, Config(bm, br, 0, warps, MIX_DOT_STAGES), mix))
         bm, bs = interleave_tile(16)
         cases.append((arch, Config(bm, bs, 0, 4, 3), Variant("interleave", "bfloat16")))
     cases.append((90, space("gemm", 90, "large")[0], Variant("gemm", "float16")))
@@ -135,7 +136,8 @@ def check_shipped() -> list[dict]:
     compiler refuses). Run it in a process without TRITON_INTERPRET: under the interpreter nothing compiles."""
     results = []
     for arch, cfg, variant in shipped():
-        row = {"arch": arch, "kernel": variant.kernel, "dtype": variant.dtype, "config": cfg.to_dict()}
+        row = {"arch": arch, "kernel": variant.kernel, "dtype": variant.dtype, "config": cfg.to_dict(),
+               "constexprs": dict(variant.constexprs)}  # fmt: skip
         try:
             compiled = compile_variant(variant, cfg, arch)
         except Exception as e:  # reported per case, so one failure does not hide the others

@@ -215,7 +215,7 @@ def blast_mix_dot_kernel(
 
     A program owns a rank tile and walks token tiles (grid axis 0 strides them), loading its S tile once: with 16-23
     tiles an SM (DiT-XL/2's layers) 4 programs an SM walking them ran 1.1-1.15x faster than a program a tile, and the
-    64 x 32 tile 1.15-1.55x faster than the 32 x 32 one before (H100, bench/NOTES.md). It still moves its bytes at
+    64 x 32 tile 1.15-1.35x faster than the 32 x 32 one before (H100, bench/NOTES.md). It still moves its bytes at
     1.5-1.8 TB/s, two thirds of a copy's speed."""
     rr = tl.program_id(1) * BR + tl.arange(0, BR)
     rj = tl.arange(0, BJ)

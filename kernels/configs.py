@@ -123,15 +123,29 @@ _VS_LARGE_90 = [
 _VS_LARGE_8X = [Config(64, 32, 64, 8, 2), Config(32, 64, 64, 4, 2), Config(64, 64, 64, 8, 2)]
 VS_ACC_LIMIT = 32768  # b_out_pow2 * BM * BR fp32 accumulators: 128 registers a thread at 8 warps
 
-# BLAST's many-token S mix as batched MMAs: (BM, BR, num_warps), largest first (the launcher takes the first
-# giving 2 tiles an SM). The largest holds 80 KB of shared memory: it fits every architecture here. Up to
-# MIX_DOT_ONE_PASS tiles an SM each program takes one; beyond, MIX_DOT_PROGRAMS_PER_SM programs an SM walk them
-# (measured on an H100, bench/NOTES.md: Llama-7B's 4-6 tiles an SM ran fastest one each, DiT's 16-23 with 4
-# programs an SM, 1.1-1.5x faster than one each).
+# BLAST's many-token S mix as batched MMAs: (BM, BR, num_warps), largest first; the launcher takes the first that
+# fits the chip's shared memory (mix_dot_shared) and gives 2 tiles an SM. Up to MIX_DOT_ONE_PASS tiles an SM each
+# program takes one; beyond, MIX_DOT_PROGRAMS_PER_SM programs an SM walk them (H100, bench/NOTES.md: Llama-7B's 4-6
+# tiles an SM ran fastest one each, DiT's 16-23 1.1-1.15x faster with 4 programs an SM).
 MIX_DOT_TILES = ((64, 32, 4), (32, 16, 4), (16, 8, 8))
 MIX_DOT_STAGES = 2
 MIX_DOT_ONE_PASS = 8
 MIX_DOT_PROGRAMS_PER_SM = 4
+SHARED_LIMIT = {86: 101376, 87: 166912, 89: 101376, 90: 232448}  # bytes a program may opt in to, per arch
+
+
+def mix_dot_shared(bm: int, br: int, b_in_pow2: int, b_out_pow2: int) -> int:
+    """Shared memory of the mix tile (BM, BR) over blocks padded to b_in_pow2 x b_out_pow2: the z and S operands'
+    staging, as the compiler reported it for 16 and 32 blocks (tests/test_aot checks every shipped variant)."""
+    return 2 * br * b_in_pow2 * (bm + b_out_pow2)
+
+
+def mix_dot_tiles(arch: int, b_in_pow2: int, b_out_pow2: int) -> list[tuple[int, int, int]]:
+    """The mix tiles that fit ``arch``'s shared memory for blocks padded to b_in_pow2 x b_out_pow2 (the MMA pads
+    both to 16 at least), largest first; none for very many blocks, which take the CUDA-core mix."""
+    bj, bi = max(16, b_in_pow2), max(16, b_out_pow2)
+    limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
+    return [t for t in MIX_DOT_TILES if mix_dot_shared(t[0], t[1], bj, bi) <= limit]
 
 
 KERNELS = ("gemm", "blast_vs")

@@ -26,13 +26,13 @@ from .configs import (
     MIX_DOT_ONE_PASS,
     MIX_DOT_PROGRAMS_PER_SM,
     MIX_DOT_STAGES,
-    MIX_DOT_TILES,
     SMALL_N,
     Config,
     ConfigTable,
     bucket,
     default,
     max_partials,
+    mix_dot_tiles,
     space,
     tier,
 )
@@ -339,11 +339,12 @@ FUSED_MANY_MAX_BOUT = 4
 MANY_TOKENS_FUSED = True  # bench switch: False runs every layer staged above BLAST_FUSED_MAX_N
 
 
-def mix_dot_launch(n: int, r: int, sms: int) -> tuple[int, int, int, tuple[int, int]]:
-    """(BM, BR, num_warps, grid) of the batched-MMA mix over ``n`` tokens and ``r`` ranks on ``sms`` SMs (see
-    MIX_DOT_TILES): the largest tile giving 2 tiles an SM; one program a tile, or above MIX_DOT_ONE_PASS tiles an
-    SM, MIX_DOT_PROGRAMS_PER_SM programs an SM, each walking its rank tile's token tiles."""
-    tiles = MIX_DOT_TILES
+def mix_dot_launch(
+    n: int, r: int, tiles: list[tuple[int, int, int]], sms: int
+) -> tuple[int, int, int, tuple[int, int]]:
+    """(BM, BR, num_warps, grid) of the batched-MMA mix over ``n`` tokens and ``r`` ranks on ``sms`` SMs: the
+    largest of ``tiles`` (:func:`~.configs.mix_dot_tiles`) giving 2 tiles an SM; one program a tile, or above
+    MIX_DOT_ONE_PASS tiles an SM, MIX_DOT_PROGRAMS_PER_SM programs an SM, each walking its rank tile's token tiles."""
     bm, br, warps = next((t for t in tiles if _cdiv(n, t[0]) * _cdiv(r, t[1]) >= 2 * sms), tiles[-1])
     n_tiles, r_tiles = _cdiv(n, bm), _cdiv(r, br)
     if n_tiles * r_tiles > MIX_DOT_ONE_PASS * sms:
@@ -464,14 +465,17 @@ def blast_forward(
 
     def mix(z: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         w = _empty((1, N, b_out, r), x)
-        if MIX_DOT and x.dtype != torch.float32:
-            bm, br, warps, grid = mix_dot_launch(N, r, _sm_count(x.device))
-            runtime.launch(
-                "blast_mix_dot", grid,
-                (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:]),
-                dict(BJ=max(16, _pow2(b_in)), BI=max(16, b_out_pow2), BM=bm, BR=br, STAGES=MIX_DOT_STAGES),
-                num_warps=warps, num_stages=MIX_DOT_STAGES,
-            )  # fmt: skip
+        tiles = mix_dot_tiles(_arch(x.device), _pow2(b_in), b_out_pow2)
+        if MIX_DOT and x.dtype != torch.float32 and tiles:
+            bm, br, warps, grid = mix_dot_launch(N, r, tiles, _sm_count(x.device))
+            args = (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:])
+            fixed = dict(BJ=max(16, _pow2(b_in)), BI=max(16, b_out_pow2), STAGES=MIX_DOT_STAGES)
+            # The tile follows N, and a bundle is packaged at one N a bucket: it records them all.
+            packaging = isinstance(runtime.backend(), runtime.Recorder)
+            for t_bm, t_br, t_warps in tiles if packaging else [(bm, br, warps)]:
+                runtime.launch(
+                    "blast_mix_dot", grid, args, dict(fixed, BM=t_bm, BR=t_br), t_warps, MIX_DOT_STAGES
+                )  # fmt: skip
             return w
         bm, br = mix_tile(b_out_pow2)
         runtime.launch(

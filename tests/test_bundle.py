@@ -144,10 +144,11 @@ def test_bundle_of_another_format_version_is_unusable(bundles, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(out, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = bundle.FORMAT_VERSION - 1
     (old / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["verify-bundle", str(old)])
-    expected = "format version 2; this blrdeploy reads 3: package the checkpoint again"
+    v = bundle.FORMAT_VERSION
+    expected = f"format version {v - 1}; this blrdeploy reads {v}: package the checkpoint again"
     assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
 
 

@@ -481,13 +481,30 @@ def test_mix_walks_several_token_tiles_per_program(one_pass, gen, monkeypatch):
 
 def test_mix_tile_rule():
     """The largest tile giving 2 tiles an SM (else the smallest); a program a tile up to MIX_DOT_ONE_PASS tiles an
-    SM, else MIX_DOT_PROGRAMS_PER_SM programs an SM; every token tile has a program walking it."""
-    tiles = configs.MIX_DOT_TILES
-    for n, r, sms in [(1024, 1024, 132), (1024, 1488, 132), (384, 192, 132), (16384, 256, 132), (65, 8, 84)]:
-        bm, br, warps, (g0, g1) = launch.mix_dot_launch(n, r, sms)
-        assert (bm, br, warps) in tiles and g1 == -(-r // br) and 1 <= g0 <= -(-n // bm)
-        bigger = tiles[: tiles.index((bm, br, warps))]
-        assert all(-(-n // a) * -(-r // b) < 2 * sms for a, b, _ in bigger)
-    assert launch.mix_dot_launch(1024, 1488, 132) == (64, 32, 4, (16, 47))  # 5.7 tiles an SM: one each
-    assert launch.mix_dot_launch(384, 192, 132) == (16, 8, 8, (24, 24))
-    assert launch.mix_dot_launch(16384, 256, 132) == (64, 32, 4, (66, 8))  # 15.5 tiles an SM: 4 programs an SM
+    SM, else MIX_DOT_PROGRAMS_PER_SM programs an SM; tiles that overflow the chip's shared memory are never used."""
+    tiles = configs.mix_dot_tiles(90, 16, 16)
+    assert tiles == list(configs.MIX_DOT_TILES)
+    assert launch.mix_dot_launch(1024, 1488, tiles, 132) == (64, 32, 4, (16, 47))  # 5.7 tiles an SM: one each
+    assert launch.mix_dot_launch(384, 192, tiles, 132) == (16, 8, 8, (24, 24))
+    assert launch.mix_dot_launch(16384, 256, tiles, 132) == (64, 32, 4, (66, 8))  # 15.5 tiles an SM: 4 an SM walk
+    assert launch.mix_dot_launch(20, 8, tiles, 132) == (16, 8, 8, (2, 1))  # fewer tokens than a tile
+    assert configs.mix_dot_tiles(86, 32, 32) == [(32, 16, 4), (16, 8, 8)]  # 64 x 32 needs 192 KB for 32 blocks
+    assert configs.mix_dot_tiles(90, 128, 128) == []  # the CUDA-core mix then
+    for arch in (86, 87, 90):
+        for blocks in (4, 16, 32, 64):
+            for bm, br, _ in configs.mix_dot_tiles(arch, blocks, blocks):
+                assert configs.mix_dot_shared(bm, br, max(16, blocks), max(16, blocks)) <= configs.SHARED_LIMIT[arch]
+
+
+def test_a_bundle_records_every_mix_tile(gen):
+    """The mix tile follows the token count, and a bundle is packaged at one count per bucket: packaging records
+    every tile that fits, so any count of the bucket finds its kernel."""
+    from blrdeploy.kernels import runtime
+
+    recorder = runtime.Recorder()
+    x, U, S, V = CASES["blast-many"](gen, torch.float16)[2][:4]
+    with runtime.using(recorder, runtime.Target(87, 16, False)):
+        launch.blast_forward(x, U, S, V)
+    mixes = [s for s in recorder.specs if s.kernel == "blast_mix_dot"]
+    tiles = {(dict(s.constexprs)["BM"], dict(s.constexprs)["BR"], s.num_warps) for s in mixes}
+    assert tiles == set(configs.mix_dot_tiles(87, 4, 8)) and len(tiles) == 3
