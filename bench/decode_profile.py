@@ -15,20 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 
 import torch
 from common import machine
 from layers import write_json
-from prefill_profile import kernel_class
+from prefill_profile import profile_replays
 
 from blrdeploy.bench import Decoder, _capture, resolve
 
 
 @torch.no_grad()
 def profile_step(model, prompt, mode: str, tokens: int = 64) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     dec = Decoder(model, prompt, tokens, mode)
     dec.prefill()
     graph, _ = _capture(dec.step, prompt.device)
@@ -42,28 +39,14 @@ def profile_step(model, prompt, mode: str, tokens: int = 64) -> dict:
     ms = start.elapsed_time(end) / (tokens - 1)
     dec.prefill()
     steps = 8
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            graph.replay()
-        torch.cuda.synchronize()
-    by_class: dict[str, float] = defaultdict(float)
-    by_name: dict[str, float] = defaultdict(float)
-    ordered = []
-    for e in prof.events():
-        if e.device_type.name != "CUDA":
-            continue
-        us = e.time_range.elapsed_us() / steps
-        by_class[kernel_class(e.name)] += us
-        by_name[e.name[:60]] += us
-        ordered.append((e.time_range.start, e.name[:40], e.time_range.elapsed_us()))
+    by_class, by_name, ordered = profile_replays(graph, steps)
     count = len(ordered)
-    busy = sum(by_class.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:20]
     # One step's kernels in launch order, each averaged over the profiled steps: a block's launches side by side.
     ordered.sort()
     per_step = count // steps
     sequence = [
-        (ordered[i][1], round(sum(ordered[s * per_step + i][2] for s in range(steps)) / steps, 2))
+        (ordered[i][1][:40], round(sum(ordered[s * per_step + i][2] for s in range(steps)) / steps, 2))
         for i in range(per_step)
     ]
     del graph, dec
@@ -72,7 +55,7 @@ def profile_step(model, prompt, mode: str, tokens: int = 64) -> dict:
         "ms_per_token": ms,
         "kernels_per_token": count / steps,
         "kernel_us": {k: round(v, 1) for k, v in by_class.items()},
-        "idle_us": round(1e3 * ms - busy, 1),
+        "idle_us": round(1e3 * ms - sum(by_class.values()), 1),
         "top": [(n, round(v, 1)) for n, v in top],
         "sequence": sequence,
     }

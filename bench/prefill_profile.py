@@ -37,35 +37,41 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-@torch.no_grad()
-def profile_prefill(model, feed: dict, steps: int = 5) -> dict:
+def profile_replays(graph, steps: int) -> tuple[dict[str, float], dict[str, float], list[tuple[int, str, float]]]:
+    """Replays ``graph`` ``steps`` times under the profiler: GPU µs per replay summed by kernel class and by kernel
+    name (70 characters), and every kernel as (start, name, µs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    forward = torch.compile(model.forward, dynamic=False)
-    device = next(model.parameters()).device
-    graph, _ = _capture(lambda: forward(**feed), device)
-    ms = _median_ms(graph.replay, device, budget_s=2.0)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             graph.replay()
         torch.cuda.synchronize()
     by_class: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
-    count = 0
+    kernels = []
     for e in prof.events():
         if e.device_type.name != "CUDA":
             continue
-        us = e.time_range.elapsed_us() / steps
-        by_class[kernel_class(e.name)] += us
-        by_name[e.name[:70]] += us
-        count += 1
+        us = e.time_range.elapsed_us()
+        by_class[kernel_class(e.name)] += us / steps
+        by_name[e.name[:70]] += us / steps
+        kernels.append((e.time_range.start, e.name, us))
+    return by_class, by_name, kernels
+
+
+@torch.no_grad()
+def profile_prefill(model, feed: dict, steps: int = 5) -> dict:
+    forward = torch.compile(model.forward, dynamic=False)
+    device = next(model.parameters()).device
+    graph, _ = _capture(lambda: forward(**feed), device)
+    ms = _median_ms(graph.replay, device, budget_s=2.0)
+    by_class, by_name, kernels = profile_replays(graph, steps)
     del graph
-    busy = sum(by_class.values())
     return {
         "ms": ms,
-        "kernels": count / steps,
+        "kernels": len(kernels) / steps,
         "kernel_us": {k: round(v, 1) for k, v in sorted(by_class.items())},
-        "idle_us": round(1e3 * ms - busy, 1),
+        "idle_us": round(1e3 * ms - sum(by_class.values()), 1),
         "top": [(n, round(v, 1)) for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]],
     }
 
