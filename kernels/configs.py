@@ -134,16 +134,15 @@ MIX_DOT_PROGRAMS_PER_SM = 4
 SHARED_LIMIT = {86: 101376, 87: 166912, 89: 101376, 90: 232448}  # bytes a program may opt in to, per arch
 
 
-def mix_dot_shared(bm: int, br: int, b_in_pow2: int, b_out_pow2: int) -> int:
-    """Shared memory of the mix tile (BM, BR) over blocks padded to b_in_pow2 x b_out_pow2: the z and S operands'
-    staging, as the compiler reported it for 16 and 32 blocks (tests/test_aot checks every shipped variant)."""
-    return 2 * br * b_in_pow2 * (bm + b_out_pow2)
+def mix_dot_shared(bm: int, br: int, bj: int, bi: int) -> int:
+    """Shared memory of the mix tile (BM, BR) over blocks padded to bj x bi: the z and S operands' staging, as the
+    compiler reported it for 16 and 32 blocks (tests/test_aot checks every shipped variant)."""
+    return 2 * br * bj * (bm + bi)
 
 
-def mix_dot_tiles(arch: int, b_in_pow2: int, b_out_pow2: int) -> list[tuple[int, int, int]]:
-    """The mix tiles that fit ``arch``'s shared memory for blocks padded to b_in_pow2 x b_out_pow2 (the MMA pads
-    both to 16 at least), largest first; none for very many blocks, which take the CUDA-core mix."""
-    bj, bi = max(16, b_in_pow2), max(16, b_out_pow2)
+def mix_dot_tiles(arch: int, bj: int, bi: int) -> list[tuple[int, int, int]]:
+    """The mix tiles that fit ``arch``'s shared memory for blocks padded to bj x bi (powers of two, at least the
+    MMA's 16), largest first; none for very many blocks, which take the CUDA-core mix."""
     limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
     return [t for t in MIX_DOT_TILES if mix_dot_shared(t[0], t[1], bj, bi) <= limit]
 

@@ -465,11 +465,12 @@ def blast_forward(
 
     def mix(z: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         w = _empty((1, N, b_out, r), x)
-        tiles = mix_dot_tiles(_arch(x.device), _pow2(b_in), b_out_pow2)
+        bj, bi = max(16, _pow2(b_in)), max(16, b_out_pow2)  # the MMA's smallest K and N
+        tiles = mix_dot_tiles(_arch(x.device), bj, bi)
         if MIX_DOT and x.dtype != torch.float32 and tiles:
             bm, br, warps, grid = mix_dot_launch(N, r, tiles, _sm_count(x.device))
             args = (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:])
-            fixed = dict(BJ=max(16, _pow2(b_in)), BI=max(16, b_out_pow2), STAGES=MIX_DOT_STAGES)
+            fixed = dict(BJ=bj, BI=bi, STAGES=MIX_DOT_STAGES)
             # The tile follows N, and a bundle is packaged at one N a bucket: it records them all.
             packaging = isinstance(runtime.backend(), runtime.Recorder)
             for t_bm, t_br, t_warps in tiles if packaging else [(bm, br, warps)]:

@@ -491,9 +491,9 @@ def test_mix_tile_rule():
     assert configs.mix_dot_tiles(86, 32, 32) == [(32, 16, 4), (16, 8, 8)]  # 64 x 32 needs 192 KB for 32 blocks
     assert configs.mix_dot_tiles(90, 128, 128) == []  # the CUDA-core mix then
     for arch in (86, 87, 90):
-        for blocks in (4, 16, 32, 64):
+        for blocks in (16, 32, 64):
             for bm, br, _ in configs.mix_dot_tiles(arch, blocks, blocks):
-                assert configs.mix_dot_shared(bm, br, max(16, blocks), max(16, blocks)) <= configs.SHARED_LIMIT[arch]
+                assert configs.mix_dot_shared(bm, br, blocks, blocks) <= configs.SHARED_LIMIT[arch]
 
 
 def test_a_bundle_records_every_mix_tile(gen):
@@ -507,4 +507,4 @@ def test_a_bundle_records_every_mix_tile(gen):
         launch.blast_forward(x, U, S, V)
     mixes = [s for s in recorder.specs if s.kernel == "blast_mix_dot"]
     tiles = {(dict(s.constexprs)["BM"], dict(s.constexprs)["BR"], s.num_warps) for s in mixes}
-    assert tiles == set(configs.mix_dot_tiles(87, 4, 8)) and len(tiles) == 3
+    assert tiles == set(configs.mix_dot_tiles(87, 16, 16)) and len(tiles) == 3
