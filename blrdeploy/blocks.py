@@ -32,10 +32,12 @@ from .siblings import SiblingOutput, Siblings, SwiGLUMLP
 
 class FusedBlastLinear(BlastLinear):
     """A BLAST layer of a fused block: reads its input through ``norm`` (a q/k/v projection not stacked with the
-    others), or adds ``pending_residual``, set by the block right before (o_proj, called inside the attention)."""
+    others), or adds ``pending_residual``, set by the block right before (o_proj, called inside the attention), or
+    applies its MLP's ``activation`` to its output (an MLP's first layer, :mod:`blrdeploy.activations`)."""
 
     norm: tuple[nn.Module, ...] = ()
     pending_residual: torch.Tensor | None = None
+    activation: str = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = self.pending_residual
@@ -45,7 +47,7 @@ class FusedBlastLinear(BlastLinear):
         return F.blast_linear_fused(
             x, self.U, self.S, self.V, self.bias,
             norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.variance_epsilon,
-            residual=residual,
+            residual=residual, activation=self.activation,
         )  # fmt: skip
 
 
@@ -114,9 +116,10 @@ def _fusable(layer: nn.Module) -> list[nn.Module] | None:
     return _qkv_producers(attn)
 
 
-def _to_fused_linear(layer: BlastLinear) -> None:
+def to_fused_linear(layer: BlastLinear) -> None:
     layer.__class__ = FusedBlastLinear
-    layer.norm, layer.pending_residual = (), None  # instance attributes from the start: compiled guards stay valid
+    # instance attributes from the start: compiled guards stay valid
+    layer.norm, layer.pending_residual, layer.activation = (), None, ""
 
 
 def fuse_blocks(model: nn.Module, block_classes: Sequence[str]) -> int:
@@ -133,9 +136,9 @@ def fuse_blocks(model: nn.Module, block_classes: Sequence[str]) -> int:
             continue
         for producer in producers:
             if not isinstance(producer, Siblings):
-                _to_fused_linear(producer)
+                to_fused_linear(producer)
             producer.norm = (layer.input_layernorm,)
-        _to_fused_linear(layer.self_attn.o_proj)
+        to_fused_linear(layer.self_attn.o_proj)
         layer.mlp.gate_up.norm = (layer.post_attention_layernorm,)
         layer.mlp.adds_residual = True
         layer.__class__ = _fused_class(type(layer))

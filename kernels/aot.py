@@ -57,7 +57,7 @@ def compile_variant(variant: Variant, config: Config, arch: int):
     if variant.kernel == "gemm":
         fn = jit_function(grouped_gemm_kernel)
         flags = ("HAS_BIAS", "WAIT", "LAUNCH_DEPS", "G_FAST")
-        constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, "RMS_SPLIT": 0, "EPS": 0.0,
+        constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, "ACT": 0, "RMS_SPLIT": 0, "EPS": 0.0,
                       **dict.fromkeys(flags, False), **constexprs}  # fmt: skip
         constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
         if constexprs["A_SPLIT"] > 1:
