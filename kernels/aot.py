@@ -127,6 +127,8 @@ def shipped() -> list[tuple[int, Config, Variant]]:
         bm, bs = interleave_tile(16)
         cases.append((arch, Config(bm, bs, 0, 4, 3), Variant("interleave", "bfloat16")))
     cases.append((90, space("gemm", 90, "large")[0], Variant("gemm", "float16")))
+    for act in (1, 2):  # an MLP's first BLAST layer: its GELU in the U stage's epilogue
+        cases.append((90, space("gemm", 90, "large")[0], Variant("gemm", "bfloat16", (("ACT", act),))))
     cases.append((90, space("blast_vs", 90, "large")[0], Variant("blast_vs", "float32")))
     return cases
 
