@@ -446,6 +446,8 @@ def blast_forward(
     # The prologues share the plain layer's configs: they add a few KB of input loads to a stream of weights.
     vs_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
     pdl = _pdl(x.device, N)
+    # An activation's epilogue raises the U tile's register pressure (the 128 x 128 tiles spill more): its own key.
+    u_act = f"|{activation}" if activation else ""
 
     def vs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
         """w (partials or their sum) and, for a norm over split programs, their partial sums of squares."""
@@ -520,7 +522,7 @@ def blast_forward(
             z = v(Vl, _choose("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))
             w = mix(z, Sl)
             yl, al = y[:, layer * m : (layer + 1) * m], addend(layer * m, (layer + 1) * m)
-            key = f"blast_u|{shape_key}|split1"
+            key = f"blast_u|{shape_key}|split1{u_act}"
             u(w, Ul, yl, al, _choose("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, al=al: u(w, Ul, yl, al, c)))
         return y
     try:
@@ -535,7 +537,7 @@ def blast_forward(
         u(w, U_all, y, add, u_default, sq)
 
     w, sq = vs(_choose("blast_vs", vs_key, N, x.device, vs_then_u, b_out_pow2))
-    u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
+    u_key = f"blast_u|{vs_key}|split{w.shape[0]}{u_act}"
     u(w, U_all, y, add, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c, sq)), sq)
     return y
 
