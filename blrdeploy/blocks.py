@@ -32,12 +32,10 @@ from .siblings import SiblingOutput, Siblings, SwiGLUMLP
 
 class FusedBlastLinear(BlastLinear):
     """A BLAST layer of a fused block: reads its input through ``norm`` (a q/k/v projection not stacked with the
-    others), or adds ``pending_residual``, set by the block right before (o_proj, called inside the attention), or
-    applies its MLP's ``activation`` to its output (an MLP's first layer, :mod:`blrdeploy.activations`)."""
+    others), or adds ``pending_residual``, set by the block right before (o_proj, called inside the attention)."""
 
     norm: tuple[nn.Module, ...] = ()
     pending_residual: torch.Tensor | None = None
-    activation: str = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = self.pending_residual
@@ -47,7 +45,7 @@ class FusedBlastLinear(BlastLinear):
         return F.blast_linear_fused(
             x, self.U, self.S, self.V, self.bias,
             norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.variance_epsilon,
-            residual=residual, activation=self.activation,
+            residual=residual,
         )  # fmt: skip
 
 
@@ -116,10 +114,9 @@ def _fusable(layer: nn.Module) -> list[nn.Module] | None:
     return _qkv_producers(attn)
 
 
-def to_fused_linear(layer: BlastLinear) -> None:
+def _to_fused_linear(layer: BlastLinear) -> None:
     layer.__class__ = FusedBlastLinear
-    # instance attributes from the start: compiled guards stay valid
-    layer.norm, layer.pending_residual, layer.activation = (), None, ""
+    layer.norm, layer.pending_residual = (), None  # instance attributes from the start: compiled guards stay valid
 
 
 def fuse_blocks(model: nn.Module, block_classes: Sequence[str]) -> int:
@@ -136,9 +133,9 @@ def fuse_blocks(model: nn.Module, block_classes: Sequence[str]) -> int:
             continue
         for producer in producers:
             if not isinstance(producer, Siblings):
-                to_fused_linear(producer)
+                _to_fused_linear(producer)
             producer.norm = (layer.input_layernorm,)
-        to_fused_linear(layer.self_attn.o_proj)
+        _to_fused_linear(layer.self_attn.o_proj)
         layer.mlp.gate_up.norm = (layer.post_attention_layernorm,)
         layer.mlp.adds_residual = True
         layer.__class__ = _fused_class(type(layer))

@@ -61,15 +61,6 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """An MLP's activation on a layer's output: "gelu" (erf), "gelu_tanh" (tanh approximation) or "" (none)."""
-    if activation not in ("", "gelu", "gelu_tanh"):
-        raise ValueError(f"unknown activation {activation!r}; choose gelu or gelu_tanh")
-    if not activation:
-        return y
-    return torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as Llama's: normalized in float32, rounded to x's dtype, then scaled by the weight."""
     x32 = x.float()
@@ -86,22 +77,19 @@ def blast_fused_reference(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
-    activation: str = "",
 ) -> torch.Tensor:
-    """A BLAST layer (factors as in :func:`blast_reference`) with what a transformer block puts around it: its
-    input ``swiglu(x)`` (``swiglu_input``: x holds a gated MLP's gate and up outputs) or ``rms_norm(x,
-    norm_weight, eps)``; ``residual`` added to its output, or else ``activation`` applied to it (:func:`activate`)."""
+    """A BLAST layer (factors as in :func:`blast_reference`) with what a pre-norm residual block puts around it:
+    its input ``swiglu(x)`` (``swiglu_input``: x holds a gated MLP's gate and up outputs) or ``rms_norm(x,
+    norm_weight, eps)``, and ``residual`` added to its output."""
     if swiglu_input and norm_weight is not None:
         raise ValueError("a BLAST layer takes SwiGLU or RMSNorm on its input, not both")
-    if activation and residual is not None:
-        raise ValueError("a BLAST layer adds a residual or applies an activation to its output, not both")
     if swiglu_input:
         if x.shape[-1] % 2:
             raise ValueError(f"a SwiGLU input holds gate and up side by side: an even width, got {x.shape[-1]}")
         x = swiglu(x)
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
-    y = activate(blast_reference(x, U, S, V, bias), activation)
+    y = blast_reference(x, U, S, V, bias)
     return y if residual is None else y + residual
 
 
@@ -173,17 +161,13 @@ def blast_linear_fused(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
-    activation: str = "",
 ) -> torch.Tensor:
     """:func:`blast_fused_reference` as one op (``blrdeploy::blast_linear_fused``): on the kernels the SwiGLU or
-    RMSNorm is applied as the first stage loads its input, the residual added or the activation applied as the last
-    stores its output.
+    RMSNorm is applied as the first stage loads its input and the residual added as the last stores its output.
     Only fused models call it (:mod:`blrdeploy.siblings`, :mod:`blrdeploy.blocks`), so it has no ONNX op."""
     if torch.onnx.is_in_onnx_export():
         raise ValueError("a fused BLAST layer has no ONNX op: export the model before fuse_siblings")
-    return torch.ops.blrdeploy.blast_linear_fused(
-        x, U, S, V, bias, swiglu_input, norm_weight, eps, residual, activation
-    )
+    return torch.ops.blrdeploy.blast_linear_fused(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
 
 
 def monarch_linear(

@@ -26,8 +26,6 @@ class Family:
     siblings: tuple[tuple[str, ...], ...] = ()  # child names that read one input: fused on CUDA (blrdeploy.siblings)
     swiglu_mlps: tuple[str, ...] = ()  # gated MLP classes, down(silu(gate(x)) * up(x)): their activation fused too
     blocks: tuple[str, ...] = ()  # pre-norm decoder layer classes: norms and residual adds fused too (.blocks)
-    # (MLP class, first linear, its GELU; "" when the class applies it itself): the GELU fused (.activations)
-    activations: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,6 @@ FAMILIES: dict[str, Family] = {
             ("gpt2",),
             include=("*.attn.c_attn", "*.mlp.c_fc", "*.mlp.c_proj"),
             sample=_token_inputs,
-            activations=(("GPT2MLP", "c_fc", "act"),),
         ),
         Family(
             "vit",
@@ -115,7 +112,6 @@ FAMILIES: dict[str, Family] = {
             exclude=("*.attention.output.dense",),
             sample=_image_inputs,
             siblings=(("q_proj", "k_proj", "v_proj"), ("query", "key", "value")),
-            activations=(("ViTMLP", "fc1", "activation_fn"), ("ViTIntermediate", "dense", "intermediate_act_fn")),
         ),
         Family(
             "dit",
@@ -123,7 +119,6 @@ FAMILIES: dict[str, Family] = {
             include=("*.attn1.to_q", "*.attn1.to_k", "*.attn1.to_v", "*.ff.net.0.proj", "*.norm1.linear"),
             sample=_latent_inputs,
             siblings=(("to_q", "to_k", "to_v"),),  # attn1 only is converted: self-attention, one input
-            activations=(("GELU", "proj", ""),),  # diffusers' GELU: proj, then its own gelu method
         ),
     ]
 }

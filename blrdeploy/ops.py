@@ -1,6 +1,5 @@
 """One ``torch.library`` op per structure: ``blrdeploy::blast_linear``, ``::monarch_linear``, ``::lowrank_linear``;
-and ``::blast_linear_fused``, a BLAST layer with the SwiGLU or RMSNorm before it and the residual add or the MLP's
-GELU after it inside.
+and ``::blast_linear_fused``, a BLAST layer with the SwiGLU or RMSNorm before it and the residual add after it inside.
 
 Each runs the Triton kernels on CUDA (float16, bfloat16, float32) and the PyTorch reference everywhere else, has a
 fake implementation so ``torch.compile`` (CUDA graphs included) and ``torch.export`` see through it, and a backward
@@ -104,30 +103,27 @@ def blast_linear_fused(
     norm_weight: torch.Tensor | None,
     eps: float,
     residual: torch.Tensor | None,
-    activation: str,
 ) -> torch.Tensor:
-    return F.blast_fused_reference(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual, activation)
+    return F.blast_fused_reference(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
 
 
 @blast_linear_fused.register_kernel("cuda")
-def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual, activation):
+def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
     out = _stacked_out(U)
     forward = functools.partial(
         _kernels().blast_forward,
         swiglu=swiglu_input,
         norm=None if norm_weight is None else (norm_weight, eps),
         residual=None if residual is None else residual.reshape(-1, out),
-        activation=activation,
     )
     reference = functools.partial(
-        F.blast_fused_reference, swiglu_input=swiglu_input, norm_weight=norm_weight, eps=eps, residual=residual,
-        activation=activation,
-    )  # fmt: skip
+        F.blast_fused_reference, swiglu_input=swiglu_input, norm_weight=norm_weight, eps=eps, residual=residual
+    )
     return _on_kernels(reference, forward, x, (U, S, V), bias, out)
 
 
 @blast_linear_fused.register_fake
-def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual, activation):
+def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
     return _fake(x, _stacked_out(U))
 
 

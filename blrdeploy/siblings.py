@@ -208,10 +208,9 @@ def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> l
 
 
 def fuse_family(model: nn.Module, family: str | None) -> list[Siblings]:
-    """:func:`fuse_siblings`, :func:`fuse_swiglu`, :func:`blrdeploy.blocks.fuse_blocks`, then
-    :func:`blrdeploy.activations.fuse_activations`, with the sibling names, gated MLP classes, decoder layer
-    classes and MLP activation sites of a model family (``blrdeploy.models.FAMILIES``); an unknown family has none."""
-    from .activations import fuse_activations
+    """:func:`fuse_siblings`, :func:`fuse_swiglu`, then :func:`blrdeploy.blocks.fuse_blocks`, with the sibling
+    names, gated MLP classes and decoder layer classes of a model family (``blrdeploy.models.FAMILIES``); an
+    unknown family has none."""
     from .blocks import fuse_blocks
     from .models import FAMILIES
 
@@ -221,7 +220,6 @@ def fuse_family(model: nn.Module, family: str | None) -> list[Siblings]:
     groups = fuse_siblings(model, known.siblings)
     fuse_swiglu(model, known.swiglu_mlps)
     fuse_blocks(model, known.blocks)
-    fuse_activations(model, known.activations)
     return groups
 
 

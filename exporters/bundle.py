@@ -53,9 +53,8 @@ from blrdeploy.checkpoint import verify as verify_checkpoint
 
 # 2: the manifest carries its own checksum; 3: the grouped GEMM takes a norm's row scale and BLAST layers with
 # b_out <= 4 run fused V+S above 64 tokens, so a version-2 bundle lacks kernels this launcher asks for; 4: the
-# many-token S mix walks token tiles (a STAGES constexpr) in tiles chosen by N, which a version-3 bundle lacks; 5:
-# the grouped GEMM takes an activation constexpr (ACT), so every GEMM cubin of a version-4 bundle has another key
-FORMAT_VERSION = 5
+# many-token S mix walks token tiles (a STAGES constexpr) in tiles chosen by N, which a version-3 bundle lacks
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 SELF_SUM = "manifest_sha256"  # the manifest's own checksum, over its canonical JSON without this field
 CHECKPOINT = "checkpoint"

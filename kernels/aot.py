@@ -57,7 +57,7 @@ def compile_variant(variant: Variant, config: Config, arch: int):
     if variant.kernel == "gemm":
         fn = jit_function(grouped_gemm_kernel)
         flags = ("HAS_BIAS", "WAIT", "LAUNCH_DEPS", "G_FAST")
-        constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, "ACT": 0, "RMS_SPLIT": 0, "EPS": 0.0,
+        constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, "RMS_SPLIT": 0, "EPS": 0.0,
                       **dict.fromkeys(flags, False), **constexprs}  # fmt: skip
         constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
         if constexprs["A_SPLIT"] > 1:
@@ -127,8 +127,6 @@ def shipped() -> list[tuple[int, Config, Variant]]:
         bm, bs = interleave_tile(16)
         cases.append((arch, Config(bm, bs, 0, 4, 3), Variant("interleave", "bfloat16")))
     cases.append((90, space("gemm", 90, "large")[0], Variant("gemm", "float16")))
-    for act in (1, 2):  # an MLP's first BLAST layer: its GELU in the U stage's epilogue
-        cases.append((90, space("gemm", 90, "large")[0], Variant("gemm", "bfloat16", (("ACT", act),))))
     cases.append((90, space("blast_vs", 90, "large")[0], Variant("blast_vs", "float32")))
     return cases
 

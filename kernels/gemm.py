@@ -4,9 +4,7 @@
 addressed by strides so that no stage needs a transpose or permutation copy:
 
 * BLAST U stage: A = the mixed intermediate w (optionally the sum of split partials), B = U; after an RMSNorm the
-  V+S stage split, each row is scaled by 1/rms from the splits' partial sums of squares (``RMS_SPLIT``); before
-  an MLP's GELU, the GELU is applied as the tile is stored (``ACT``): the activation pass, a read and a write of
-  the whole (N, 4h) output, is gone.
+  V+S stage split, each row is scaled by 1/rms from the splits' partial sums of squares (``RMS_SPLIT``).
 * Monarch stage 1: B rows are read in a permuted order, so the intermediate is written in the order stage 2 wants.
 * Monarch stage 2: A is gathered in chunks from every stage-1 block; the output is stored interleaved (stride b),
   so the b groups of one output tile run side by side (``G_FAST``) and their 2-byte stores meet in L2 as whole
@@ -61,35 +59,6 @@ def _inv_rms(sq_ptr, rn, n_mask, N, NORM_D, RMS_SPLIT: tl.constexpr, EPS: tl.con
 
 
 @triton.jit
-def _activate(acc, ACT: tl.constexpr):
-    """ACT 1: GELU, x * Phi(x); 2: its tanh approximation, 0.5 * x * (1 + tanh(u)) with u = sqrt(2/pi) * (x +
-    0.044715 x^3), written as x * sigmoid(2u), which saturates without overflow.
-
-    The epilogue runs after the tile's reduction, not under it, and at K = r = 128 (ViT-B's fc1) its instructions
-    are the tile's cost: libdevice's erf took ~39 PTX instructions an element and made the U stage as slow as the
-    separate GELU pass it replaced (bench/NOTES.md). Phi here comes from erfc's Chebyshev fit (Numerical Recipes'
-    erfcc, fractional error below 1.2e-7 everywhere, tails included): an exp, a fast reciprocal, 9 FMAs."""
-    if ACT == 1:
-        z = tl.abs(acc) * 0.7071067811865476
-        t = 1.0 / (1.0 + 0.5 * z)
-        p = 0.17087277
-        p = p * t - 0.82215223
-        p = p * t + 1.48851587
-        p = p * t - 1.13520398
-        p = p * t + 0.27886807
-        p = p * t - 0.18628806
-        p = p * t + 0.09678418
-        p = p * t + 0.37409196
-        p = p * t + 1.00002368
-        p = p * t - 1.26551223
-        half_erfc = 0.5 * t * tl.exp(p - z * z)  # 1 - Phi(|x|)
-        return acc * tl.where(acc >= 0, 1.0 - half_erfc, half_erfc)
-    if ACT == 2:
-        return acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
-    return acc
-
-
-@triton.jit
 def gemv(a, b):
     """One token row: a (1, BK) times b (BK, BN) as multiply-and-reduce on the CUDA cores, in float32. A 16-row MMA
     tile would spend 15/16 of its registers and shared memory on masked rows; here every register holds weights."""
@@ -124,7 +93,6 @@ def grouped_gemm_kernel(
     PERM_M: tl.constexpr,  # >0: output column c reads B row (c % PERM_M) * PERM_B + c // PERM_M
     PERM_B: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr,  # 0, or the activation applied after the bias (1 GELU, 2 tanh GELU): one split only
     RMS_SPLIT: tl.constexpr,  # >0: rows are scaled by 1/sqrt(sum of RMS_SPLIT partials / NORM_D + EPS), before bias
     EPS: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dot instead of tf32
@@ -192,6 +160,5 @@ def grouped_gemm_kernel(
                 other=0.0,
             )
             acc += bias.to(tl.float32)
-    acc = _activate(acc, ACT)
     out = out_ptr + split * s_os + g * s_og + rn.to(tl.int64)[:, None] * s_on + rc[None, :] * s_oc
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])

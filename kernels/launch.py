@@ -272,13 +272,12 @@ def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor)
 def _gemm(
     a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config, k_per=None,
     bias=None, bias_strides=(0, 0, 0), a_chunk=0, a_split=1, perm=(0, 0), producer=False, consumer=False,
-    g_fast=False, rms=None, act=0,
+    g_fast=False, rms=None,
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column), ``bias_strides`` = (row,
     group, column): a bias vector has row stride 0, a residual its own. ``rms`` = (partial sums of squares
     (splits, N) float32, row length, eps): each row is scaled by its 1/rms before the bias. A ``producer``'s output
-    feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`). ``act``: an
-    activation code (:data:`ACTIVATIONS`) applied to the output, which must then not be split over K."""
+    feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
     most = max_partials(cfg.BM, _arch(out.device))
     if a_split > most:
         raise ValueError(
@@ -288,8 +287,6 @@ def _gemm(
     pdl = _pdl(out.device, N)
     cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per
-    if act and k_per < K:
-        raise ValueError("an activation needs the whole sum: a split GEMM cannot apply it")
     grid = (_cdiv(N, cfg.BM), _cdiv(C, cfg.BN), G * _cdiv(K, k_per))
     if g_fast:
         grid = grid[::-1]
@@ -298,7 +295,7 @@ def _gemm(
         (a, b, out, bias if bias is not None else out, out if rms is None else rms[0], N, K, C, k_per,
          0 if rms is None else rms[1], *a_strides, *b_strides, *out_strides, *bias_strides),
         dict(A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
-             HAS_BIAS=bias is not None, ACT=act, RMS_SPLIT=0 if rms is None else rms[0].shape[0],
+             HAS_BIAS=bias is not None, RMS_SPLIT=0 if rms is None else rms[0].shape[0],
              EPS=0.0 if rms is None else float(rms[2]), IEEE=b.dtype == torch.float32,
              WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
         cfg.num_warps, cfg.num_stages, pdl=consumer and pdl,
@@ -340,9 +337,6 @@ BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U
 # them one layer at a time). Measured on ViT-B (b = 3) and GPT-2 S (b = 6, slower fused), bench/NOTES.md.
 FUSED_MANY_MAX_BOUT = 4
 MANY_TOKENS_FUSED = True  # bench switch: False runs every layer staged above BLAST_FUSED_MAX_N
-
-
-ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2}  # what the U stage's epilogue applies: name -> the GEMM's ACT code
 
 
 def mix_dot_launch(
@@ -390,18 +384,16 @@ def blast_forward(
     swiglu: bool = False,
     norm: tuple[torch.Tensor, float] | None = None,
     residual: torch.Tensor | None = None,
-    activation: str = "",
 ) -> torch.Tensor:
     """x (N, b_in*q); U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r) -> (N, b_out*p). Or L stacked sibling
     layers of that shape reading the same x: U (L, b_out, p, r), S (L, b_out, b_in, r), V (L, b_in, q, r), bias
     (L*b_out*p,) -> (N, L*b_out*p), layer l in columns l*b_out*p ...
 
-    What a transformer block puts around the layer can run inside it (see ``blast.py``):
+    What a pre-norm residual block puts around the layer can run inside it (see ``blast.py``):
     ``swiglu``: x (N, 2*b_in*q) is a gated MLP's [gate | up] and the input is silu(gate) * up; ``norm`` = (g, eps):
-    the input is RMSNorm(x) with weight g (b_in*q,). The fused V+S stage applies these as it loads x; the staged
-    path (and float16 with a norm above one token) in one pass first, as unfused. ``residual`` (N, L*b_out*p) is
-    added in the U stage's epilogue, or else ``activation`` ("gelu", "gelu_tanh": an MLP's first layer) applied
-    there, after the bias.
+    the input is RMSNorm(x) with weight g (b_in*q,); ``residual`` (N, L*b_out*p) is added in the U stage's
+    epilogue. The fused V+S stage applies the first two as it loads x; the staged path (and float16 with a norm
+    above one token) in one pass first, as unfused.
 
     Few tokens, and any number for b_out <= 4: V and S fused (z stays on chip), then U; stacked layers share both
     launches. Otherwise (:func:`_staged`), per layer: V as a grouped GEMM writing z, the S mix at memory speed,
@@ -412,11 +404,6 @@ def blast_forward(
     m = b_out * p
     if swiglu and norm is not None:
         raise ValueError("a BLAST layer takes SwiGLU or RMSNorm on its input, not both")
-    if activation and activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; the U stage applies {', '.join(ACTIVATIONS)}")
-    if activation and residual is not None:
-        raise ValueError("a BLAST layer adds a residual or applies an activation to its output, not both")
-    act = ACTIVATIONS.get(activation, 0)
     factors = {"U": U, "S": S, "V": V}
     expected = {"x": ((2 if swiglu else 1) * b_in * q,), "S": (*lead, b_out, b_in, r), "V": (*lead, b_in, q, r)}
     if norm is not None:
@@ -446,8 +433,6 @@ def blast_forward(
     # The prologues share the plain layer's configs: they add a few KB of input loads to a stream of weights.
     vs_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
     pdl = _pdl(x.device, N)
-    # An activation's epilogue raises the U tile's register pressure (the 128 x 128 tiles spill more): its own key.
-    u_act = f"|{activation}" if activation else ""
 
     def vs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
         """w (partials or their sum) and, for a norm over split programs, their partial sums of squares."""
@@ -513,7 +498,7 @@ def blast_forward(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
             y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=U.shape[0], cfg=cfg,
             bias=add[0], bias_strides=add[1], a_split=w.shape[0], consumer=True,
-            rms=None if sq is None else (sq, b_in * q, norm[1]), act=act,
+            rms=None if sq is None else (sq, b_in * q, norm[1]),
         )  # fmt: skip
 
     if staged:  # compute-bound: one layer at a time, each into its columns of y
@@ -522,7 +507,7 @@ def blast_forward(
             z = v(Vl, _choose("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))
             w = mix(z, Sl)
             yl, al = y[:, layer * m : (layer + 1) * m], addend(layer * m, (layer + 1) * m)
-            key = f"blast_u|{shape_key}|split1{u_act}"
+            key = f"blast_u|{shape_key}|split1"
             u(w, Ul, yl, al, _choose("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, al=al: u(w, Ul, yl, al, c)))
         return y
     try:
@@ -537,7 +522,7 @@ def blast_forward(
         u(w, U_all, y, add, u_default, sq)
 
     w, sq = vs(_choose("blast_vs", vs_key, N, x.device, vs_then_u, b_out_pow2))
-    u_key = f"blast_u|{vs_key}|split{w.shape[0]}{u_act}"
+    u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
     u(w, U_all, y, add, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c, sq)), sq)
     return y
 

@@ -50,11 +50,9 @@ def _blast(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None):
     return launch.blast_forward, F.blast_reference, (x, U, S, V, b)
 
 
-def _blast_fused(
-    gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None, swiglu=False, norm=False, res=False, act=""
-):
-    """A BLAST layer with a block's pieces inside: its input silu(gate) * up of x = [gate | up] (N, 2*b_in*q,
-    strided) or RMSNorm(x); a residual (N, out, strided) added to its output, or an activation applied to it."""
+def _blast_fused(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None, swiglu=False, norm=False, res=False):
+    """A BLAST layer with a pre-norm block's pieces inside: its input silu(gate) * up of x = [gate | up] (N,
+    2*b_in*q, strided) or RMSNorm(x); a residual (N, out, strided) added to its output."""
     _, _, (x, U, S, V, b) = _blast(gen, dtype, n, b_in, q, b_out, p, r, bias, layers)
     if swiglu:
         x = _strided_input(gen, n, 2 * b_in * q, dtype)
@@ -64,11 +62,11 @@ def _blast_fused(
 
     def forward(x, U, S, V, b, g, residual):
         norm = None if g is None else (g, fused["norm_eps"])
-        return launch.blast_forward(x, U, S, V, b, swiglu=fused["swiglu"], norm=norm, residual=residual, activation=act)
+        return launch.blast_forward(x, U, S, V, b, swiglu=fused["swiglu"], norm=norm, residual=residual)
 
     def reference(x, U, S, V, b, g, residual):
         eps = fused["norm_eps"] or 0.0
-        return F.blast_fused_reference(x, U, S, V, b, swiglu, norm_weight=g, eps=eps, residual=residual, activation=act)
+        return F.blast_fused_reference(x, U, S, V, b, swiglu, norm_weight=g, eps=eps, residual=residual)
 
     return forward, reference, (x, U, S, V, b, g, residual)
 
@@ -116,11 +114,6 @@ CASES = {
     "blast-norm-res-few-many": lambda g, dt: _blast_fused(
         g, dt, 97, 3, 24, 3, 8, 40, layers=2, norm=True, res=True
     ),  # fused V+S at many tokens: the norm in its 16+-row tiles
-    # an MLP's GELU in U's epilogue: one token (CUDA-core GEMV), few tokens, staged, and fused at many tokens
-    "blast-gelu-1tok": lambda g, dt: _blast_fused(g, dt, 1, 3, 20, 2, 24, 17, act="gelu"),
-    "blast-gelu-tanh-odd": lambda g, dt: _blast_fused(g, dt, 37, 4, 9, 3, 11, 33, bias=False, act="gelu_tanh"),
-    "blast-gelu-tanh-many": lambda g, dt: _blast_fused(g, dt, 97, 3, 24, 5, 8, 40, act="gelu_tanh"),
-    "blast-gelu-stack2-few-many": lambda g, dt: _blast_fused(g, dt, 97, 3, 24, 3, 8, 40, layers=2, act="gelu"),
     "monarch-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 8, 12, 10),
     "monarch-wide-1tok": lambda g, dt: _monarch(g, dt, 1, 2, 64, 12, 10),
     "monarch-odd": lambda g, dt: _monarch(g, dt, 23, 3, 9, 7, 5, bias=False),
@@ -206,12 +199,6 @@ def test_bad_inputs_are_refused(gen):
         fn(x, U, S, V, b, torch.stack([g, g], 1)[:, 0], res)
     with pytest.raises(ValueError, match="SwiGLU or RMSNorm on its input, not both"):
         launch.blast_forward(x, U, S, V, b, swiglu=True, norm=(g, 1e-5))
-    with pytest.raises(ValueError, match="a residual or applies an activation to its output, not both"):
-        launch.blast_forward(x, U, S, V, b, residual=res, activation="gelu")
-    with pytest.raises(ValueError, match="a residual or applies an activation to its output, not both"):
-        F.blast_fused_reference(x, U, S, V, b, residual=res, activation="gelu")
-    with pytest.raises(ValueError, match="unknown activation 'relu'"):
-        launch.blast_forward(x, U, S, V, b, activation="relu")
     _, _, (x, w1, w2, bb) = CASES["monarch-odd"](gen, torch.float32)
     with pytest.raises(ValueError, match="w2 has shape"):
         launch.monarch_forward(x, w1, w2[:, :, :-1], bb)
