@@ -108,7 +108,8 @@ def verify_bundle(
 ) -> None:
     """Check a bundle: every file against its sha256, the manifest against its own; on a GPU also its
     architecture and the sample input -> expected output through the shipped kernels.
-    Exit code: 0 pass, 1 a check failed, 2 unusable (missing, truncated, unknown format, wrong GPU)."""
+    Exit code: 0 pass; 1 a check failed (a file inside missing, truncated or changed; the manifest changed; the
+    sample's output differs); 2 unusable (no such bundle, an unreadable archive, an unknown format, wrong GPU)."""
     import torch
 
     from .exporters import bundle

@@ -87,6 +87,18 @@ def test_missing_body_unknown_op_corrupt_and_foreign_files(tmp_path):
         assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
 
 
+def test_weights_damaged_in_place_are_refused_before_validating(tmp_path):
+    """Bytes overwritten without changing the file's size: the checkpoint is refused (exit 2), not validated."""
+    ckpt, _ = converted(tmp_path)
+    path = export_checkpoint(ckpt, tmp_path / "m.onnx")
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-400:] = bytes(400)
+    weights.write_bytes(bytes(data))
+    result = runner.invoke(app, ["validate", str(ckpt), "--onnx", str(path)])
+    assert result.exit_code == 2 and "does not match its recorded sha256" in result.output, result.output
+
+
 def test_export_to_a_directory_refused_cleanly(tmp_path):
     ckpt, _ = converted(tmp_path)
     (tmp_path / "dir.onnx").mkdir()
@@ -168,3 +180,12 @@ def test_public_export_onnx_in_memory(tmp_path):
     path = blrdeploy.export_onnx(model, tmp_path / "m.onnx")
     proto = onnx.load(str(path))
     assert sum(n.domain == DOMAIN for n in proto.graph.node) == 14
+
+
+def test_a_check_reports_the_compared_tensor_shape():
+    from blrdeploy.validators.compare import compare
+
+    ref = torch.randn(1, 7, 128, dtype=torch.float64)
+    check = compare("logits", ref + 1e-9, ref, 1e-6)
+    assert check.shape == [1, 7, 128] and check.ok
+    assert not compare("logits", ref[:, :6], ref, 1e-6).ok

@@ -30,10 +30,9 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tolerance: float | 
         return Check(
             f"{name} (shape {list(out.shape)} != {list(ref.shape)})", list(ref.shape), math.inf, math.inf, tolerance
         )
+    shape = list(ref.shape)
     out, ref = out.double().flatten(), ref.double().flatten()
     diff = out - ref
     rel = float(diff.norm() / ref.norm()) if ref.norm() > 0 else float(diff.norm())
     cos = float(torch.nn.functional.cosine_similarity(out, ref, dim=0)) if ref.norm() > 0 else None
-    return Check(
-        name, list(ref.shape), float(diff.abs().max()), rel if math.isfinite(rel) else math.inf, tolerance, cos
-    )
+    return Check(name, shape, float(diff.abs().max()), rel if math.isfinite(rel) else math.inf, tolerance, cos)
