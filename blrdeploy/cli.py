@@ -289,7 +289,7 @@ def convert(
     """Convert a model's linears to BLAST, Monarch or low-rank layers and write a converted checkpoint.
 
     With no MODEL it converts the built-in gpt2-mini (GPT-2's architecture, 4 layers of width 384, seeded random
-    weights) so the whole flow can be seen on a CPU in about a minute.
+    weights) so the whole flow can be seen on a CPU in about two minutes.
     """
     from .convert import ConvertConfig
     from .job import DEFAULT_MODEL, load_layer_settings, run_convert

@@ -295,7 +295,7 @@ BUILTIN: dict[str, BuiltinModel] = {
                 bos_token_id=0,
                 eos_token_id=0,
             ),
-            note="the quick-start default: GPT-2's architecture at a size a CPU converts with BLAST in about a minute",
+            note="the quick-start default: GPT-2's architecture at a size a CPU converts to BLAST in about 2 minutes",
         ),
         # Tiny variants: the same architectures at test size (every dim divisible by 2, 4 and 8).
         BuiltinModel(
