@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .blocks import FusedPreNormBlock
-from .checkpoint import BLR_CONFIG, blr_module, load, read_blr_config
+from .checkpoint import BLR_CONFIG, blr_module, load, read_blr_config, verify
 from .convert import ConvertConfig, is_linear, linear_dims, plan
 from .job import unique_params
 from .models import BUILTIN, FAMILIES, main_output
@@ -216,6 +216,7 @@ def resolve(
         if not (path / BLR_CONFIG).is_file():
             known = ", ".join(BUILTIN)
             raise ValueError(f"{model!r} is neither a built-in model ({known}) nor a converted checkpoint directory")
+        verify(path)  # the weights against their sha256: a damaged checkpoint is refused, not benchmarked
         cfg = read_blr_config(path)
         config = read_config(path)
         library, class_name, fam = identify(config, allow_unknown=True)

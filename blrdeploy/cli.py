@@ -48,11 +48,26 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def check_output_path(path, option: str) -> None:
+    """Refuses, before any work, an output path that cannot be written: a directory, or in a missing folder."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        fail(f"{option} {path} is a directory: give a file path")
+    if not path.parent.is_dir():
+        fail(f"{option} {path}: the folder {path.parent} does not exist")
+
+
 def resolve_device(device: str) -> str:
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        fail(f"--device must be auto, cuda, cuda:N or cpu, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {device} asked for, but no CUDA GPU is available")
     return device

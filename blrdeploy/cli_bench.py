@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import _dtype, app, emit_json, fail, resolve_device
+from .cli import _dtype, app, check_output_path, emit_json, fail, resolve_device
 
 
 class _steps:
@@ -118,6 +118,9 @@ def bench(
 
     from . import bench as bn
 
+    check_output_path(output, "--output")
+    if params_ratio is not None and not 0 < params_ratio < 1:
+        fail(f"--params-ratio must be in (0, 1), got {params_ratio}")
     dev = torch.device(resolve_device(device))
     torch_dtype = _dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     chosen = tuple(m.strip() for m in modes.split(",")) if modes else (bn.MODES if dev.type == "cuda" else ("eager",))
@@ -142,7 +145,8 @@ def bench(
             budget_s=budget, seed=seed,
         )  # fmt: skip
         preset = "auto" if params_ratio is None else None
-        target = bn.resolve(model, structure, preset, params_ratio or 0.5, seed, dev, torch_dtype, fuse_siblings)
+        ratio = 0.5 if params_ratio is None else params_ratio
+        target = bn.resolve(model, structure, preset, ratio, seed, dev, torch_dtype, fuse_siblings)
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     progress = _steps(bn.step_count(target, config, only))

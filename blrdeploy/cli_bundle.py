@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import app, emit_json, fail
+from .cli import app, check_output_path, emit_json, fail
 
 
 def _stage_printer(enabled: bool):
@@ -255,6 +255,11 @@ def run(
 
     if (checkpoint is None) == (bundle_dir is None):
         fail("give either a CHECKPOINT or --bundle DIR")
+    check_output_path(output, "--output")
+    if inputs is not None and not inputs.is_file():
+        fail(f"--input {inputs}: no such file")
+    if repeat < 0:
+        fail(f"--repeat must be 0 or more, got {repeat}")
     if bundle_dir is not None and not fuse_siblings:
         fail("--no-fuse-siblings is for a checkpoint: a bundle always runs every layer on its own")
     dev = resolve_device(device)
@@ -319,10 +324,17 @@ def run(
             t = time.perf_counter()
             forward()
             times.append(time.perf_counter() - t)
+    except torch.OutOfMemoryError:
+        fail("out of memory running the model (it loaded; a smaller input may fit)")
     except RuntimeError as exc:  # MissingKernel, CudaError: the bundle cannot serve this input on this machine
-        if b is None:
+        if b is None and inputs is None:
             raise
         fail(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    except (ValueError, IndexError, TypeError, AttributeError) as exc:
+        if inputs is None:  # the checkpoint's own sample input: a defect, not the user's input
+            raise
+        names = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in feed.items())
+        fail(f"the model cannot run --input {inputs} ({names}): {type(exc).__name__}: {str(exc).splitlines()[0]}")
     steady_ms = 1e3 * sorted(times)[len(times) // 2] if times else None
     result = {
         "model": str(bundle_dir or checkpoint),
@@ -383,6 +395,13 @@ def _generate_text(model, checkpoint: Path, prompt: str, max_new_tokens: int, lo
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         fail("--prompt encodes to no tokens")
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and ids.shape[1] + max_new_tokens > positions:
+        fail(
+            f"the prompt's {ids.shape[1]} tokens and --max-new-tokens {max_new_tokens} exceed the model's "
+            f"{positions} positions: shorten the prompt or ask for at most {max(0, positions - ids.shape[1])} tokens"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def generate(n: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import app, emit_json, fail
+from .cli import app, check_output_path, emit_json, fail
 
 # The reference paper's token counts per family (prefill / batch), plus single-token decode for the LLMs.
 DEFAULT_TOKENS = {"llama": [1, 1024], "gpt2": [1, 384], "vit": [197, 197 * 64], "dit": [16384]}
@@ -53,6 +53,7 @@ def roofline(
     from . import devices
     from . import roofline as rl
 
+    check_output_path(png, "--png")
     try:
         device = devices.get(target)
         layers, kept, family, blr = _layers(model, structure)
@@ -67,7 +68,10 @@ def roofline(
             if benched != (model, blr):
                 raise ValueError(f"--measured {measured} is a bench of {benched[0]!r} ({benched[1]}), not {model!r} "
                                  f"({blr})")  # fmt: skip
-        counts = [int(t) for t in tokens.split(",")] if tokens else DEFAULT_TOKENS.get(family or "", [1, 1024])
+        try:
+            counts = [int(t) for t in tokens.split(",")] if tokens else DEFAULT_TOKENS.get(family or "", [1, 1024])
+        except ValueError:
+            raise ValueError(f"--tokens takes comma-separated positive integers, got {tokens!r}") from None
         if not layers:
             raise ValueError(f"{model} has no BLR layer to predict")
         if any(n < 1 for n in counts):

@@ -8,6 +8,7 @@ that ``$BLRDEPLOY_DEVICES`` names (``--target NAME``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -32,8 +33,8 @@ class Device:
             problems.append(f"arch must be a compute capability like 87, got {self.arch!r}")
         for f in ("sm_count", "memory_gb", "bandwidth_gbs", "fp16_tflops"):
             value = getattr(self, f)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                problems.append(f"{f} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                problems.append(f"{f} must be a positive finite number, got {value!r}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if problems:

@@ -90,6 +90,10 @@ def test_bench_command_on_cpu(tmp_path):
         (["llama-tiny", "--only", "both"], "--only"),
         (["no-such-model"], "neither a built-in model"),
         (["llama-tiny", "--new-tokens", "1"], "at least 2"),
+        (["gpt2-tiny", "--params-ratio", "0"], "must be in (0, 1)"),
+        (["gpt2-tiny", "--device", "garbage"], "--device must be"),
+        (["gpt2-tiny", "-o", "/no-such-folder/x.json"], "does not exist"),
+        (["gpt2-tiny", "-o", "."], "is a directory"),
     ],
 )
 def test_bench_refuses_bad_input(args, message):
@@ -199,6 +203,33 @@ def test_run_text_in_text_out(tmp_path):
 
     plain = runner.invoke(app, ["run", str(out), "--prompt", "w5", "--max-new-tokens", "2", "--dtype", "float32"])
     assert plain.exit_code == 0 and plain.stdout.strip().split()[0].startswith("w")
+
+
+def test_bench_and_run_refuse_a_damaged_checkpoint_and_bad_run_arguments(tmp_path):
+    from safetensors.torch import save_file
+
+    from blrdeploy import save
+
+    ckpt = tmp_path / "ckpt"
+    save(bench.resolve("gpt2-tiny", dtype=torch.float32).variants[1].build(), ckpt)
+    bad_names = tmp_path / "in.safetensors"
+    save_file({"pixel_values": torch.zeros(1, 3, 8, 8)}, str(bad_names))
+    cases = [
+        (["--input", str(bad_names)], "the model cannot run --input"),  # a GPT-2 given an image tensor
+        (["--input", str(tmp_path)], "no such file"),
+        (["--output", str(tmp_path / "missing" / "o.safetensors")], "does not exist"),
+        (["--repeat", "-1"], "--repeat must be 0 or more"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, ["run", str(ckpt), "--device", "cpu", "--dtype", "float32", *args])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+        assert isinstance(res.exception, SystemExit), args  # a clean exit, not an escaped exception
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-200:] = bytes(200)  # same size: only the sha256 tells
+    weights.write_bytes(bytes(data))
+    res = runner.invoke(app, ["bench", str(ckpt), "--no-decode"])
+    assert res.exit_code == 2 and "does not match its recorded sha256" in res.output, res.output
 
 
 def test_run_prompt_needs_a_tokenizer(tmp_path):

@@ -344,6 +344,9 @@ def test_device_profiles(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text(json.dumps({**mine, "arch": "sm87"}))
     with pytest.raises(ValueError, match="arch must be a compute capability"):
         devices.get("bad")
+    (tmp_path / "bad.json").write_text(json.dumps({**mine, "bandwidth_gbs": float("nan")}))  # JSON's NaN literal
+    with pytest.raises(ValueError, match="bandwidth_gbs must be a positive finite number, got nan"):
+        devices.get("bad")
     with pytest.raises(ValueError, match="unknown target"):
         devices.get("nope")
 

@@ -66,6 +66,8 @@ def test_roofline_command_table_json_png(tmp_path):
         (["llama-tiny", "--target", "tpu"], "unknown target"),
         (["llama-tiny", "--target", "h100", "--tokens", "0"], "--tokens must be positive"),
         (["no-such-model", "--target", "h100"], "neither a built-in model"),
+        (["llama-tiny", "--target", "h100", "--tokens", "abc"], "--tokens takes comma-separated positive integers"),
+        (["llama-tiny", "--target", "h100", "--png", "/no-such-folder/x.png"], "does not exist"),
     ]:
         result = runner.invoke(app, ["roofline", *args])
         assert result.exit_code == 2 and message in result.output, result.output
