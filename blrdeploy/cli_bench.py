@@ -111,7 +111,8 @@ def bench(
     """Benchmark a BLR model against the dense model of the same architecture, under the same harness: prefill
     latency at the reference paper's sizes (Llama 1024 tokens, GPT-2 384, ViT-B batch 1 and 64, DiT-XL/2 16384
     tokens), greedy decode tokens/s (LLMs, batch 1, 128 new tokens on a static cache), weight bytes and peak GPU
-    memory. Built-in models get seeded random weights (the BLR one planned with the paper's preset); a converted
+    memory. Built-in models get seeded random weights (the BLR one planned with the paper's preset where the model
+    has one, else at --params-ratio, default 0.5); a converted
     checkpoint runs its own weights beside a random dense twin. Progress goes to stderr. Exit code: 0 done (a
     model that did not fit is reported, not an error), 2 unusable input."""
     import torch
@@ -147,6 +148,8 @@ def bench(
         preset = "auto" if params_ratio is None else None
         ratio = 0.5 if params_ratio is None else params_ratio
         target = bn.resolve(model, structure, preset, ratio, seed, dev, torch_dtype, fuse_siblings)
+        if seq is not None and target.family not in bn.LLM_FAMILIES:
+            raise ValueError(f"--seq is for token models; a {target.family} model's token count is fixed by its config")
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     progress = _steps(bn.step_count(target, config, only))

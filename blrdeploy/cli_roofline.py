@@ -65,7 +65,7 @@ def roofline(
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"--measured {measured}: not a blrdeploy bench --json result ({exc})") from None
             benched = (bench_result.get("model"), bench_result.get("structure"))
-            if benched != (model, blr):
+            if benched != (model, blr) and not _same_checkpoint(benched[0], model):
                 raise ValueError(f"--measured {measured} is a bench of {benched[0]!r} ({benched[1]}), not {model!r} "
                                  f"({blr})")  # fmt: skip
         try:
@@ -119,6 +119,17 @@ def roofline(
             line += "; not measured at this N"
         console.print(line, soft_wrap=True)
     if seen is not None:
-        console.print("measured on the GPU bench ran on, whole model (attention and norms included)", soft_wrap=True)
+        console.print(
+            f"measured by bench on {bench_result.get('device', 'its device')}, whole model (attention and norms "
+            "included)",
+            soft_wrap=True,
+        )
     if png is not None:
         console.print(f"figure: {png}")
+
+
+def _same_checkpoint(benched: str | None, model: str) -> bool:
+    """Whether bench's model and roofline's are one checkpoint directory, however the path was written."""
+    if not benched or not Path(model).is_dir():
+        return False
+    return Path(benched).resolve() == Path(model).resolve()

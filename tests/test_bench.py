@@ -94,6 +94,7 @@ def test_bench_command_on_cpu(tmp_path):
         (["gpt2-tiny", "--device", "garbage"], "--device must be"),
         (["gpt2-tiny", "-o", "/no-such-folder/x.json"], "does not exist"),
         (["gpt2-tiny", "-o", "."], "is a directory"),
+        (["vit-tiny", "--seq", "5"], "--seq is for token models"),
     ],
 )
 def test_bench_refuses_bad_input(args, message):
