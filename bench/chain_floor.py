@@ -31,7 +31,7 @@ from common import machine
 from layers import read_kernel, save_tuned, setting, write_json
 from triton.testing import do_bench
 
-from blrdeploy.models import BUILTIN
+from blrdeploy.models.families import BUILTIN
 
 
 def _llama(hidden: int, intermediate: int, kv_out: int) -> list[tuple]:

@@ -21,7 +21,7 @@ from common import machine
 from layers import write_json
 from prefill_profile import profile_replays
 
-from blrdeploy.bench import Decoder, _capture, resolve
+from blrdeploy.measure.bench import Decoder, _capture, resolve
 
 
 @torch.no_grad()
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     if args.without_blocks:
-        import blrdeploy.blocks
+        import blrdeploy.conversion.blocks
 
         blrdeploy.blocks.fuse_blocks = lambda *a, **k: 0
     device = torch.device("cuda")

@@ -30,8 +30,8 @@ from blrdeploy.kernels import launch
 from common import machine
 from triton.testing import do_bench
 
-from blrdeploy import functional as ref
-from blrdeploy.models import BUILTIN
+from blrdeploy.models.families import BUILTIN
+from blrdeploy.structures import functional as ref
 
 # (model, label, pattern of the model's paper preset, out, in, has bias)
 LAYERS = [

@@ -21,7 +21,7 @@ import torch
 from common import machine
 from layers import write_json
 
-from blrdeploy.bench import _capture, _median_ms, prefill_inputs, resolve, tokens_of
+from blrdeploy.measure.bench import _capture, _median_ms, prefill_inputs, resolve, tokens_of
 
 
 def kernel_class(name: str) -> str:

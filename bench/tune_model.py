@@ -19,7 +19,7 @@ from blrdeploy.kernels import launch
 from common import machine
 from layers import save_tuned
 
-from blrdeploy.bench import prefill_inputs, resolve
+from blrdeploy.measure.bench import prefill_inputs, resolve
 
 
 def main(argv=None) -> int:

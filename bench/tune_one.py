@@ -20,7 +20,7 @@ from blrdeploy.kernels.configs import ConfigTable, space
 from common import machine
 from layers import LAYERS, factors, read_kernel, rel_error, setting, time_us, write_json
 
-from blrdeploy import functional as ref
+from blrdeploy.structures import functional as ref
 
 
 def stream_us(nbytes: int) -> float:

@@ -2,17 +2,17 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import ops  # noqa: F401  (registers torch.ops.blrdeploy.*)
-from .budget import BudgetChoice, choose_blocks_and_rank
-from .checkpoint import CheckpointError, load, save
-from .convert import ConvertConfig, convert
-from .factorize import FitResult, blast_factorize, lowrank_svd, monarch_project
-from .modules import BlastLinear, LowRankLinear, MonarchLinear
+from blrdeploy.conversion.checkpoint import CheckpointError, load, save
+from blrdeploy.conversion.convert import ConvertConfig, convert
+from blrdeploy.structures import ops  # noqa: F401  (registers torch.ops.blrdeploy.*)
+from blrdeploy.structures.budget import BudgetChoice, choose_blocks_and_rank
+from blrdeploy.structures.factorize import FitResult, blast_factorize, lowrank_svd, monarch_project
+from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear
 
 
 def export_onnx(model, path, inputs=None, **kwargs):
     """Export a model with BLR layers to ONNX (see :func:`blrdeploy.exporters.onnx.export_onnx`)."""
-    from .exporters.onnx import export_onnx as _export
+    from blrdeploy.exporters.onnx import export_onnx as _export
 
     return _export(model, path, inputs, **kwargs)
 
@@ -20,7 +20,7 @@ def export_onnx(model, path, inputs=None, **kwargs):
 def load_bundle(path, device="cuda", allow_jit=False):
     """Load a device bundle: ``(model, bundle)``, BLR layers on its shipped cubins (see
     :func:`blrdeploy.exporters.bundle.load_bundle`)."""
-    from .exporters.bundle import load_bundle as _load_bundle
+    from blrdeploy.exporters.bundle import load_bundle as _load_bundle
 
     return _load_bundle(path, device, allow_jit)
 

@@ -1,3 +1,3 @@
-from .cli import main
+from blrdeploy.cli import main
 
 main()

@@ -37,8 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from blrdeploy import devices
-from blrdeploy.checkpoint import (
+from blrdeploy.conversion.checkpoint import (
     BLR_CONFIG,
     CheckpointError,
     atomic_directory,
@@ -49,7 +48,8 @@ from blrdeploy.checkpoint import (
     read_format_file,
     tool_versions,
 )
-from blrdeploy.checkpoint import verify as verify_checkpoint
+from blrdeploy.conversion.checkpoint import verify as verify_checkpoint
+from blrdeploy.measure import devices
 
 # 2: the manifest carries its own checksum; 3: the grouped GEMM takes a norm's row scale and BLAST layers with
 # b_out <= 4 run fused V+S above 64 tokens, so a version-2 bundle lacks kernels this launcher asks for; 4: the
@@ -116,14 +116,14 @@ class LayerShape:
 
 def layer_shapes(model: torch.nn.Module) -> dict[str, LayerShape]:
     """Layer name -> shape of every BLR layer of a model."""
-    from blrdeploy.modules import _BLRLinear
+    from blrdeploy.structures.modules import _BLRLinear
 
     return {name: _shape_of(m) for name, m in model.named_modules() if isinstance(m, _BLRLinear)}
 
 
 def layer_shapes_of_checkpoint(blr_config: dict) -> dict[str, LayerShape]:
     """The same from a checkpoint's blr_config.json, with the modules built on the meta device (no weights read)."""
-    from blrdeploy.checkpoint import blr_module
+    from blrdeploy.conversion.checkpoint import blr_module
 
     try:
         return {layer["name"]: _shape_of(blr_module(layer)) for layer in blr_config["layers"]}
@@ -341,11 +341,10 @@ def _copy_checkpoint(src: Path, cfg: dict, dst: Path, dtype: torch.dtype) -> dic
 
 def _sample(checkpoint: Path, cfg: dict, root: Path) -> dict:
     """A seeded input and the float32 CPU reference output of the bundle's weights."""
-    from blrdeploy.exporters.onnx import sample_inputs
     from safetensors.torch import save_file
 
-    from blrdeploy.checkpoint import load
-    from blrdeploy.job import model_output
+    from blrdeploy.conversion.checkpoint import load
+    from blrdeploy.models.outputs import model_output, sample_inputs
 
     model = load(checkpoint, device="cpu", dtype=torch.float32)
     inputs = sample_inputs(model, cfg, batch=1, seed=0)
@@ -396,7 +395,7 @@ def package(
     """Build a bundle of ``checkpoint`` for ``target`` at ``out``; returns the manifest. ``tune``: measure the
     launch configs on the GPU at hand (None: when it has the target's architecture); else they come from the
     architecture's shipped table and the heuristic defaults. Written atomically; ``archive`` adds OUT.tar.gz."""
-    from blrdeploy.validators.onnx import TOLERANCE
+    from blrdeploy.models.outputs import TOLERANCE
 
     checkpoint, out = Path(checkpoint), Path(out)
     device = target if isinstance(target, devices.Device) else devices.get(target)
@@ -745,7 +744,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cuda", allow_jit
     dtype with its BLR layers on the shipped cubins (nothing is compiled; ``allow_jit`` lets a launch no cubin
     serves compile with a warning instead of failing). ``device="cpu"`` loads it for the PyTorch reference path.
     ``bundle.close()`` gives the process its previous kernels back."""
-    from blrdeploy.checkpoint import load
+    from blrdeploy.conversion.checkpoint import load
 
     root, manifest = open_bundle(path)
     verify_files(root, manifest)
@@ -770,10 +769,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cuda", allow_jit
 
 def sample_check(model: torch.nn.Module, bundle: Bundle):
     """The bundle's sample input through ``model`` against the expected output: a validators Check."""
-    from blrdeploy.validators.compare import compare
     from safetensors.torch import load_file
 
-    from blrdeploy.job import model_output
+    from blrdeploy.models.outputs import compare, model_output
 
     inputs = load_file(str(bundle.root / bundle.manifest["sample"]["input"]))
     expected = load_file(str(bundle.root / bundle.manifest["sample"]["expected"]))["output"]

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import onnx
 import torch
+from blrdeploy.exporters.onnx_functions import DOMAIN, DOMAIN_VERSION, FUNCTIONS, OPSET
 from torch import nn
 
-from .onnx_functions import DOMAIN, DOMAIN_VERSION, FUNCTIONS, OPSET
+from blrdeploy.models.outputs import main_output, sample_inputs
 
 IR_VERSION = 10
 TWO_GB = 2**31
@@ -42,8 +43,6 @@ class _MainOutput(nn.Module):
 
     def forward(self, x0, x1=None, x2=None):
         inputs = dict(zip(self.names, (x0, x1, x2), strict=False))
-        from blrdeploy.models import main_output
-
         return main_output(self.model(**inputs, **({"use_cache": False} if self.no_cache else {})))
 
 
@@ -107,7 +106,7 @@ def export_onnx(
     if path.is_dir():
         raise ValueError(f"{path} is a directory: give the path of the .onnx file to write")
     if inputs is None:
-        from blrdeploy.sources import family_of
+        from blrdeploy.models.sources import family_of
 
         family = family_of(model)
         if family is None:
@@ -157,7 +156,7 @@ def export_onnx(
 def export_checkpoint(checkpoint: str | Path, path: str | Path, seed: int = 0) -> Path:
     """Export a converted checkpoint directory; the ONNX metadata names the checkpoint's weights sha256."""
     from blrdeploy import __version__
-    from blrdeploy.checkpoint import load, read_blr_config
+    from blrdeploy.conversion.checkpoint import load, read_blr_config
 
     cfg = read_blr_config(checkpoint)
     model = load(checkpoint, device="cpu", dtype=torch.float32)
@@ -170,15 +169,3 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, seed: int = 0) -
         "onnx.version": onnx.__version__,
     }
     return export_onnx(model, path, inputs, metadata=metadata)
-
-
-def sample_inputs(model: nn.Module, blr_config: dict, batch: int, seed: int, seq: int = 16) -> dict:
-    from blrdeploy.models import FAMILIES
-
-    family = FAMILIES.get(blr_config["source"].get("family") or "")
-    if family is None or family.sample is None:
-        raise ValueError(
-            f"no sample inputs are known for {blr_config['source'].get('class')}; "
-            f"ONNX export covers the {', '.join(FAMILIES)} families"
-        )
-    return family.sample(model, batch, seed, seq)

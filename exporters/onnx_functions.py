@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from blrdeploy.functional import ONNX_DOMAIN as DOMAIN
+from blrdeploy.structures.functional import ONNX_DOMAIN as DOMAIN
 
 DOMAIN_VERSION = 1
 OPSET = 20

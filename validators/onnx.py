@@ -13,14 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blrdeploy.checkpoint import CheckpointError, load, read_blr_config, verify
-from blrdeploy.job import model_output as _main_output
-from blrdeploy.modules import _BLRLinear
-
-from .compare import Check, compare
-
-# ||out - ref|| / ||ref|| allowed per dtype of the compared run
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+from blrdeploy.conversion.checkpoint import CheckpointError, load, read_blr_config, verify
+from blrdeploy.models.outputs import TOLERANCE, Check, compare, model_output, sample_inputs
+from blrdeploy.structures.modules import _BLRLinear
 
 
 class Unusable(ValueError):
@@ -52,8 +47,6 @@ class Report:
 
 def seeded_inputs(model: nn.Module, blr_config: dict):
     """(label, inputs) of the seeded cases: odd and even sizes, batch 1 included; seq only for token models."""
-    from blrdeploy.exporters.onnx import sample_inputs
-
     if blr_config["source"].get("family") in ("llama", "gpt2"):
         cases = [("batch=1 seq=7", 1, 7), ("batch=2 seq=16", 2, 16), ("batch=3 seq=5", 3, 5)]
     else:
@@ -144,7 +137,7 @@ def validate_against_onnx(
             missing = [n for n in names if n not in inputs]
             if missing:
                 raise Unusable(f"{onnx_path} expects inputs {missing} that this checkpoint's model does not take")
-            ref = _main_output(model, inputs)
+            ref = model_output(model, inputs)
             out = torch.from_numpy(session.run(None, {n: inputs[n].numpy() for n in names})[0])
             check = compare(f"output {label}", out, ref, tol)
             report.checks.append(check)
@@ -169,7 +162,7 @@ def _first_diverging_layer(model, proto, inputs, names, path, tol) -> str | None
         for n, m in layers
     ]
     try:
-        _main_output(model, inputs)
+        model_output(model, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -195,8 +188,8 @@ def _first_diverging_layer(model, proto, inputs, names, path, tol) -> str | None
 def validate_against_dense(checkpoint: str | Path, max_error: float | None = None) -> Report:
     """Converted vs the dense model it came from, on seeded inputs: the approximation's quality."""
 
-    from blrdeploy.models import BUILTIN
-    from blrdeploy.sources import build_builtin, load_pretrained_dir
+    from blrdeploy.models.families import BUILTIN
+    from blrdeploy.models.sources import build_builtin, load_pretrained_dir
 
     checkpoint = Path(checkpoint)
     cfg, model = _load_checkpoint(checkpoint)
@@ -214,7 +207,7 @@ def validate_against_dense(checkpoint: str | Path, max_error: float | None = Non
     report = Report("dense", str(checkpoint))
     for label, inputs in seeded_inputs(model, cfg):
         report.checks.append(
-            compare(f"output {label}", _main_output(model, inputs), _main_output(dense, inputs), max_error)
+            compare(f"output {label}", model_output(model, inputs), model_output(dense, inputs), max_error)
         )
     if max_error is None:
         report.notes.append("no --rtol given: reported, not judged")
@@ -241,8 +234,8 @@ def validate_against_reference(
         report.checks.append(
             compare(
                 f"output {label} {str(dtype).removeprefix('torch.')}",
-                _main_output(gpu_model, gpu_inputs),
-                _main_output(ref_model, ref_inputs),
+                model_output(gpu_model, gpu_inputs),
+                model_output(ref_model, ref_inputs),
                 rtol if rtol is not None else TOLERANCE[dtype],
             )
         )

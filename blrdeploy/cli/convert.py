@@ -1,0 +1,177 @@
+"""CLI commands ``convert`` and ``info``: write a converted checkpoint, and describe one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from blrdeploy.cli.common import convert_progress, emit_json, fail, parse_dtype, resolve_device
+from blrdeploy.conversion import checkpoint
+from blrdeploy.conversion.convert import ConvertConfig
+from blrdeploy.conversion.pipeline import DEFAULT_MODEL, load_layer_settings, run_convert
+
+
+def convert(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="A built-in model (llama-7b, llama-3.2-1b, gpt2-s, vit-b-16, dit-xl-2, gpt2-mini, *-tiny) or a "
+            "Hugging Face checkpoint directory. Default: gpt2-mini."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output directory. Default: ./<model>-<structure>.")
+    ] = None,
+    structure: Annotated[str, typer.Option(help="blast, monarch or lowrank.")] = "blast",
+    params_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--params-ratio",
+            help="Per-layer parameter budget rho in (0,1): (b, r) chosen by DESIGN's rule. "
+            "Default 0.5 when neither --preset nor --layers is given.",
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="'paper': the reference paper's per-layer (b, r) for the built-in models.")
+    ] = None,
+    layers: Annotated[
+        Path | None,
+        typer.Option(help="JSON/YAML file mapping layer-name patterns to {num_blocks, rank}; wins over the rest."),
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Glob of layer names to convert (repeatable). Default: the family's.")
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Glob of layer names to keep dense (repeatable).")] = None,
+    steps: Annotated[int, typer.Option(help="BLAST optimization steps per layer.")] = 300,
+    device: Annotated[str, typer.Option(help="Where to factorize: auto (GPU when present), cpu, cuda.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Model dtype: auto (what the checkpoint loads as; float32 for built-in models), float32, "
+            "bfloat16, float16. The fit itself always runs in float32."
+        ),
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for built-in weights, BLAST init and the comparison inputs.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    skip_incompatible: Annotated[
+        bool, typer.Option(help="Keep dense (and report) layers whose dims no setting fits, instead of failing.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Plan only, on the meta device: layers, (b, r) and parameter counts; no weights.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Convert a model's linears to BLAST, Monarch or low-rank layers and write a converted checkpoint.
+
+    With no MODEL it converts the built-in gpt2-mini (GPT-2's architecture, 4 layers of width 384, seeded random
+    weights) so the whole flow can be seen on a CPU in about two minutes.
+    """
+    model = model or DEFAULT_MODEL
+    try:
+        settings = load_layer_settings(layers) if layers is not None else ()
+        ratio = params_ratio if params_ratio is not None else (None if preset or settings else 0.5)
+        config = ConvertConfig(
+            structure=structure, params_ratio=ratio, preset=preset, layers=settings,
+            include=tuple(include) if include else None, exclude=tuple(exclude or ()), steps=steps, seed=seed,
+            skip_incompatible=skip_incompatible,
+        )  # fmt: skip
+        if output is None and not dry_run:
+            output = Path(f"{Path(model).name}-{structure}")
+        dev = resolve_device(device) if not dry_run else "meta"
+        with convert_progress(not dry_run) as callbacks:  # on stderr: --json's stdout stays clean
+            summary = run_convert(
+                model, output, config, device=dev, dtype=parse_dtype(dtype), overwrite=overwrite, dry_run=dry_run,
+                callbacks=callbacks,
+            )  # fmt: skip
+    except ValueError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted: nothing was written", code=130)
+    if as_json:
+        emit_json(summary, default=str)
+        return
+    _print_conversion(summary)
+
+
+def _print_conversion(summary: dict) -> None:
+    console = Console()
+    table = Table(title=f"{summary['model']}: {'plan' if summary.get('dry_run') else 'converted layers'}")
+    cols = ["layer", "structure", "blocks", "rank", "dense params", "params"]
+    if not summary.get("dry_run"):
+        cols += ["rel. error", "time s"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("layer", "structure") else "right")
+    for e in summary["layers"]:
+        row = [e["name"], e["structure"], str(e["num_blocks"] or "-"), str(e["rank"])]
+        row += [f"{e['dense_params']:,}", f"{e['params']:,}"]
+        if not summary.get("dry_run"):
+            row += [f"{e['relative_error']:.4f}", f"{e['seconds']:.2f}"]
+        table.add_row(*row)
+    console.print(table)
+    for s in summary["skipped"]:
+        console.print(f"[yellow]kept dense[/yellow] {s['name']}: {s['reason']}")
+    before, after = summary["params_before"], summary["params_after"]
+    console.print(f"parameters: {before:,} -> {after:,} ({before / after:.2f}x smaller)")
+    if summary.get("dry_run"):
+        return
+    mib = 2**20
+    console.print(f"weight bytes: {summary['bytes_before'] / mib:,.1f} MiB -> {summary['bytes_after'] / mib:,.1f} MiB")
+    console.print(
+        f"layer relative error: mean {summary['mean_relative_error']:.4f}, worst {summary['worst_relative_error']:.4f}"
+    )
+    agree = summary["output_agreement"]
+    if agree:
+        console.print(
+            f"model output vs dense on seeded inputs: relative error {agree['relative_error']:.4f}, "
+            f"cosine similarity {agree['cosine_similarity']:.4f}"
+        )
+    if summary.get("builtin"):
+        console.print(
+            "[dim]built-in models carry seeded random weights, which have no structure to keep: expect large errors "
+            "here; trained checkpoints lose far less[/dim]"
+        )
+    console.print(f"wrote {summary['output']} in {summary['seconds']:.1f} s on {summary['device']}")
+
+
+def info(
+    path: Annotated[Path, typer.Argument(help="A converted checkpoint directory.")],
+    verify: Annotated[bool, typer.Option(help="Also check model.safetensors against its recorded sha256.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
+) -> None:
+    """Describe a converted checkpoint: layers, structure, b, r, parameters before/after, size, worst error."""
+    try:
+        report = checkpoint.describe(path, check_sha256=verify)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(report)
+    else:
+        _print_info(report)
+
+
+def _print_info(report: dict) -> None:
+    source, layers = report["source"], report["layers"]
+    table = Table(title=f"{report['path']}  ({source.get('id')}, {source.get('class')})")
+    for c in ("layer", "structure", "blocks", "rank", "params before", "params after", "rel. error"):
+        table.add_column(c, justify="left" if c in ("layer", "structure") else "right")
+    for e in layers:
+        err = "-" if e["relative_error"] is None else f"{e['relative_error']:.4f}"
+        table.add_row(
+            e["name"], e["structure"], str(e["num_blocks"] or "-"), str(e["rank"]),
+            f"{e['in_features'] * e['out_features']:,}", f"{e['params']:,}", err,
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    if report["model_params_before"]:
+        console.print(f"model parameters: {report['model_params_before']:,} -> {report['model_params_after']:,}")
+    dense, factored = report["converted_layer_params_before"], report["converted_layer_params_after"]
+    console.print(f"converted layers: {dense:,} -> {factored:,} parameters ({dense / max(1, factored):.2f}x)")
+    worst = report["worst_relative_error"]
+    console.print(
+        f"weights file: {report['weights_bytes'] / 2**20:,.1f} MiB; worst layer error: "
+        f"{'-' if worst is None else f'{worst:.4f}'}" + ("; sha256 verified" if report["verified"] else "")
+    )

@@ -1,0 +1,253 @@
+"""Swap a model's dense linears for BLR layers factorized from their weights, in place, layer by layer.
+
+``convert(model, ConvertConfig(...), filter_fn=None)`` is the API; ``plan`` says what it would do without
+touching a weight (it works on the meta device).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from blrdeploy.models.families import BUILTIN, BuiltinModel, Family, LayerSetting
+from blrdeploy.structures import shapes
+from blrdeploy.structures.budget import STRUCTURES, choose_blocks_and_rank, structure_params
+from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear, set_submodule
+
+CONFIG_VERSION = 1
+LayerProgress = Callable[[str, int, int], None]  # (layer name, layer index, layer count), before each layer
+
+
+@dataclass
+class ConvertConfig:
+    """What to convert and how much. ``layers`` (pattern, b, r) entries win over ``preset``, which wins over
+    ``params_ratio``. ``include=None`` takes the model family's default layers."""
+
+    structure: str = "blast"
+    params_ratio: float | None = 0.5
+    preset: str | None = None  # "paper": the reference paper's per-layer (b, r) for the built-in models
+    layers: tuple[LayerSetting, ...] = ()
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    steps: int = 300
+    seed: int = 0
+    compute_dtype: str = "float32"  # of the fit; float64 costs 2-4x the time on a CPU for no visible gain here
+    skip_incompatible: bool = False
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"unknown structure {self.structure!r}; choose one of {', '.join(STRUCTURES)}")
+        if self.params_ratio is not None and not 0 < self.params_ratio < 1:
+            raise ValueError(f"params ratio must be in (0, 1), got {self.params_ratio}")
+        if self.preset not in (None, "paper"):
+            raise ValueError(f"unknown preset {self.preset!r}; the one preset is 'paper'")
+        if self.compute_dtype not in ("float32", "float64"):
+            raise ValueError(f"compute_dtype must be float32 or float64, got {self.compute_dtype!r}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        self.layers = tuple(tuple(entry) for entry in self.layers)
+        self.include = None if self.include is None else tuple(self.include)
+        self.exclude = tuple(self.exclude)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConvertConfig:
+        """Reads what to_dict wrote (e.g. blr_config.json's "conversion"); refuses other versions."""
+        if data.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+            raise ValueError(
+                f"conversion config version {data.get('version')!r}; this blrdeploy reads {CONFIG_VERSION}"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown conversion config fields: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    kind: str  # "linear" or "conv1d" (GPT-2's Conv1D stores its weight transposed)
+    in_features: int
+    out_features: int
+    bias: bool
+    structure: str
+    num_blocks: int | None
+    rank: int
+    params: int
+    relative_error: float | None = None
+    seconds: float | None = None
+
+    @property
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "dense_params": self.dense_params}
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    skipped: list[dict] = field(default_factory=list)  # {"name", "reason"}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear whose weight is stored transposed)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[str, int, int]:
+    if isinstance(module, nn.Linear):
+        return "linear", module.in_features, module.out_features
+    in_features, out_features = module.weight.shape
+    return "conv1d", in_features, out_features
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _tied_weight_ids(model: nn.Module) -> set[int]:
+    """Storage of parameters reachable under more than one name (tied embeddings/heads): never converted."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
+def paper_settings(builtin_model: BuiltinModel | None, structure: str) -> tuple[LayerSetting, ...]:
+    if builtin_model is None or structure not in builtin_model.paper:
+        with_paper = [m.name for m in BUILTIN.values() if m.paper]
+        raise ValueError(
+            f"--preset paper has settings for {', '.join(with_paper)}; this model is not one of them. "
+            "Use --params-ratio or a per-pattern layers file instead."
+        )
+    return builtin_model.paper[structure]
+
+
+def plan(
+    model: nn.Module,
+    config: ConvertConfig,
+    family: Family | None = None,
+    builtin_model: BuiltinModel | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> Plan:
+    include = config.include if config.include is not None else (family.include if family else None)
+    if not include:
+        raise ValueError("this architecture has no default layer list: name the layers with --include PATTERN")
+    exclude = config.exclude + (family.exclude if family and config.include is None else ())
+    preset = paper_settings(builtin_model, config.structure) if config.preset == "paper" else ()
+    tied = _tied_weight_ids(model)
+    result = Plan([])
+    for name, module in model.named_modules():
+        if not is_linear(module):
+            continue
+        if not _matches(name, include) or _matches(name, exclude):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        if id(module.weight) in tied:
+            result.skipped.append({"name": name, "reason": "weight is tied to another parameter"})
+            continue
+        kind, in_features, out_features = linear_dims(module)
+        setting = next((s for s in config.layers + preset if fnmatch.fnmatchcase(name, s[0])), None)
+        try:
+            if setting is None:
+                if config.params_ratio is None:
+                    raise ValueError(f"layer {name}: no setting matches it and no --params-ratio was given")
+                choice = choose_blocks_and_rank(out_features, in_features, config.params_ratio, config.structure)
+                b, r = choice.num_blocks, choice.rank
+            else:
+                b, r = setting[1], setting[2]
+                _check_setting(config.structure, in_features, out_features, b, r)
+        except ValueError as exc:
+            if not config.skip_incompatible:
+                raise ValueError(f"layer {name} ({out_features}x{in_features}): {exc}") from None
+            result.skipped.append({"name": name, "reason": str(exc)})
+            continue
+        params = structure_params(config.structure, out_features, in_features, b, r)
+        bias = module.bias is not None
+        result.layers.append(LayerPlan(name, kind, in_features, out_features, bias, config.structure, b, r, params))
+    if not result.layers:
+        raise ValueError(f"no layer matches the include patterns ({', '.join(include)})")
+    return result
+
+
+def _check_setting(structure: str, in_features: int, out_features: int, b, r) -> None:
+    """The module constructors' shape checks, on the meta device."""
+    if structure == "blast":
+        BlastLinear(in_features, out_features, b, r, bias=False, device="meta")
+    elif structure == "monarch":
+        MonarchLinear(in_features, out_features, b, r, bias=False, device="meta")
+    else:
+        LowRankLinear(in_features, out_features, r, bias=False, device="meta")
+
+
+def build_layer(entry: LayerPlan, weight: torch.Tensor, bias, config: ConvertConfig, fit_progress=None):
+    compute = getattr(torch, config.compute_dtype)
+    if entry.structure == "blast":
+        return BlastLinear.from_dense(
+            weight, entry.num_blocks, entry.rank, bias=bias, steps=config.steps, seed=config.seed,
+            progress=fit_progress, compute_dtype=compute,
+        )  # fmt: skip
+    if entry.structure == "monarch":
+        return MonarchLinear.from_dense(weight, entry.num_blocks, entry.rank, bias=bias, compute_dtype=compute)
+    return LowRankLinear.from_dense(weight, entry.rank, bias=bias, compute_dtype=compute)
+
+
+def convert_layers(
+    model: nn.Module,
+    the_plan: Plan,
+    config: ConvertConfig,
+    device: str | torch.device | None = None,
+    layer_progress: LayerProgress | None = None,
+    fit_progress=None,
+) -> Plan:
+    """Replaces each planned layer in place; fills in relative_error and seconds. The dense weight of a layer is
+    dropped as soon as its replacement is in, so peak memory stays near one copy of the model."""
+    for index, entry in enumerate(the_plan.layers):
+        if layer_progress is not None:
+            layer_progress(entry.name, index, len(the_plan.layers))
+        dense = model.get_submodule(entry.name)
+        home_device, home_dtype = dense.weight.device, dense.weight.dtype
+        weight = dense.weight.detach()
+        weight = weight.T if entry.kind == "conv1d" else weight
+        shapes.check_finite(weight, f"layer {entry.name} weight")
+        compute = torch.device(device) if device is not None else home_device
+        t0 = time.perf_counter()
+        layer = build_layer(entry, weight.to(compute), dense.bias, config, fit_progress)
+        layer = layer.to(device=home_device, dtype=home_dtype)
+        entry.seconds = time.perf_counter() - t0
+        entry.relative_error = layer.fit_result.relative_error
+        set_submodule(model, entry.name, layer)
+        del dense, weight
+    return the_plan
+
+
+def convert(
+    model: nn.Module,
+    config: ConvertConfig | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    builtin_model: BuiltinModel | None = None,
+) -> Plan:
+    """Convert ``model`` in place (torchao's ``quantize_`` shape); returns what was done, per layer."""
+    from blrdeploy.models.sources import family_of
+
+    config = config or ConvertConfig()
+    the_plan = plan(model, config, family_of(model), builtin_model, filter_fn)
+    return convert_layers(model, the_plan, config, device)

@@ -1,0 +1,156 @@
+"""The conversion job behind ``blrdeploy convert``: open a model, plan, convert layer by layer, compare outputs
+with the dense model on seeded inputs, write the checkpoint, and summarize."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blrdeploy.conversion.checkpoint import check_output_dir, save
+from blrdeploy.conversion.convert import ConvertConfig, Plan, convert_layers, plan
+from blrdeploy.models.families import BUILTIN, Family, LayerSetting
+from blrdeploy.models.outputs import agreement, model_output
+from blrdeploy.models.sources import Source, build_builtin, identify, instantiate, open_source, read_config
+
+DEFAULT_MODEL = "gpt2-mini"
+
+
+@dataclass
+class Callbacks:
+    layer: object = None  # (name, index, count) before each layer
+    fit: object = None  # (step, steps, rel_error) during a BLAST fit
+
+
+def unique_params(model: nn.Module) -> tuple[int, int]:
+    """(count, bytes) of the model's parameters, tied ones counted once."""
+    seen, count, size = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            count += p.numel()
+            size += p.numel() * p.element_size()
+    return count, size
+
+
+def load_layer_settings(path: Path) -> tuple[LayerSetting, ...]:
+    """A JSON or YAML mapping ``pattern: {num_blocks: b, rank: r}`` (num_blocks omitted for low-rank)."""
+    if not path.is_file():
+        raise ValueError(f"no such layers file: {path}")
+    text = path.read_text()
+    is_yaml = path.suffix in (".yaml", ".yml")
+    if is_yaml:
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ValueError("reading a YAML layers file needs PyYAML: pip install pyyaml") from exc
+    try:
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except Exception as exc:  # JSONDecodeError, YAMLError
+        raise ValueError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path} must map layer-name patterns to {{num_blocks, rank}}")
+    settings = []
+    for pattern, entry in data.items():
+        if not isinstance(entry, dict) or "rank" not in entry:
+            raise ValueError(f"{path}: entry {pattern!r} needs at least 'rank' (and 'num_blocks' for blast/monarch)")
+        settings.append((str(pattern), entry.get("num_blocks"), entry["rank"]))
+    return tuple(settings)
+
+
+def _meta_source(model_arg: str, allow_unknown: bool) -> Source:
+    """The model's skeleton on the meta device: enough to plan and count, with no weights."""
+    if model_arg in BUILTIN:
+        return build_builtin(model_arg, device="meta")
+    path = Path(model_arg)
+    if not path.exists():
+        raise ValueError(f"{model_arg!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an existing directory")
+    config = read_config(path)
+    library, class_name, family = identify(config, allow_unknown)
+    return Source(instantiate(library, class_name, config, device="meta"), family, str(path), library, class_name)
+
+
+def _plan_summary(source: Source, the_plan: Plan) -> dict:
+    params, size = unique_params(source.model)
+    saved = sum(e.dense_params - e.params for e in the_plan.layers)
+    return {
+        "model": source.id,
+        "family": source.family.name if source.family else None,
+        "params_before": params,
+        "params_after": params - saved,
+        "compression": params / max(1, params - saved),
+        "layers": [e.to_dict() for e in the_plan.layers],
+        "skipped": the_plan.skipped,
+    }
+
+
+def run_convert(
+    model_arg: str,
+    output: Path | None,
+    config: ConvertConfig,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    allow_unknown: bool = False,
+    callbacks: Callbacks | None = None,
+) -> dict:
+    callbacks = callbacks or Callbacks()
+    allow_unknown = allow_unknown or config.include is not None
+    if dry_run:
+        source = _meta_source(model_arg, allow_unknown)
+        the_plan = plan(source.model, config, source.family, source.builtin)
+        return {"dry_run": True, **_plan_summary(source, the_plan)}
+
+    if output is not None:
+        check_output_dir(output, overwrite)  # fail before hours of work, not after
+    t0 = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    source = open_source(model_arg, device=device, dtype=dtype, seed=config.seed, allow_unknown=allow_unknown)
+    model = source.model
+    the_plan = plan(model, config, source.family, source.builtin)
+    params_before, bytes_before = unique_params(model)
+    family: Family | None = source.family
+    inputs = family.sample(model, 2, config.seed) if family and family.sample else None
+    reference = model_output(model, inputs) if inputs is not None else None
+
+    convert_layers(model, the_plan, config, device, callbacks.layer, callbacks.fit)
+
+    params_after, bytes_after = unique_params(model)
+    summary = {
+        "model": source.id,
+        "builtin": source.builtin is not None,
+        "family": family.name if family else None,
+        "structure": config.structure,
+        "device": device,
+        "params_before": params_before,
+        "params_after": params_after,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "compression": params_before / params_after,
+        "layers_converted": len(the_plan.layers),
+        "worst_relative_error": max(e.relative_error for e in the_plan.layers),
+        "mean_relative_error": sum(e.relative_error for e in the_plan.layers) / len(the_plan.layers),
+        "output_agreement": agreement(model_output(model, inputs), reference) if inputs is not None else None,
+        "seconds": None,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+    }
+    if output is not None:
+        source_info = {"id": source.id, "family": summary["family"], "library": source.library}
+        source_info["class"] = source.class_name
+        extra = {"conversion": config.to_dict(), "summary": {k: v for k, v in summary.items() if k != "seconds"}}
+        tokenizer = None if source.builtin is not None else Path(source.id)
+        save(model, output, source=source_info, extra=extra, overwrite=overwrite, tokenizer_from=tokenizer)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    summary["layers"] = [e.to_dict() for e in the_plan.layers]
+    summary["skipped"] = the_plan.skipped
+    summary["output"] = None if output is None else str(output)
+    return summary

@@ -1,0 +1,201 @@
+"""Roofline predictions: per BLR layer and token count, the bytes and FLOPs of dense, of the PyTorch reference and
+of our kernels' launch sequence, and the time each takes on a device profile (``blrdeploy.devices``).
+
+A stage's time is max(bytes / bandwidth, FLOPs / peak): memory and math fully overlapped, no launch overhead, no
+cache reuse between stages. Element size is the model dtype's (2 bytes); float32 split partials are ignored.
+Modeled stages:
+
+* dense: read x and W, write y.
+* PyTorch reference (``blrdeploy.functional``): every einsum reads its operands and writes its result, and every
+  intermediate is also copied once more (read + write) because the next einsum batches over another axis.
+* our kernels (``kernels/launch.py``): BLAST up to 64 tokens, and at any size with at most 4 output blocks, fuses V
+  and S (z never reaches memory), otherwise runs V, the S mix and U; Monarch's permutation is folded into the index
+  maps (above 64 tokens one interleave pass is added); low-rank is two GEMMs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from blrdeploy.measure.devices import Device
+
+PATHS = ("dense", "pytorch", "kernels")
+BLAST_FUSED_MAX_N = 64  # as kernels/launch.py, where a layer with few output blocks stays fused above it
+FUSED_MANY_MAX_BOUT = 4
+MONARCH_DIRECT_MAX_N = 64
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    bytes: float
+    flops: float
+
+    def seconds(self, device: Device) -> float:
+        return max(self.bytes / (device.bandwidth_gbs * 1e9), self.flops / (device.fp16_tflops * 1e12))
+
+
+def _blocks(layer: dict) -> tuple[int, int]:
+    b = layer.get("num_blocks")
+    if isinstance(b, (list, tuple)):
+        return int(b[0]), int(b[1])
+    return int(b), int(b)
+
+
+def stages(layer: dict, path: str, n: int, elem: int = 2) -> list[Stage]:
+    """The memory and math of ``path`` for one layer (a blr_config.json layer entry) at ``n`` tokens."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; one of {', '.join(PATHS)}")
+    i, o, r = layer["in_features"], layer["out_features"], layer.get("rank")
+    bias = o * elem if layer.get("bias") else 0
+    e = elem
+    if path == "dense":
+        return [Stage("dense", e * (n * i + i * o + n * o) + bias, 2 * n * i * o)]
+    structure = layer["structure"]
+    if structure == "lowrank":
+        return [
+            Stage("V", e * (n * i + i * r + n * r), 2 * n * i * r),
+            Stage("U", e * (n * r + r * o + n * o) + bias, 2 * n * r * o),
+        ]
+    if structure == "blast":
+        b_out, b_in = _blocks(layer)
+        z, w, s = n * b_in * r, n * b_out * r, b_out * b_in * r
+        v = Stage("V", e * (n * i + i * r + z), 2 * n * i * r)
+        mix = Stage("S", e * (z + s + w), 2 * n * s)
+        u = Stage("U", e * (w + o * r + n * o) + bias, 2 * n * r * o)
+        if path == "kernels":
+            few_blocks = 1 << max(0, b_out - 1).bit_length() <= FUSED_MANY_MAX_BOUT
+            if n <= BLAST_FUSED_MAX_N or few_blocks:
+                return [Stage("V+S", e * (n * i + i * r + s + w), v.flops + mix.flops), u]
+            return [v, mix, u]
+        copies = [Stage("copy z", 2 * e * z, 0), Stage("copy w", 2 * e * w, 0)]
+        return [v, copies[0], mix, copies[1], u]
+    if structure == "monarch":
+        b, _ = _blocks(layer)
+        h = n * b * r  # stage 1 maps each of the b input blocks to R values
+        s1 = Stage("stage 1", e * (n * i + r * i + h), 2 * n * i * r)
+        s2 = Stage("stage 2", e * (h + o * r + n * o) + bias, 2 * n * r * o)
+        if path == "kernels":
+            if n <= MONARCH_DIRECT_MAX_N:
+                return [s1, s2]
+            return [s1, s2, Stage("interleave", 2 * e * n * o, 0)]
+        return [s1, Stage("permute h", 2 * e * h, 0), s2, Stage("interleave", 2 * e * n * o, 0)]
+    raise ValueError(f"unknown structure {structure!r}")
+
+
+@dataclass
+class Row:
+    layer: str  # a representative name
+    count: int  # layers of this shape
+    shape: str
+    tokens: int
+    flops: dict  # path -> FLOPs of one layer
+    bytes: dict  # path -> bytes of one layer
+    seconds: dict  # path -> predicted seconds of one layer
+
+    @property
+    def intensity(self) -> dict:
+        return {p: self.flops[p] / self.bytes[p] for p in PATHS}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "intensity": self.intensity}
+
+
+def _shape_key(layer: dict) -> tuple:
+    return (layer["structure"], layer["in_features"], layer["out_features"], str(layer.get("num_blocks")),
+            layer["rank"], bool(layer.get("bias")))  # fmt: skip
+
+
+def predict(layers: list[dict], device: Device, tokens: list[int]) -> list[Row]:
+    """One row per distinct layer shape and token count."""
+    groups: dict[tuple, list[dict]] = {}
+    for layer in layers:
+        groups.setdefault(_shape_key(layer), []).append(layer)
+    rows = []
+    for n in tokens:
+        for members in groups.values():
+            layer = members[0]
+            per = {p: stages(layer, p, n) for p in PATHS}
+            b = layer.get("num_blocks")
+            rows.append(
+                Row(
+                    layer=layer["name"],
+                    count=len(members),
+                    shape=f"{layer['structure']} {layer['in_features']}>{layer['out_features']} "
+                    + (f"b{b} " if b else "") + f"r{layer['rank']}",
+                    tokens=n,
+                    flops={p: sum(s.flops for s in st) for p, st in per.items()},
+                    bytes={p: sum(s.bytes for s in st) for p, st in per.items()},
+                    seconds={p: sum(s.seconds(device) for s in st) for p, st in per.items()},
+                )
+            )  # fmt: skip
+    return rows
+
+
+def totals(rows: list[Row], kept: list[dict] = (), device: Device | None = None) -> dict[int, dict]:
+    """Per token count: predicted seconds of all converted layers per path and dense's speedup over each; with
+    ``kept`` (the linears both models keep dense, e.g. the LM head) also the seconds of all linear layers and the
+    speedup over them, which is the model's as far as its linears go (attention and norms are not modeled)."""
+    out: dict[int, dict] = {}
+    for row in rows:
+        t = out.setdefault(row.tokens, dict.fromkeys(PATHS, 0.0))
+        for p in PATHS:
+            t[p] += row.count * row.seconds[p]
+    for n, t in out.items():
+        t["speedup_kernels"] = t["dense"] / t["kernels"]
+        t["speedup_pytorch"] = t["dense"] / t["pytorch"]
+        if kept and device is not None:
+            t["kept_dense"] = sum(s.seconds(device) for layer in kept for s in stages(layer, "dense", n))
+            t["speedup_all_linears"] = (t["dense"] + t["kept_dense"]) / (t["kernels"] + t["kept_dense"])
+    return out
+
+
+def measured_speedups(bench_result: dict) -> dict[int, dict]:
+    """From ``blrdeploy bench --json``: per token count, dense's best time over the BLR model's best (prefill),
+    and at one token the BLR model's best decode tokens/s over dense's."""
+    variants = bench_result.get("variants") if isinstance(bench_result, dict) else None
+    variants = variants or []
+    if len(variants) != 2 or any(v.get("error") for v in variants):
+        raise ValueError("the bench result must hold a dense and a BLR model that both ran")
+    dense, blr = variants
+    out: dict[int, dict] = {}
+    for n in dict.fromkeys(r["tokens"] for r in blr["prefill"]):
+        mine = min(r["ms"] for r in blr["prefill"] if r["tokens"] == n)
+        theirs = [r["ms"] for r in dense["prefill"] if r["tokens"] == n]
+        if theirs:
+            out[n] = {"speedup": min(theirs) / mine, "what": "prefill, best mode each"}
+    if blr["decode"] and dense["decode"]:
+        best = max(r["tokens_per_s"] for r in blr["decode"]) / max(r["tokens_per_s"] for r in dense["decode"])
+        out[1] = {"speedup": best, "what": "decode tokens/s, best mode each"}
+    return out
+
+
+def plot(rows: list[Row], device: Device, path) -> None:
+    """A roofline figure: attainable FLOP/s against arithmetic intensity for the device, one point per layer
+    shape and token count for dense, the PyTorch reference and our kernels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peak, bw = device.fp16_tflops * 1e12, device.bandwidth_gbs * 1e9
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    lo, hi = 0.1, 1e5
+    xs = [lo * (hi / lo) ** (k / 200) for k in range(201)]
+    ax.plot(xs, [min(peak, x * bw) / 1e12 for x in xs], color="black", lw=1.5, label=f"{device.name} roofline")
+    marks = {"dense": ("o", "tab:gray", "dense"), "pytorch": ("s", "tab:red", "PyTorch BLR"),
+             "kernels": ("^", "tab:blue", "our kernels")}  # fmt: skip
+    for p, (marker, color, label) in marks.items():
+        ai = [r.intensity[p] for r in rows]
+        perf = [r.flops[p] / r.seconds[p] / 1e12 for r in rows]
+        ax.scatter(ai, perf, marker=marker, color=color, s=18, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("predicted TFLOP/s")
+    ax.set_title(f"{device.description}: {device.bandwidth_gbs:g} GB/s, {device.fp16_tflops:g} TFLOP/s fp16")
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

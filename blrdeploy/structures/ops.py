@@ -1,0 +1,163 @@
+"""One ``torch.library`` op per structure: ``blrdeploy::blast_linear``, ``::monarch_linear``, ``::lowrank_linear``;
+and ``::blast_linear_fused``, a BLAST layer with the SwiGLU or RMSNorm before it and the residual add after it inside.
+
+Each runs the Triton kernels on CUDA (float16, bfloat16, float32) and the PyTorch reference everywhere else, has a
+fake implementation so ``torch.compile`` (CUDA graphs included) and ``torch.export`` see through it, and a backward
+that differentiates the reference, so converted models can still be fine-tuned.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from blrdeploy.structures import functional as F
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels():
+    from blrdeploy.kernels import launch  # imported on first CUDA call: CPU-only use never loads Triton
+
+    return launch
+
+
+def _on_shipped_kernels() -> bool:
+    from blrdeploy.kernels import runtime
+
+    return isinstance(runtime.backend(), runtime.ShippedKernels)
+
+
+def _on_kernels(reference: Callable, launcher: str | Callable, x: torch.Tensor, factors, bias, out_features: int):
+    if x.dtype not in _KERNEL_DTYPES:
+        return reference(x, *factors, bias)
+    in_features = x.shape[-1]
+    x2 = x.reshape(-1, in_features)
+    if _on_shipped_kernels() and (x2.stride(-1) != 1 or x2.stride(0) != in_features or x2.data_ptr() % 16):
+        # A bundle's cubins are specialized for a contiguous, 16-byte-aligned input, as packaging planned it.
+        x2 = x2.clone(memory_format=torch.contiguous_format) if x2.is_contiguous() else x2.contiguous()
+    forward = getattr(_kernels(), launcher) if isinstance(launcher, str) else launcher
+    y = forward(x2, *factors, bias)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _register_autograd(op, reference: Callable) -> None:
+    """Backward through the reference: recompute its graph on the saved inputs and differentiate it."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
+        ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor, strict=True)]
+        ctx.save_for_backward(*(a for a in inputs if isinstance(a, torch.Tensor)))
+
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        args = [
+            next(saved).detach().requires_grad_(ctx.needs_input_grad[i]) if t else ctx.others[i]
+            for i, t in enumerate(ctx.is_tensor)
+        ]
+        wanted = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        with torch.enable_grad():
+            y = reference(*args)
+        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
+        return tuple(next(grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+@torch.library.custom_op("blrdeploy::blast_linear", mutates_args=())
+def blast_linear(
+    x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return F.blast_reference(x, U, S, V, bias)
+
+
+@blast_linear.register_kernel("cuda")
+def _(x, U, S, V, bias):
+    return _on_kernels(F.blast_reference, "blast_forward", x, (U, S, V), bias, _stacked_out(U))
+
+
+@blast_linear.register_fake
+def _(x, U, S, V, bias):
+    return _fake(x, _stacked_out(U))
+
+
+def _stacked_out(U: torch.Tensor) -> int:
+    """Output features of BLAST or low-rank from U (rank last): b_out*p or out, times L for stacked siblings."""
+    return U.numel() // U.shape[-1]
+
+
+@torch.library.custom_op("blrdeploy::blast_linear_fused", mutates_args=())
+def blast_linear_fused(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None,
+    swiglu_input: bool,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    return F.blast_fused_reference(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
+
+
+@blast_linear_fused.register_kernel("cuda")
+def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
+    out = _stacked_out(U)
+    forward = functools.partial(
+        _kernels().blast_forward,
+        swiglu=swiglu_input,
+        norm=None if norm_weight is None else (norm_weight, eps),
+        residual=None if residual is None else residual.reshape(-1, out),
+    )
+    reference = functools.partial(
+        F.blast_fused_reference, swiglu_input=swiglu_input, norm_weight=norm_weight, eps=eps, residual=residual
+    )
+    return _on_kernels(reference, forward, x, (U, S, V), bias, out)
+
+
+@blast_linear_fused.register_fake
+def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
+    return _fake(x, _stacked_out(U))
+
+
+@torch.library.custom_op("blrdeploy::monarch_linear", mutates_args=())
+def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.monarch_reference(x, w1, w2, bias)
+
+
+@monarch_linear.register_kernel("cuda")
+def _(x, w1, w2, bias):
+    return _on_kernels(F.monarch_reference, "monarch_forward", x, (w1, w2), bias, w1.shape[0] * w2.shape[1])
+
+
+@monarch_linear.register_fake
+def _(x, w1, w2, bias):
+    return _fake(x, w1.shape[0] * w2.shape[1])
+
+
+@torch.library.custom_op("blrdeploy::lowrank_linear", mutates_args=())
+def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.lowrank_reference(x, U, V, bias)
+
+
+@lowrank_linear.register_kernel("cuda")
+def _(x, U, V, bias):
+    return _on_kernels(F.lowrank_reference, "lowrank_forward", x, (U, V), bias, _stacked_out(U))
+
+
+@lowrank_linear.register_fake
+def _(x, U, V, bias):
+    return _fake(x, _stacked_out(U))
+
+
+_register_autograd(blast_linear, F.blast_reference)
+_register_autograd(blast_linear_fused, F.blast_fused_reference)
+_register_autograd(monarch_linear, F.monarch_reference)
+_register_autograd(lowrank_linear, F.lowrank_reference)
