@@ -1,17 +1,17 @@
 """blrdeploy: block low-rank (BLAST, Monarch) transformer layers, from dense weights to fast GPU kernels."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from blrdeploy.conversion.checkpoint import CheckpointError, load, save
 from blrdeploy.conversion.convert import ConvertConfig, convert
 from blrdeploy.structures import ops  # noqa: F401  (registers torch.ops.blrdeploy.*)
 from blrdeploy.structures.budget import BudgetChoice, choose_blocks_and_rank
 from blrdeploy.structures.factorize import FitResult, blast_factorize, lowrank_svd, monarch_project
 from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear
+from blrdeploy.version import __version__
 
 
 def export_onnx(model, path, inputs=None, **kwargs):
     """Export a model with BLR layers to ONNX (see :func:`blrdeploy.exporters.onnx.export_onnx`)."""
+    # deferred: onnx takes about a second to import, and only exporting needs it
     from blrdeploy.exporters.onnx import export_onnx as _export
 
     return _export(model, path, inputs, **kwargs)
@@ -20,15 +20,11 @@ def export_onnx(model, path, inputs=None, **kwargs):
 def load_bundle(path, device="cuda", allow_jit=False):
     """Load a device bundle: ``(model, bundle)``, BLR layers on its shipped cubins (see
     :func:`blrdeploy.exporters.bundle.load_bundle`)."""
+    # deferred: a bundle loads Triton's runtime, which converting and the CPU paths never need
     from blrdeploy.exporters.bundle import load_bundle as _load_bundle
 
     return _load_bundle(path, device, allow_jit)
 
-
-try:
-    __version__ = version("blrdeploy")
-except PackageNotFoundError:  # running from a checkout without an install
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "convert",

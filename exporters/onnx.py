@@ -1,7 +1,7 @@
 """Export a converted model to ONNX with one com.blrdeploy node per BLR layer (DESIGN §4).
 
 torch.onnx's exporter would inline a function it made itself, so each layer is emitted as an opaque node
-(``torch.onnx.ops.symbolic``, see blrdeploy.functional) and the function bodies are attached afterwards.
+(``torch.onnx.ops.symbolic``, see blrdeploy.structures.functional) and the function bodies are attached afterwards.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from pathlib import Path
 
 import onnx
 import torch
-from blrdeploy.exporters.onnx_functions import DOMAIN, DOMAIN_VERSION, FUNCTIONS, OPSET
 from torch import nn
 
+from blrdeploy.conversion.checkpoint import load, read_blr_config
+from blrdeploy.exporters.onnx_functions import DOMAIN, DOMAIN_VERSION, FUNCTIONS, OPSET
 from blrdeploy.models.outputs import main_output, sample_inputs
+from blrdeploy.models.sources import family_of
+from blrdeploy.version import __version__
 
 IR_VERSION = 10
 TWO_GB = 2**31
@@ -106,8 +109,6 @@ def export_onnx(
     if path.is_dir():
         raise ValueError(f"{path} is a directory: give the path of the .onnx file to write")
     if inputs is None:
-        from blrdeploy.models.sources import family_of
-
         family = family_of(model)
         if family is None:
             raise ValueError(f"no sample inputs are known for {type(model).__name__}: pass inputs=")
@@ -155,9 +156,6 @@ def export_onnx(
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path, seed: int = 0) -> Path:
     """Export a converted checkpoint directory; the ONNX metadata names the checkpoint's weights sha256."""
-    from blrdeploy import __version__
-    from blrdeploy.conversion.checkpoint import load, read_blr_config
-
     cfg = read_blr_config(checkpoint)
     model = load(checkpoint, device="cpu", dtype=torch.float32)
     inputs = sample_inputs(model, cfg, batch=2, seed=seed)

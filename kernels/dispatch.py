@@ -36,7 +36,7 @@ class Switches:
     monarch_direct_max_n: int = MONARCH_DIRECT_MAX_N
 
 
-_current: contextvars.ContextVar[Switches] = contextvars.ContextVar("blrdeploy_kernel_switches", default=Switches())
+_current: contextvars.ContextVar[Switches] = contextvars.ContextVar("blrdeploy_kernel_switches", default=Switches())  # noqa: B039 (frozen)
 
 
 def current() -> Switches:

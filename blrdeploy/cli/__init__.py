@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from blrdeploy import __version__
 from blrdeploy.cli import bench, bundle, convert, factorize, onnx, roofline
+from blrdeploy.version import __version__
 
 app = typer.Typer(
     name="blrdeploy",

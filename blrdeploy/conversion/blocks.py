@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from blrdeploy.conversion.siblings import SiblingOutput, Siblings, SwiGLUMLP
-from blrdeploy.structures import functional as F
+from blrdeploy.structures import functional
 from blrdeploy.structures.modules import BlastLinear
 
 
@@ -42,7 +42,7 @@ class FusedBlastLinear(BlastLinear):
         if residual is not None:  # written only when set: an attribute write on every call recompiles
             self.pending_residual = None
         norm = self.norm[0] if self.norm else None
-        return F.blast_linear_fused(
+        return functional.blast_linear_fused(
             x, self.U, self.S, self.V, self.bias,
             norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.variance_epsilon,
             residual=residual,

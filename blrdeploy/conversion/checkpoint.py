@@ -17,9 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear, _BLRLinear, set_submodule
+from blrdeploy.conversion.siblings import Siblings
+from blrdeploy.models.sources import config_dict, family_of, instantiate, read_config
+from blrdeploy.structures.modules import BlastLinear, BLRLinear, LowRankLinear, MonarchLinear, set_submodule
+from blrdeploy.version import __version__
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -52,8 +57,6 @@ class CheckpointError(ValueError):
 
 def tool_versions(*more: str) -> dict:
     """Versions of blrdeploy, torch and the model libraries that are installed, plus the packages ``more`` names."""
-    from blrdeploy import __version__
-
     versions = {"blrdeploy": __version__, "torch": torch.__version__}
     for name in ("transformers", "diffusers", "safetensors", *more):
         with contextlib.suppress(ImportError):
@@ -63,11 +66,9 @@ def tool_versions(*more: str) -> dict:
 
 def blr_layers(model: nn.Module) -> list[dict]:
     """One entry per BLR layer; the members of a stacked sibling group each get their own (as before fusing)."""
-    from blrdeploy.conversion.siblings import Siblings
-
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, _BLRLinear):
+        if isinstance(module, BLRLinear):
             fit = module.fit_result
             members = [(name, module.structure, module.num_params(), None if fit is None else fit.relative_error)]
         elif isinstance(module, Siblings):
@@ -102,8 +103,6 @@ def _sibling_members(group_name: str, group) -> list[tuple[str, int]]:
 
 def _unstacked(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Stacked sibling factors written under their members' names, as an unfused model stores them."""
-    from blrdeploy.conversion.siblings import Siblings
-
     for group_name, group in model.named_modules():
         if not isinstance(group, Siblings):
             continue
@@ -221,9 +220,6 @@ def save(
     """Write a converted model. ``source`` describes where it came from (id, family, library, class);
     by default it is read off the model. ``extra`` adds fields to blr_config.json (e.g. the conversion config).
     ``tokenizer_from``: a source checkpoint directory whose tokenizer files are copied along."""
-    from safetensors.torch import save_file
-
-    from blrdeploy.models.sources import config_dict, family_of
 
     path = Path(path)
     library = "diffusers" if type(model).__module__.startswith("diffusers") else "transformers"
@@ -357,9 +353,6 @@ def load(
     stacked, one group's factors. ``fuse_siblings`` (default: on CUDA) stacks the BLAST and low-rank layers of the
     model family's sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`) and fuses its pre-norm blocks
     (:mod:`blrdeploy.blocks`): fewer kernel launches, the same outputs up to float rounding."""
-    from safetensors import SafetensorError, safe_open
-
-    from blrdeploy.models.sources import instantiate, read_config
 
     path = Path(path)
     cfg = read_blr_config(path)

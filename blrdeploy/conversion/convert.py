@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from blrdeploy.models.families import BUILTIN, BuiltinModel, Family, LayerSetting
+from blrdeploy.models.sources import family_of
 from blrdeploy.structures import shapes
 from blrdeploy.structures.budget import STRUCTURES, choose_blocks_and_rank, structure_params
 from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear, set_submodule
@@ -246,8 +247,6 @@ def convert(
     builtin_model: BuiltinModel | None = None,
 ) -> Plan:
     """Convert ``model`` in place (torchao's ``quantize_`` shape); returns what was done, per layer."""
-    from blrdeploy.models.sources import family_of
-
     config = config or ConvertConfig()
     the_plan = plan(model, config, family_of(model), builtin_model, filter_fn)
     return convert_layers(model, the_plan, config, device)

@@ -46,7 +46,7 @@ def load_layer_settings(path: Path) -> tuple[LayerSetting, ...]:
     is_yaml = path.suffix in (".yaml", ".yml")
     if is_yaml:
         try:
-            import yaml
+            import yaml  # deferred: PyYAML is optional, needed only for a YAML layers file
         except ImportError as exc:
             raise ValueError("reading a YAML layers file needs PyYAML: pip install pyyaml") from exc
     try:

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from blrdeploy.structures import functional as F
-from blrdeploy.structures.modules import BlastLinear, LowRankLinear, blast_init, lowrank_init
+from blrdeploy.structures import functional
+from blrdeploy.structures.modules import BlastLinear, BLRLinear, LowRankLinear, blast_init, lowrank_init
 
 STACKABLE = (BlastLinear, LowRankLinear)  # the structures whose kernels take stacked factors (a leading L)
 
@@ -79,12 +79,12 @@ class Siblings(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm:  # fuse_blocks gives one to BLAST groups only
             norm = self.norm[0]
-            return F.blast_linear_fused(
+            return functional.blast_linear_fused(
                 x, self.U, self.S, self.V, self.bias, norm_weight=norm.weight, eps=norm.variance_epsilon
             )
         if self.structure == "blast":
-            return F.blast_linear(x, self.U, self.S, self.V, self.bias)
-        return F.lowrank_linear(x, self.U, self.V, self.bias)
+            return functional.blast_linear(x, self.U, self.S, self.V, self.bias)
+        return functional.lowrank_linear(x, self.U, self.V, self.bias)
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``index``'s output for ``x``: kept from the call that computed the whole group on this very
@@ -142,7 +142,7 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down = self.down_proj
-        return F.blast_linear_fused(
+        return functional.blast_linear_fused(
             self.gate_up(x), down.U, down.S, down.V, down.bias,
             swiglu_input=True, residual=x if self.adds_residual else None,
         )  # fmt: skip
@@ -236,8 +236,6 @@ def _same_shape(parent: nn.Module, names: Sequence[str]) -> list[list[str]]:
 
 def blr_layer_count(model: nn.Module) -> int:
     """BLR layers in ``model``, each member of a fused group counted."""
-    from blrdeploy.structures.modules import _BLRLinear
-
     return sum(
-        1 if isinstance(m, _BLRLinear) else len(m.names) if isinstance(m, Siblings) else 0 for m in model.modules()
+        1 if isinstance(m, BLRLinear) else len(m.names) if isinstance(m, Siblings) else 0 for m in model.modules()
     )

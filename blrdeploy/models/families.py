@@ -134,7 +134,7 @@ def _hf(config_class: str, **kw):
     """A deferred transformers config (transformers is an optional dependency: imported only when built)."""
 
     def make():
-        import transformers
+        import transformers  # deferred: an optional dependency that takes seconds to import
 
         return getattr(transformers, config_class)(**kw)
 

@@ -35,10 +35,10 @@ class Source:
 def _import_library(library: str):
     try:
         if library == "transformers":
-            import transformers
+            import transformers  # deferred: optional, and seconds to import
 
             return transformers
-        import diffusers
+        import diffusers  # deferred: optional, and seconds to import
 
         return diffusers
     except ImportError as exc:

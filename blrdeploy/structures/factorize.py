@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blrdeploy.structures import functional as F
+from blrdeploy.structures import functional
 from blrdeploy.structures import shapes
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, relative_error)
@@ -315,7 +315,7 @@ def blast_factorize(
 
     root = scale ** (1 / 3)  # spread the normalization evenly so no factor alone carries the magnitude
     U, S, V = U * root, S * root, V * root
-    err = _relative_error(W, F.blast_to_dense(U, S, V))
+    err = _relative_error(W, functional.blast_to_dense(U, S, V))
     _sync(weight.device)
     result = FitResult(err, steps=len(history), seconds=time.perf_counter() - t0, history=history)
     return U.to(weight.dtype), S.to(weight.dtype), V.to(weight.dtype), result

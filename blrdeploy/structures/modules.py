@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from blrdeploy.structures import factorize as fz
-from blrdeploy.structures import functional as F
+from blrdeploy.structures import functional
 from blrdeploy.structures import shapes
 
 
-class _BLRLinear(nn.Module):
+class BLRLinear(nn.Module):
     """What the three structures share: the bias, parameter and FLOP counts, and from_dense's plumbing."""
 
     structure: str = ""
@@ -75,7 +75,10 @@ class _BLRLinear(nn.Module):
         return self
 
 
-class BlastLinear(_BLRLinear):
+_BLRLinear = BLRLinear  # TEMPORARY alias while the rooms above switch to the public name
+
+
+class BlastLinear(BLRLinear):
     """BLAST: a b_out x b_in grid of blocks, block (i, j) = U[i] @ diag(S[i, j]) @ V[j].T."""
 
     structure = "blast"
@@ -101,10 +104,10 @@ class BlastLinear(_BLRLinear):
         return {"U": self.U, "S": self.S, "V": self.V}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.blast_linear(x, self.U, self.S, self.V, self.bias)
+        return functional.blast_linear(x, self.U, self.S, self.V, self.bias)
 
     def to_dense(self) -> torch.Tensor:
-        return F.blast_to_dense(self.U, self.S, self.V)
+        return functional.blast_to_dense(self.U, self.S, self.V)
 
     @classmethod
     def from_dense(
@@ -134,7 +137,7 @@ class BlastLinear(_BLRLinear):
         return layer._adopt({"U": U, "S": S, "V": V}, bias, dtype or weight.dtype, result)
 
 
-class MonarchLinear(_BLRLinear):
+class MonarchLinear(BLRLinear):
     """Monarch (Dao et al.): block-diagonal w1 (b, R, in/b), a stride permutation, block-diagonal w2 (b, out/b, R).
 
     ``rank`` is the total width R (R % num_blocks == 0); each of the b x b dense blocks has rank R/b.
@@ -163,10 +166,10 @@ class MonarchLinear(_BLRLinear):
         return {"w1": self.w1, "w2": self.w2}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.monarch_linear(x, self.w1, self.w2, self.bias)
+        return functional.monarch_linear(x, self.w1, self.w2, self.bias)
 
     def to_dense(self) -> torch.Tensor:
-        return F.monarch_to_dense(self.w1, self.w2)
+        return functional.monarch_to_dense(self.w1, self.w2)
 
     @classmethod
     def from_dense(
@@ -180,7 +183,7 @@ class MonarchLinear(_BLRLinear):
         return layer._adopt({"w1": w1, "w2": w2}, bias, dtype or weight.dtype, result)
 
 
-class LowRankLinear(_BLRLinear):
+class LowRankLinear(BLRLinear):
     """y = (x @ V) @ U.T with U (out, r), V (in, r): the baseline both block structures are measured against."""
 
     structure = "lowrank"
@@ -200,10 +203,10 @@ class LowRankLinear(_BLRLinear):
         return {"U": self.U, "V": self.V}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.lowrank_linear(x, self.U, self.V, self.bias)
+        return functional.lowrank_linear(x, self.U, self.V, self.bias)
 
     def to_dense(self) -> torch.Tensor:
-        return F.lowrank_to_dense(self.U, self.V)
+        return functional.lowrank_to_dense(self.U, self.V)
 
     @classmethod
     def from_dense(

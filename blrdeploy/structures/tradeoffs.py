@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from blrdeploy.structures.budget import STRUCTURES, choose_blocks_and_rank
+from blrdeploy.structures.budget import STRUCTURES, choose_blocks_and_rank, pick_num_blocks
 from blrdeploy.structures.factorize import Progress
 from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear
 
@@ -38,8 +39,6 @@ def demo_matrix(out_features: int = 768, in_features: int = 768, seed: int = 0) 
 
     Stands in for a real layer when none is given; trained weights have weaker structure, so expect larger errors.
     """
-    from blrdeploy.structures.budget import pick_num_blocks
-
     g = torch.Generator().manual_seed(seed)
     b = pick_num_blocks(out_features, in_features)
     r = max(1, min(out_features, in_features) // 6)
@@ -58,8 +57,6 @@ def load_matrix(path: Path, tensor: str | None, transpose: bool = False) -> torc
         raise ValueError(f"no such file: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())
                 name = _pick_name(names, tensor, path)

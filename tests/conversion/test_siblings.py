@@ -191,7 +191,7 @@ def test_load_fuses_on_request_and_equals_unfused(tmp_path):
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 def test_export_refuses_stacked_factors(structure, monkeypatch):
     """ONNX has one node per layer: a fused group is refused with a clear error, not exported wrong."""
-    from blrdeploy.structures import functional as F
+    from blrdeploy.structures import functional
 
     model, _ = _tiny_llama(structure)
     (group,) = fuse_siblings(model.model.layers[0].mlp, LLAMA)
@@ -205,9 +205,9 @@ def test_export_refuses_stacked_factors(structure, monkeypatch):
 
 
 def test_export_refuses_the_fused_op(monkeypatch):
-    from blrdeploy.structures import functional as F
+    from blrdeploy.structures import functional
 
     down = _tiny_llama()[0].model.layers[0].mlp.down_proj
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     with pytest.raises(ValueError, match="fused BLAST layer has no ONNX op: export the model before fuse_siblings"):
-        F.blast_linear_fused(torch.randn(1, 2 * down.in_features), down.U, down.S, down.V, swiglu_input=True)
+        functional.blast_linear_fused(torch.randn(1, 2 * down.in_features), down.U, down.S, down.V, swiglu_input=True)

@@ -8,7 +8,7 @@ import torch
 from helpers import assert_rel_close, rel_error
 
 from blrdeploy import BlastLinear, LowRankLinear, MonarchLinear
-from blrdeploy.structures import functional as F
+from blrdeploy.structures import functional
 
 
 def planted_blast(out, inn, b, r, seed):
@@ -16,7 +16,7 @@ def planted_blast(out, inn, b, r, seed):
     U = torch.randn(b, out // b, r, generator=g, dtype=torch.float64)
     S = torch.randn(b, b, r, generator=g, dtype=torch.float64)
     V = torch.randn(b, inn // b, r, generator=g, dtype=torch.float64)
-    return F.blast_to_dense(U, S, V)
+    return functional.blast_to_dense(U, S, V)
 
 
 def svd_error_at_same_params(W, params):
@@ -78,7 +78,7 @@ def test_monarch_projection_recovers_planted():
     g = torch.Generator().manual_seed(7)
     w1 = torch.randn(4, 16, 12, generator=g, dtype=torch.float64)
     w2 = torch.randn(4, 5, 16, generator=g, dtype=torch.float64)
-    W = F.monarch_to_dense(w1, w2)
+    W = functional.monarch_to_dense(w1, w2)
     layer = MonarchLinear.from_dense(W, 4, 16)
     assert layer.fit_result.relative_error < 1e-6
     assert rel_error(layer.to_dense(), W) < 1e-6

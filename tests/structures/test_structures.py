@@ -5,7 +5,7 @@ import torch
 from helpers import assert_rel_close
 
 from blrdeploy import BlastLinear, LowRankLinear, MonarchLinear
-from blrdeploy.structures import functional as F
+from blrdeploy.structures import functional
 
 # (out, in, num_blocks, rank): rectangular, b_out != b_in, odd block widths, r > block width
 BLAST_SHAPES = [
@@ -151,7 +151,7 @@ def test_functional_is_the_module_forward(gen):
     layer = BlastLinear(20, 12, 4, 3, dtype=torch.float64)
     _randomize(layer, gen)
     x = torch.randn(3, 20, generator=gen, dtype=torch.float64)
-    assert torch.equal(layer(x), F.blast_linear(x, layer.U, layer.S, layer.V, layer.bias))
+    assert torch.equal(layer(x), functional.blast_linear(x, layer.U, layer.S, layer.V, layer.bias))
 
 
 @pytest.mark.gpu
