@@ -12,10 +12,10 @@ is what a decode step spends in its linear layers. The read variants put a bound
 * ``read/op``: one read per sibling group, both stages together: the floor of one launch per op;
 * ``read/block``: one read per transformer block.
 
-``ours, siblings`` runs the sibling groups stacked (``blrdeploy.siblings``); stacked shapes missing from the
+``ours, siblings`` runs the sibling groups stacked (``blrdeploy.conversion.siblings``); stacked shapes missing from the
 shipped table (all of them with ``--retune``) are tuned first, and ``--configs`` writes what was tuned (for
 ``bench/merge_table.py``). ``U sums`` is the same with the V+S split partials summed by every U program instead of
-once (``launch.REDUCE_SPLITS``), on the table's configs for that path.
+once (the ``reduce_splits`` kernel switch), on the table's configs for that path.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from blrdeploy.kernels import launch
 from common import machine
 from layers import read_kernel, save_tuned, setting, write_json
 from triton.testing import do_bench
 
+from blrdeploy.kernels import dispatch, launch
 from blrdeploy.models.families import BUILTIN
 
 
@@ -118,13 +118,11 @@ def run_model(name: str, sms: int, retune: bool = False) -> dict:
 
     record("dense", dense_fns, dense_total, len(layers))
     record("ours", ours_fns, ours_total, 2 * len(layers))
-    launch.USE_PDL = False
-    record("ours, no PDL", ours_fns, ours_total, 2 * len(layers))
-    launch.USE_PDL = True
+    with dispatch.switched(use_pdl=False):
+        record("ours, no PDL", ours_fns, ours_total, 2 * len(layers))
     per_block = len(stacked_fns) // blocks
-    launch.REDUCE_SPLITS = False
-    record("ours, siblings, U sums", stacked_fns, ours_total, 2 * per_block)
-    launch.REDUCE_SPLITS = True
+    with dispatch.switched(reduce_splits=False):
+        record("ours, siblings, U sums", stacked_fns, ours_total, 2 * per_block)
     with launch.tuning(remeasure=retune):  # stacked shapes the table lacks (all with --retune), one call per shape
         for fn in stacked_fns[:per_block]:
             fn()

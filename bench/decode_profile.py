@@ -21,14 +21,16 @@ from common import machine
 from layers import write_json
 from prefill_profile import profile_replays
 
-from blrdeploy.measure.bench import Decoder, _capture, resolve
+from blrdeploy.conversion.siblings import fuse_siblings, fuse_swiglu
+from blrdeploy.measure.bench import Decoder, capture_graph, resolve
+from blrdeploy.models.families import FAMILIES
 
 
 @torch.no_grad()
 def profile_step(model, prompt, mode: str, tokens: int = 64) -> dict:
     dec = Decoder(model, prompt, tokens, mode)
     dec.prefill()
-    graph, _ = _capture(dec.step, prompt.device)
+    graph, _ = capture_graph(dec.step, prompt.device)
     dec.prefill()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -68,19 +70,22 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="graph,compile")
     ap.add_argument("--json", dest="json_path")
     ap.add_argument(
-        "--without-blocks", action="store_true", help="BLR model without fused blocks (blrdeploy.blocks): an A/B"
+        "--without-blocks",
+        action="store_true",
+        help="BLR model without fused blocks (blrdeploy.conversion.blocks), its siblings still stacked: an A/B",
     )
     args = ap.parse_args(argv)
-    if args.without_blocks:
-        import blrdeploy.conversion.blocks
-
-        blrdeploy.blocks.fuse_blocks = lambda *a, **k: 0
     device = torch.device("cuda")
-    target = resolve(args.model, args.structure, device=device)
+    # Without blocks: built unfused, then stacked here as fuse_family would, minus its last step (fuse_blocks).
+    target = resolve(args.model, args.structure, device=device, fuse_siblings=not args.without_blocks)
+    family = FAMILIES[target.family]
     prompt = torch.randint(0, 1000, (1, 16), device=device, generator=torch.Generator(device).manual_seed(0))
     result = {"machine": machine(), "model": args.model, "structure": args.structure, "runs": []}
     for variant in target.variants:
         model = variant.build().eval()
+        if args.without_blocks and variant.layers:
+            fuse_siblings(model, family.siblings)
+            fuse_swiglu(model, family.swiglu_mlps)
         for mode in args.modes.split(","):
             row = {"variant": variant.name, **profile_step(model, prompt, mode)}
             result["runs"].append(row)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from blrdeploy.kernels import launch
 from common import machine
 from triton.testing import do_bench
 
+from blrdeploy.kernels import dispatch, launch
 from blrdeploy.models.families import BUILTIN
 from blrdeploy.structures import functional as ref
 
@@ -192,14 +192,15 @@ def run(args) -> dict:
     dtype = torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows: list[dict] = []
+    switches = dispatch.current()
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "dtype": "bfloat16",
-        "pdl": launch.USE_PDL,
-        "blast_fused_max_n": launch.BLAST_FUSED_MAX_N,
-        "many_tokens_fused": launch.MANY_TOKENS_FUSED,
-        "monarch_direct_max_n": launch.MONARCH_DIRECT_MAX_N,
+        "pdl": switches.use_pdl,
+        "blast_fused_max_n": switches.blast_fused_max_n,
+        "many_tokens_fused": switches.many_tokens_fused,
+        "monarch_direct_max_n": switches.monarch_direct_max_n,
         "mix": args.mix,
         "ceilings": asdict(ceilings),
         "rows": rows,
@@ -296,8 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--blast-fused-max-n",
         type=int,
-        default=launch.BLAST_FUSED_MAX_N,
-        help=f"BLAST runs V+S fused up to this N (default {launch.BLAST_FUSED_MAX_N}), else V GEMM, mix, U GEMM "
+        default=dispatch.BLAST_FUSED_MAX_N,
+        help=f"BLAST runs V+S fused up to this N (default {dispatch.BLAST_FUSED_MAX_N}), else V GEMM, mix, U GEMM "
         "(layers with b_out <= 4 stay fused unless --many-staged)",
     )
     ap.add_argument(
@@ -306,8 +307,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--monarch-direct-max-n",
         type=int,
-        default=launch.MONARCH_DIRECT_MAX_N,
-        help=f"Monarch stores interleaved outputs directly up to this N (default {launch.MONARCH_DIRECT_MAX_N}), "
+        default=dispatch.MONARCH_DIRECT_MAX_N,
+        help=f"Monarch stores interleaved outputs directly up to this N (default {dispatch.MONARCH_DIRECT_MAX_N}), "
         "else block-major plus an interleave pass",
     )
     ap.add_argument(
@@ -334,12 +335,14 @@ def main(argv=None) -> int:
         print(f"unknown model or structure: {', '.join(unknown)}", file=sys.stderr)
         return 2
     args.n = [int(v) for v in args.n.split(",") if v]
-    launch.USE_PDL = args.pdl
-    launch.BLAST_FUSED_MAX_N = args.blast_fused_max_n
-    launch.MANY_TOKENS_FUSED = not args.many_staged
-    launch.MONARCH_DIRECT_MAX_N = args.monarch_direct_max_n
-    launch.MIX_DOT = args.mix == "dot"
-    result = run(args)
+    with dispatch.switched(
+        use_pdl=args.pdl,
+        blast_fused_max_n=args.blast_fused_max_n,
+        many_tokens_fused=not args.many_staged,
+        monarch_direct_max_n=args.monarch_direct_max_n,
+        mix_dot=args.mix == "dot",
+    ):
+        result = run(args)
     if args.json_path:
         write_json(args.json_path, result)
     if args.configs_path:

@@ -15,10 +15,11 @@ import json
 import sys
 
 import torch
-from blrdeploy.kernels import launch
-from blrdeploy.kernels.blast import blast_mix_dot_kernel
 from common import machine
 from layers import write_json
+
+from blrdeploy.kernels import launch
+from blrdeploy.kernels.blast import blast_mix_dot_kernel
 
 SHAPES = {  # name: N, b, q, p, r (Llama-7B at 1024 tokens, DiT-XL/2 at 64 x 256, GPT-2 S at 384)
     "llama7b-q": (1024, 16, 256, 256, 1024),
@@ -38,7 +39,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _us(fn) -> float:
-    return 1e3 * launch._time_ms(fn)
+    return 1e3 * launch.gpu_time_ms(fn)
 
 
 def mix(z, S, w, BM, BR, warps, stages, per_sm) -> None:

@@ -20,8 +20,9 @@ from collections import defaultdict
 import torch
 from common import machine
 from layers import write_json
+from torch.profiler import ProfilerActivity, profile
 
-from blrdeploy.measure.bench import _capture, _median_ms, prefill_inputs, resolve, tokens_of
+from blrdeploy.measure.bench import capture_graph, median_ms, prefill_inputs, resolve, tokens_of
 
 
 def kernel_class(name: str) -> str:
@@ -40,8 +41,6 @@ def kernel_class(name: str) -> str:
 def profile_replays(graph, steps: int) -> tuple[dict[str, float], dict[str, float], list[tuple[int, str, float]]]:
     """Replays ``graph`` ``steps`` times under the profiler: GPU µs per replay summed by kernel class and by kernel
     name (70 characters), and every kernel as (start, name, µs)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             graph.replay()
@@ -63,8 +62,8 @@ def profile_replays(graph, steps: int) -> tuple[dict[str, float], dict[str, floa
 def profile_prefill(model, feed: dict, steps: int = 5) -> dict:
     forward = torch.compile(model.forward, dynamic=False)
     device = next(model.parameters()).device
-    graph, _ = _capture(lambda: forward(**feed), device)
-    ms = _median_ms(graph.replay, device, budget_s=2.0)
+    graph, _ = capture_graph(lambda: forward(**feed), device)
+    ms = median_ms(graph.replay, device, budget_s=2.0)
     by_class, by_name, kernels = profile_replays(graph, steps)
     del graph
     return {

@@ -15,10 +15,10 @@ import argparse
 import sys
 
 import torch
-from blrdeploy.kernels import launch
 from common import machine
 from layers import save_tuned
 
+from blrdeploy.kernels import launch
 from blrdeploy.measure.bench import prefill_inputs, resolve
 
 

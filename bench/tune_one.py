@@ -15,11 +15,11 @@ import json
 import sys
 
 import torch
-from blrdeploy.kernels import launch
-from blrdeploy.kernels.configs import ConfigTable, space
 from common import machine
 from layers import LAYERS, factors, read_kernel, rel_error, setting, time_us, write_json
 
+from blrdeploy.kernels import launch
+from blrdeploy.kernels.configs import ConfigTable, space
 from blrdeploy.structures import functional as ref
 
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dtype = torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
-    arch = launch._arch(torch.device("cuda"))
+    arch = launch.device_arch(torch.device("cuda"))
     vs_space = [c for c in space("blast_vs", arch, "one") if c.BM == 1]
     u_space = [c for c in space("gemm", arch, "one") if c.BM == 1]
     table = ConfigTable(arch, source=f"bench/tune_one.py on {machine().get('gpu')}")

@@ -2,6 +2,7 @@
 
 from blrdeploy.conversion.checkpoint import CheckpointError, load, save
 from blrdeploy.conversion.convert import ConvertConfig, convert
+from blrdeploy.exporters.bundle import load_bundle
 from blrdeploy.structures import ops  # noqa: F401  (registers torch.ops.blrdeploy.*)
 from blrdeploy.structures.budget import BudgetChoice, choose_blocks_and_rank
 from blrdeploy.structures.factorize import FitResult, blast_factorize, lowrank_svd, monarch_project
@@ -15,15 +16,6 @@ def export_onnx(model, path, inputs=None, **kwargs):
     from blrdeploy.exporters.onnx import export_onnx as _export
 
     return _export(model, path, inputs, **kwargs)
-
-
-def load_bundle(path, device="cuda", allow_jit=False):
-    """Load a device bundle: ``(model, bundle)``, BLR layers on its shipped cubins (see
-    :func:`blrdeploy.exporters.bundle.load_bundle`)."""
-    # deferred: a bundle loads Triton's runtime, which converting and the CPU paths never need
-    from blrdeploy.exporters.bundle import load_bundle as _load_bundle
-
-    return _load_bundle(path, device, allow_jit)
 
 
 __all__ = [

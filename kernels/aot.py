@@ -16,24 +16,43 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel, mix_tile
-from .configs import Config
-from .gemm import grouped_gemm_kernel
-from .monarch import interleave_kernel, interleave_tile
+from . import launch
+from .configs import SMALL_N, VS_ACC_LIMIT, Config, max_partials, mix_dot_tiles, space
+from .dtypes import DTYPES, NAMES, TRITON_NAMES
 from .runtime import KERNELS, Spec, jit_function
 
 ARCHS = (86, 87, 90)
-_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One specialization of a kernel besides its launch config: element types and the structural constexprs."""
+    """One specialization of a kernel besides its launch config: the element type, and the launcher's structural
+    choices as keyword arguments of the kernel's constexpr builder in ``launch.py`` (``gemm_constexprs``,
+    ``blast_vs_constexprs``, ``mix_constexprs``, ``mix_dot_constexprs``, ``interleave_constexprs``), so that what
+    is compiled here is what the launchers launch."""
 
     kernel: str  # "gemm", "blast_vs", "blast_mix", "blast_mix_dot" or "interleave"
     dtype: str = "bfloat16"  # operands and output
-    constexprs: tuple[tuple[str, object], ...] = ()
+    args: tuple[tuple[str, object], ...] = ()
     intermediate_fp32: bool = False  # blast_vs: float32 partials (split > 1)
+
+
+def variant_constexprs(variant: Variant, config: Config) -> dict:
+    """The constexprs the launchers pass for ``variant`` launched with ``config``."""
+    if variant.dtype not in DTYPES:
+        raise ValueError(f"no kernels for dtype {variant.dtype}; choose from {', '.join(NAMES)}")
+    dtype, args = DTYPES[variant.dtype], dict(variant.args)
+    if variant.kernel == "gemm":
+        return launch.gemm_constexprs(config, dtype, **args)
+    if variant.kernel == "blast_vs":
+        return launch.blast_vs_constexprs(config, dtype, **args)
+    if variant.kernel == "blast_mix":
+        return launch.mix_constexprs(config, **args)
+    if variant.kernel == "blast_mix_dot":
+        return launch.mix_dot_constexprs(config, **args)
+    if variant.kernel == "interleave":
+        return launch.interleave_constexprs(config, **args)
+    raise ValueError(f"unknown kernel {variant.kernel!r}")
 
 
 def _signature(fn, dtype: str, overrides: dict[str, str]) -> dict[str, str]:
@@ -42,7 +61,7 @@ def _signature(fn, dtype: str, overrides: dict[str, str]) -> dict[str, str]:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            sig[p.name] = overrides.get(p.name, f"*{_TRITON_DTYPES[dtype]}")
+            sig[p.name] = overrides.get(p.name, f"*{TRITON_NAMES[dtype]}")
         else:
             sig[p.name] = "i32"
     return sig
@@ -50,48 +69,22 @@ def _signature(fn, dtype: str, overrides: dict[str, str]) -> dict[str, str]:
 
 def compile_variant(variant: Variant, config: Config, arch: int):
     """Compile for compute capability ``arch`` (e.g. 87); returns Triton's compiled kernel (``.asm["cubin"]``)."""
-    if variant.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"no kernels for dtype {variant.dtype}; choose from {', '.join(_TRITON_DTYPES)}")
-    constexprs = dict(variant.constexprs)
+    constexprs = variant_constexprs(variant, config)
+    # The pointers the launchers pass in float32 (split partials, sums of squares) or int32 (arrival counters).
     overrides: dict[str, str] = {}
     if variant.kernel == "gemm":
-        fn = jit_function(grouped_gemm_kernel)
-        flags = ("HAS_BIAS", "WAIT", "LAUNCH_DEPS", "G_FAST")
-        constexprs = {"A_CHUNK": 0, "A_SPLIT": 1, "PERM_M": 0, "PERM_B": 0, "RMS_SPLIT": 0, "EPS": 0.0,
-                      **dict.fromkeys(flags, False), **constexprs}  # fmt: skip
-        constexprs.update(BM=config.BM, BN=config.BN, BK=config.BK)
         if constexprs["A_SPLIT"] > 1:
             overrides["a_ptr"] = "*fp32"
         if constexprs["RMS_SPLIT"] > 0:
             overrides["sq_ptr"] = "*fp32"
-    elif variant.kernel == "blast_mix":
-        fn = jit_function(blast_mix_kernel)
-        constexprs = {"B_OUT": 16, **constexprs}
-        constexprs["BM"], constexprs["BR"] = mix_tile(constexprs["B_OUT"])
-    elif variant.kernel == "blast_mix_dot":
-        fn = jit_function(blast_mix_dot_kernel)
-        constexprs = {"BJ": 16, "BI": 16, **constexprs, "BM": config.BM, "BR": config.BN}
-    elif variant.kernel == "interleave":
-        fn = jit_function(interleave_kernel)
-        constexprs = {"B_P2": 16, **constexprs}
-        constexprs["BM"], constexprs["BS"] = interleave_tile(constexprs["B_P2"])
     elif variant.kernel == "blast_vs":
-        fn = jit_function(blast_vs_kernel)
-        constexprs = {
-            "B_OUT": 16, "LAUNCH_DEPS": False, "REDUCE": False, "SWIGLU": False, "RMS_NORM": False, "EPS": 0.0,
-            **constexprs,
-        }  # fmt: skip
-        constexprs.update(BM=config.BM, BR=config.BN, BK=config.BK)
         if variant.intermediate_fp32:  # the launcher passes w itself where no reduction needs red and counters
             overrides.update(w_ptr="*fp32", red_ptr="*fp32", cnt_ptr="*fp32")
         if constexprs["REDUCE"]:
             overrides.update(red_ptr="*fp32", cnt_ptr="*i32")
         if constexprs["RMS_NORM"]:
             overrides.update(sq_ptr="*fp32")
-    else:
-        raise ValueError(f"unknown kernel {variant.kernel!r}")
-    if "IEEE" in fn.arg_names:  # the kernels with a dot on the inputs' dtype: full-precision float32
-        constexprs["IEEE"] = variant.dtype == "float32"
+    fn = jit_function(KERNELS[variant.kernel])
     src = ASTSource(fn, _signature(fn, variant.dtype, overrides), constexprs=constexprs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -101,33 +94,30 @@ def shipped() -> list[tuple[int, Config, Variant]]:
     """Every (arch, config, variant) CI compiles: each config of each architecture's space, in one specialization
     that takes every addressing path (chunked A, permuted B rows, fused bias; float32 partials on the small-N side),
     plus the other dtypes once."""
-    from .configs import MIX_DOT_STAGES, SMALL_N, VS_ACC_LIMIT, max_partials, mix_dot_tiles, space
-
     cases = []
     for arch in ARCHS:
         pdl = arch >= 90  # dependent launch (griddepcontrol) exists from sm_90 on
         for cfg in space("gemm", arch):
-            c = (("A_CHUNK", 64), ("PERM_M", 64), ("PERM_B", 16), ("HAS_BIAS", True), ("G_FAST", True))
+            a = (("a_chunk", 64), ("perm", (64, 16)), ("bias", True), ("g_fast", True))
             if cfg.BM <= SMALL_N:  # a split producer's consumer, launched early
-                c += (("A_SPLIT", max_partials(cfg.BM, arch)), ("WAIT", pdl), ("LAUNCH_DEPS", pdl))
-                c += (("RMS_SPLIT", max_partials(cfg.BM, arch)), ("EPS", 1e-5))  # and scales rows after a norm
-            cases.append((arch, cfg, Variant("gemm", "bfloat16", c)))
+                a += (("a_split", max_partials(cfg.BM, arch)), ("wait", pdl), ("launch_deps", pdl))
+                a += (("rms_split", max_partials(cfg.BM, arch)), ("eps", 1e-5))  # and scales rows after a norm
+            cases.append((arch, cfg, Variant("gemm", "bfloat16", a)))
         for cfg in space("blast_vs", arch):
             b_out = min(16, VS_ACC_LIMIT // (cfg.BM * cfg.BN))  # the most output blocks the tile serves
-            c = (("B_OUT", b_out), ("LAUNCH_DEPS", pdl), ("REDUCE", bool(cfg.reduce)))
+            a = (("b_out_pow2", b_out), ("launch_deps", pdl), ("reduce", bool(cfg.reduce)))
             if cfg.split != 1:  # a norm over split programs stores its partial sums of squares
-                c += (("RMS_NORM", True), ("EPS", 1e-5))
-            cases.append((arch, cfg, Variant("blast_vs", "bfloat16", c, intermediate_fp32=cfg.split != 1)))
-        mix_config = Config(*mix_tile(16), 0, 4, 3)  # the mix kernel's tile is fixed by b_out
-        cases.append((arch, mix_config, Variant("blast_mix", "bfloat16")))
+                a += (("rms_norm", True), ("eps", 1e-5))
+            cases.append((arch, cfg, Variant("blast_vs", "bfloat16", a, intermediate_fp32=cfg.split != 1)))
+        # the mix kernel's tile is fixed by b_out
+        cases.append((arch, launch.mix_config(16), Variant("blast_mix", "bfloat16", (("b_out_pow2", 16),))))
         for blocks in (16, 32):  # up to 16 and 32 blocks: the tiles the launcher may pick for them
-            for bm, br, warps in mix_dot_tiles(arch, blocks, blocks):
-                mix = Variant("blast_mix_dot", "bfloat16", (("BJ", blocks), ("BI", blocks), ("STAGES", MIX_DOT_STAGES)))
-                cases.append((arch, Config(bm, br, 0, warps, MIX_DOT_STAGES), mix))
-        bm, bs = interleave_tile(16)
-        cases.append((arch, Config(bm, bs, 0, 4, 3), Variant("interleave", "bfloat16")))
+            for tile in mix_dot_tiles(arch, blocks, blocks):
+                mix = Variant("blast_mix_dot", "bfloat16", (("bj", blocks), ("bi", blocks)))
+                cases.append((arch, launch.mix_dot_config(tile), mix))
+        cases.append((arch, launch.interleave_config(16), Variant("interleave", "bfloat16", (("b_pow2", 16),))))
     cases.append((90, space("gemm", 90, "large")[0], Variant("gemm", "float16")))
-    cases.append((90, space("blast_vs", 90, "large")[0], Variant("blast_vs", "float32")))
+    cases.append((90, space("blast_vs", 90, "large")[0], Variant("blast_vs", "float32", (("b_out_pow2", 16),))))
     return cases
 
 
@@ -136,9 +126,9 @@ def check_shipped() -> list[dict]:
     compiler refuses). Run it in a process without TRITON_INTERPRET: under the interpreter nothing compiles."""
     results = []
     for arch, cfg, variant in shipped():
-        row = {"arch": arch, "kernel": variant.kernel, "dtype": variant.dtype, "config": cfg.to_dict(),
-               "constexprs": dict(variant.constexprs)}  # fmt: skip
+        row = {"arch": arch, "kernel": variant.kernel, "dtype": variant.dtype, "config": cfg.to_dict()}
         try:
+            row["constexprs"] = variant_constexprs(variant, cfg)
             compiled = compile_variant(variant, cfg, arch)
         except Exception as e:  # reported per case, so one failure does not hide the others
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -162,7 +152,7 @@ def _entry_params(ptx: str, name: str) -> int:
 
 
 def _default_fp_fusion() -> bool:
-    try:
+    try:  # deferred: a version probe; newer Tritons keep their settings in knobs, older ones read the environment
         from triton import knobs
 
         return bool(knobs.language.default_fp_fusion)

@@ -15,7 +15,7 @@ next launch) sums the tile's partials into one float32 w; otherwise the U stage 
 once matters: every U program re-reads its rows of w, and at one token SPLIT partials of them were more L2 traffic
 than the U weights themselves.
 
-Sibling layers (L layers of one shape reading the same input, see ``blrdeploy.siblings``) run as one launch: grid
+Sibling layers (L layers of one shape reading the same input, see ``conversion.siblings``) run as one launch: grid
 axis 1 walks (layer, rank tile) pairs, each layer's V and S found ``s_vl`` / ``s_sl`` apart, and layer l's mix lands
 in output blocks l*b_out ... so the U stage sees one grouped GEMM of L*b_out groups.
 

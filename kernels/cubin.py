@@ -34,24 +34,24 @@ class _LaunchAttributeValue(ctypes.Union):  # CUlaunchAttributeValue: 64 bytes; 
     _fields_ = [("programmaticStreamSerializationAllowed", ctypes.c_int), ("raw", ctypes.c_ubyte * 64)]
 
 
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an enum id, padding to 8, the value union
+class CuLaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an enum id, padding to 8, the value union
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_ubyte * 4), ("value", _LaunchAttributeValue)]
 
 
 def pdl_attributes() -> ctypes.Array:
     """The launch attribute list of a programmatic dependent launch (the kernel may start before the previous
     one on the stream finishes; it waits where it calls griddepcontrol.wait)."""
-    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr = CuLaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value.programmaticStreamSerializationAllowed = 1
-    return (_LaunchAttribute * 1)(attr)
+    return (CuLaunchAttribute * 1)(attr)
 
 
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+class CuLaunchConfig(ctypes.Structure):  # CUlaunchConfig
     _fields_ = [
         ("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
         ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
         ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
-        ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint),
+        ("attrs", ctypes.POINTER(CuLaunchAttribute)), ("numAttrs", ctypes.c_uint),
     ]  # fmt: skip
 
 
@@ -140,7 +140,7 @@ class Kernel:
         self._slots = (ctypes.c_uint64 * (len(self._passed) + self.scratch_params))()
         base = ctypes.addressof(self._slots)
         self._params = (ctypes.c_void_p * len(self._slots))(*[base + 8 * j for j in range(len(self._slots))])
-        self._config = _LaunchConfig(
+        self._config = CuLaunchConfig(
             1, 1, 1, self.threads, 1, 1, self.shared, None, self._attrs if self.pdl else None, 1 if self.pdl else 0
         )
         self._launch = _cuda().cuLaunchKernelEx

@@ -62,12 +62,12 @@ def pow2_at_least(n: int) -> int:
 def blast_staged(n_tokens: int, b_out: int, switches: Switches | None = None) -> bool:
     """Whether BLAST runs V GEMM -> S mix -> U GEMM (else fused V+S -> U) for ``n_tokens`` tokens and ``b_out``
     output blocks."""
-    s = switches or current()
+    s = switches if switches is not None else current()
     few_blocks = pow2_at_least(b_out) <= FUSED_MANY_MAX_BOUT
     return n_tokens > s.blast_fused_max_n and not (s.many_tokens_fused and few_blocks)
 
 
 def monarch_direct(n_tokens: int, switches: Switches | None = None) -> bool:
     """Whether Monarch's stage 2 writes the interleaved output directly (else block-major, then one more pass)."""
-    s = switches or current()
+    s = switches if switches is not None else current()
     return n_tokens <= s.monarch_direct_max_n

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import runtime
+from . import dispatch, runtime
 from .blast import mix_tile
 from .configs import (
     MIX_DOT_ONE_PASS,
@@ -36,9 +36,10 @@ from .configs import (
     space,
     tier,
 )
+from .dispatch import Switches, blast_staged, monarch_direct, pow2_at_least
+from .dtypes import DTYPES, NAMES
 from .monarch import interleave_tile
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _state = threading.local()
 _table = ConfigTable()
 
@@ -47,11 +48,6 @@ def _cdiv(a: int, b: int) -> int:
     # Host-side arithmetic in plain Python: triton.cdiv / next_power_of_2 are JIT-aware wrappers costing ~5 µs a
     # call, ~10 calls per layer forward, which an eager (no CUDA graph) model pays on every layer.
     return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (n >= 1), as triton.next_power_of_2."""
-    return 1 << (n - 1).bit_length()
 
 
 def interpreting() -> bool:
@@ -82,18 +78,20 @@ def tuning(enabled: bool = True, remeasure: bool = False) -> Iterator[None]:
         _state.tuning, _state.remeasure = previous
 
 
-def _arch(device: torch.device) -> int:
+def device_arch(device: torch.device) -> int:
+    """The compute capability (e.g. 90) launches on ``device`` plan for: the planned target's, else the GPU's."""
     target = runtime.target()
-    return target.arch if target is not None else _device_arch(device)
+    return target.arch if target is not None else _physical_arch(device)
 
 
-def _sm_count(device: torch.device) -> int:
+def device_sm_count(device: torch.device) -> int:
+    """The SM count launches on ``device`` plan for (split counts): the planned target's, else the GPU's."""
     target = runtime.target()
-    return target.sm_count if target is not None else _device_sm_count(device)
+    return target.sm_count if target is not None else _physical_sm_count(device)
 
 
 @functools.cache
-def _device_arch(device: torch.device) -> int:
+def _physical_arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 90  # the interpreter: any config runs
     major, minor = torch.cuda.get_device_capability(device)
@@ -101,7 +99,7 @@ def _device_arch(device: torch.device) -> int:
 
 
 @functools.cache
-def _device_sm_count(device: torch.device) -> int:
+def _physical_sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: a few programs exercise the split paths
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -109,27 +107,25 @@ def _device_sm_count(device: torch.device) -> int:
 
 @functools.cache
 def _pdl_supported() -> bool:
+    # deferred: the NVIDIA backend is asked only on a CUDA device, once
     from triton.backends.nvidia.compiler import CUDAOptions
 
     return "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
-USE_PDL = True  # benchmarks switch dependent launches off to measure what they bring
-
-
-def _pdl(device: torch.device, n: int) -> bool:
+def _pdl(device: torch.device, n: int, switches: Switches) -> bool:
     """Programmatic dependent launch: sm_90+, a compiled (not interpreted) kernel, a Triton that supports it, and
     small N only: there the kernel boundary is a large share of a few-µs layer, while for large N the consumer's
     peeled first step would cost the software pipeline more than the overlap brings."""
     target = runtime.target()
     if target is not None:  # a planned target: the bundle's cubins are launched with or without it as planned
-        return USE_PDL and n <= SMALL_N and target.pdl
+        return switches.use_pdl and n <= SMALL_N and target.pdl
     return (
-        USE_PDL
+        switches.use_pdl
         and n <= SMALL_N
         and device.type == "cuda"
         and not interpreting()
-        and _arch(device) >= 90
+        and device_arch(device) >= 90
         and _pdl_supported()
     )
 
@@ -145,22 +141,23 @@ def forced(**configs: Config) -> Iterator[None]:
         _state.forced = previous
 
 
-def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def new_buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Every buffer a launcher writes comes from here (tests poison them to prove every element is written)."""
     return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
 
 
 @functools.cache
-def _shipped(arch: int) -> ConfigTable:
+def shipped_table(arch: int) -> ConfigTable:
     """The configs tuned for this architecture that ship with the package (``tables/sm_XX.json``), if any: the
     reference paper's layers then run tuned without tuning on the user's GPU."""
     path = Path(__file__).parent / "tables" / f"sm_{arch}.json"
     return ConfigTable.load(path) if path.is_file() else ConfigTable(arch)
 
 
-def _time_ms(fn: Callable[[], None]) -> float:
+def gpu_time_ms(fn: Callable[[], None]) -> float:
     """GPU time of ``fn``'s launches, replayed from a CUDA graph with L2 flushed in between: timing the Python
     launch path instead would measure ~100 µs of overhead and pick at random among small-N configs."""
+    # deferred: triton.testing is needed only when timing (tuning, benchmarks)
     from triton.testing import do_bench
 
     fn()  # compiles; a config the compiler refuses raises here
@@ -170,9 +167,11 @@ def _time_ms(fn: Callable[[], None]) -> float:
     return do_bench(graph.replay, warmup=5, rep=20, return_mode="median")
 
 
-def _choose(
+def choose_config(
     kernel: str, key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None = None
 ) -> Config:
+    """The config of ``kernel`` for layer ``key`` at ``n`` tokens (see the module docstring for where it comes
+    from); ``run`` launches with a candidate, for tuning. A bundle's recorder notes the choice."""
     full_key = f"{kernel}|{key}|N{bucket(n)}"
     chosen = _resolve(kernel, full_key, n, device, run, b_out_pow2)
     recorder = runtime.backend()
@@ -187,11 +186,11 @@ def _resolve(
     force = getattr(_state, "forced", {}).get(kernel)
     if force is not None:
         return force
-    arch = _arch(device)
+    arch = device_arch(device)
     found = _table.get(full_key)
     shipped_ok = not getattr(_state, "remeasure", False)
     if found is None and shipped_ok and (device.type == "cuda" or runtime.target() is not None):
-        found = _shipped(arch).get(full_key)
+        found = shipped_table(arch).get(full_key)
     if found is not None:
         return found
     if not getattr(_state, "tuning", False) or device.type != "cuda":
@@ -199,7 +198,7 @@ def _resolve(
     best, best_ms, error = None, float("inf"), None
     for cfg in space(kernel, arch, tier(n), b_out_pow2):
         try:
-            ms = _time_ms(lambda cfg=cfg: run(cfg))
+            ms = gpu_time_ms(lambda cfg=cfg: run(cfg))
         except Exception as e:  # a config the compiler or the chip refuses (e.g. shared memory): not a candidate
             error = e
             continue
@@ -214,8 +213,8 @@ def _resolve(
 def _splits(cfg: Config, programs: int, steps: int, device: torch.device) -> int:
     """How many programs share one reduction of ``steps`` steps: the config's, or (0) enough to fill the GPU; at
     most what a consumer tile of the same height can sum (:func:`~.configs.max_partials`)."""
-    want = cfg.split if cfg.split > 0 else round(_sm_count(device) / max(1, programs))
-    return max(1, min(want, steps, max_partials(cfg.BM, _arch(device))))
+    want = cfg.split if cfg.split > 0 else round(device_sm_count(device) / max(1, programs))
+    return max(1, min(want, steps, max_partials(cfg.BM, device_arch(device))))
 
 
 def vs_partials(
@@ -233,7 +232,7 @@ def _effective(cfg: Config, dtype: torch.dtype, chunk: int = 0) -> Config:
     for 2-byte types), and a chunked A operand no longer a step than the chunk's power-of-two ceiling."""
     bk = cfg.BK // 2 if dtype == torch.float32 else cfg.BK
     if chunk:
-        bk = min(bk, _pow2(chunk))
+        bk = min(bk, pow2_at_least(chunk))
     return dataclasses.replace(cfg, BK=max(16, bk))
 
 
@@ -248,8 +247,8 @@ def _check(
             raise ValueError(f"{name} has shape {actual}; the other factors imply {tuple(shape)}")
     if bias is not None and tuple(bias.shape) != (out,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}; the layer has {out} outputs")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"kernels run float16, bfloat16 and float32; got {x.dtype}")
+    if x.dtype not in DTYPES.values():
+        raise TypeError(f"kernels run {', '.join(NAMES[:-1])} and {NAMES[-1]}; got {x.dtype}")
     for name, t in {**factors, **({} if bias is None else {"bias": bias})}.items():
         if t.dtype != x.dtype:
             raise TypeError(f"{name} is {t.dtype} but the input is {x.dtype}: cast the layer or the input")
@@ -269,22 +268,82 @@ def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor)
     return _cdiv(K, k_per), k_per
 
 
+# ------------------------------------------------------------------------------------------------ constexprs
+# What each kernel is specialized on besides dtypes, built in one place: for the launches below, and for the
+# ahead-of-time compile of every shipped config (aot.compile_variant), which must build the kernels these launch.
+# Keyword defaults are the plain layer's (no split, no prologue, no epilogue, no dependent launch).
+
+
+def gemm_constexprs(
+    cfg: Config, dtype: torch.dtype, *, a_chunk: int = 0, a_split: int = 1, perm: tuple[int, int] = (0, 0),
+    bias: bool = False, rms_split: int = 0, eps: float = 0.0, wait: bool = False, launch_deps: bool = False,
+    g_fast: bool = False,
+) -> dict:  # fmt: skip
+    """The grouped GEMM's constexprs for the tile ``cfg`` (as launched: see :func:`_effective`) on ``dtype``
+    operands; the keywords as :func:`_gemm`'s, ``rms_split`` the partial sums of squares of a norm before it."""
+    return dict(A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1], HAS_BIAS=bias,
+                RMS_SPLIT=rms_split, EPS=eps, IEEE=dtype == torch.float32, WAIT=wait, LAUNCH_DEPS=launch_deps,
+                G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK)  # fmt: skip
+
+
+def blast_vs_constexprs(
+    cfg: Config, dtype: torch.dtype, b_out_pow2: int, *, launch_deps: bool = False, reduce: bool = False,
+    swiglu: bool = False, rms_norm: bool = False, eps: float = 0.0,
+) -> dict:  # fmt: skip
+    """BLAST's fused V+S constexprs for the tile ``cfg`` (its BN is the rank tile) and ``b_out_pow2`` output
+    blocks: ``reduce`` sums the split partials in the kernel, ``swiglu``/``rms_norm`` prologue the input."""
+    return dict(B_OUT=b_out_pow2, IEEE=dtype == torch.float32, LAUNCH_DEPS=launch_deps, REDUCE=reduce,
+                SWIGLU=swiglu, RMS_NORM=rms_norm, EPS=eps, BM=cfg.BM, BR=cfg.BN, BK=cfg.BK)  # fmt: skip
+
+
+def mix_dot_config(tile: tuple[int, int, int]) -> Config:
+    """The launch config of the batched-MMA S mix with ``tile`` = (BM, BR, num_warps) of
+    :func:`~.configs.mix_dot_tiles`."""
+    bm, br, warps = tile
+    return Config(bm, br, 0, warps, MIX_DOT_STAGES)
+
+
+def mix_dot_constexprs(cfg: Config, bj: int, bi: int) -> dict:
+    """The batched-MMA S mix's constexprs for :func:`mix_dot_config` ``cfg``, ``bj`` x ``bi`` blocks (padded)."""
+    return dict(BJ=bj, BI=bi, STAGES=cfg.num_stages, BM=cfg.BM, BR=cfg.BN)
+
+
+def mix_config(b_out_pow2: int) -> Config:
+    """The CUDA-core S mix's launch config: its tile follows the output blocks, never tuned."""
+    return Config(*mix_tile(b_out_pow2), 0, num_warps=4, num_stages=3)
+
+
+def mix_constexprs(cfg: Config, b_out_pow2: int) -> dict:
+    return dict(B_OUT=b_out_pow2, BM=cfg.BM, BR=cfg.BN)
+
+
+def interleave_config(b_pow2: int) -> Config:
+    """Monarch's interleave pass's launch config: its tile follows the block count, never tuned."""
+    return Config(*interleave_tile(b_pow2), 0, num_warps=4, num_stages=3)
+
+
+def interleave_constexprs(cfg: Config, b_pow2: int) -> dict:
+    return dict(B_P2=b_pow2, BM=cfg.BM, BS=cfg.BN)
+
+
+# ---------------------------------------------------------------------------------------------------- launches
+
+
 def _gemm(
-    a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config, k_per=None,
+    a, a_strides, b, b_strides, out, out_strides, *, N, K, C, G, cfg: Config, pdl: bool, k_per=None,
     bias=None, bias_strides=(0, 0, 0), a_chunk=0, a_split=1, perm=(0, 0), producer=False, consumer=False,
     g_fast=False, rms=None,
 ) -> None:  # fmt: skip
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column), ``bias_strides`` = (row,
     group, column): a bias vector has row stride 0, a residual its own. ``rms`` = (partial sums of squares
     (splits, N) float32, row length, eps): each row is scaled by its 1/rms before the bias. A ``producer``'s output
-    feeds the ``consumer`` launched right after it, which may then start early (see :func:`_pdl`)."""
-    most = max_partials(cfg.BM, _arch(out.device))
+    feeds the ``consumer`` launched right after it, which may then start early when ``pdl`` (see :func:`_pdl`)."""
+    most = max_partials(cfg.BM, device_arch(out.device))
     if a_split > most:
         raise ValueError(
             f"launch config {cfg} sums at most {most} partials (shared memory) but the producer wrote "
             f"{a_split}: pair a one-token producer with a one-token (BM=1) consumer"
         )
-    pdl = _pdl(out.device, N)
     cfg = _effective(cfg, b.dtype, a_chunk)
     k_per = K if k_per is None else k_per
     grid = (_cdiv(N, cfg.BM), _cdiv(C, cfg.BN), G * _cdiv(K, k_per))
@@ -294,10 +353,9 @@ def _gemm(
         "gemm", grid,
         (a, b, out, bias if bias is not None else out, out if rms is None else rms[0], N, K, C, k_per,
          0 if rms is None else rms[1], *a_strides, *b_strides, *out_strides, *bias_strides),
-        dict(A_CHUNK=a_chunk, A_SPLIT=a_split, PERM_M=perm[0], PERM_B=perm[1],
-             HAS_BIAS=bias is not None, RMS_SPLIT=0 if rms is None else rms[0].shape[0],
-             EPS=0.0 if rms is None else float(rms[2]), IEEE=b.dtype == torch.float32,
-             WAIT=consumer and pdl, LAUNCH_DEPS=producer and pdl, G_FAST=g_fast, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK),
+        gemm_constexprs(cfg, b.dtype, a_chunk=a_chunk, a_split=a_split, perm=perm, bias=bias is not None,
+                        rms_split=0 if rms is None else rms[0].shape[0], eps=0.0 if rms is None else float(rms[2]),
+                        wait=consumer and pdl, launch_deps=producer and pdl, g_fast=g_fast),
         cfg.num_warps, cfg.num_stages, pdl=consumer and pdl,
     )  # fmt: skip
 
@@ -308,7 +366,7 @@ def _dtype_key(x: torch.Tensor) -> str:
 
 def _partials(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """An intermediate of ``splits`` float32 partial sums, or one tensor in the input's dtype."""
-    return _empty((splits, *shape), like, torch.float32 if splits > 1 else None)
+    return new_buffer((splits, *shape), like, torch.float32 if splits > 1 else None)
 
 
 COUNTERS = 1 << 14  # arrival counters kept per device: tiles of one V+S launch, ceil(N/BM) * L * ceil(r/BR)
@@ -329,14 +387,9 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
     return pool
 
 
-REDUCE_SPLITS = True  # off: no config sums the V+S split partials once (Config.reduce); bench switch
-MIX_DOT = True  # BLAST's S stage for many tokens as batched MMAs (else CUDA-core FMAs); bench switch
-BLAST_FUSED_MAX_N = 64  # above this many tokens BLAST runs V GEMM -> S mix -> U GEMM instead of fused V+S, except
-# with few output blocks (b_out <= FUSED_MANY_MAX_BOUT): the fused tiles then keep their full size, and fused V+S -> U
-# saves the intermediate's round trips and a launch, and stacked siblings' 3 launches each (the staged path runs
-# them one layer at a time). Measured on ViT-B (b = 3) and GPT-2 S (b = 6, slower fused), bench/NOTES.md.
-FUSED_MANY_MAX_BOUT = 4
-MANY_TOKENS_FUSED = True  # bench switch: False runs every layer staged above BLAST_FUSED_MAX_N
+def pooled_counters(device: torch.device) -> torch.Tensor | None:
+    """The arrival-counter pool of ``device``, if a launch made one (tests check it is left at zero)."""
+    return _counter_pool.get(device)
 
 
 def mix_dot_launch(
@@ -352,20 +405,16 @@ def mix_dot_launch(
     return bm, br, warps, (n_tiles, r_tiles)
 
 
-def _staged(n: int, b_out_pow2: int) -> bool:
-    """Whether BLAST runs V GEMM -> S mix -> U (else fused V+S -> U) for ``n`` tokens."""
-    return n > BLAST_FUSED_MAX_N and not (MANY_TOKENS_FUSED and b_out_pow2 <= FUSED_MANY_MAX_BOUT)
-
-
-def vs_reduces(cfg: Config, partials: int) -> bool:
+def vs_reduces(cfg: Config, partials: int, switches: Switches | None = None) -> bool:
     """Whether a V+S launch with ``cfg`` writing ``partials`` sums them itself, so that U reads one w."""
-    return partials > 1 and bool(cfg.reduce) and REDUCE_SPLITS
+    reduce_splits = (switches if switches is not None else dispatch.current()).reduce_splits
+    return partials > 1 and bool(cfg.reduce) and reduce_splits
 
 
 def _input_prologue(x: torch.Tensor, width: int, swiglu: bool, norm: tuple[torch.Tensor, float] | None):
     """silu(gate) * up or RMSNorm of x (N, width, or 2*width for SwiGLU) in one pass: the layer's input."""
-    out = _empty((x.shape[0], width), x)
-    block = 1024 if swiglu else _pow2(width)  # a norm's program holds its whole row
+    out = new_buffer((x.shape[0], width), x)
+    block = 1024 if swiglu else pow2_at_least(width)  # a norm's program holds its whole row
     runtime.launch(
         "input_prologue", (x.shape[0], _cdiv(width, block)),
         (x, x if norm is None else norm[0], out, width, x.stride(0), x.stride(1), out.stride(0)),
@@ -396,8 +445,8 @@ def blast_forward(
     above one token) in one pass first, as unfused.
 
     Few tokens, and any number for b_out <= 4: V and S fused (z stays on chip), then U; stacked layers share both
-    launches. Otherwise (:func:`_staged`), per layer: V as a grouped GEMM writing z, the S mix at memory speed,
-    then U (see ``blast_mix_kernel`` for why)."""
+    launches. Otherwise (:func:`~.dispatch.blast_staged`), per layer: V as a grouped GEMM writing z, the S mix at
+    memory speed, then U (see ``blast_mix_kernel`` for why)."""
     lead = U.shape[:1] if U.dim() == 4 else ()  # stacked siblings: L
     L, b_out, p, r = U.shape if lead else (1, *U.shape)
     b_in, q = V.shape[len(lead) : len(lead) + 2]
@@ -416,8 +465,9 @@ def blast_forward(
     if not lead:
         U, S, V = U[None], S[None], V[None]
     N = x.shape[0]
-    b_out_pow2 = _pow2(b_out)
-    staged = _staged(N, b_out_pow2)
+    b_out_pow2 = pow2_at_least(b_out)
+    switches = dispatch.current()
+    staged = blast_staged(N, b_out, switches)
     # The V GEMM's tiles take no prologue: one pass first. Nor does float16 take the norm in a 16+-row V+S tile:
     # the tensor cores need x * g in float16 before 1/rms scales it, and a residual stream's outliers times g can
     # pass 65504 where the normalized input would not.
@@ -426,13 +476,13 @@ def blast_forward(
         x, swiglu, norm = _input_prologue(x, b_in * q, swiglu, norm), False, None
     if residual is not None and bias is not None:
         residual, bias = residual + bias, None  # the epilogue adds one addend; no model here has both
-    y = _empty((N, L * m), x)
+    y = new_buffer((N, L * m), x)
     if N == 0:
         return y
     shape_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{_dtype_key(x)}"  # one layer's shape: the many-token launches
     # The prologues share the plain layer's configs: they add a few KB of input loads to a stream of weights.
     vs_key = f"{b_in}x{q}->{b_out}x{p}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
-    pdl = _pdl(x.device, N)
+    pdl = _pdl(x.device, N, switches)
 
     def vs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
         """w (partials or their sum) and, for a norm over split programs, their partial sums of squares."""
@@ -440,49 +490,47 @@ def blast_forward(
         cfg = _effective(cfg, x.dtype)
         w = _partials(partials, (N, L * b_out, r), x)
         grid = (_cdiv(N, cfg.BM), L * _cdiv(r, cfg.BN), w.shape[0])
-        counters = _counters(x.device, grid[0] * grid[1]) if vs_reduces(cfg, partials) else None
-        red = w[0] if counters is None else _empty((N, L * b_out, r), x, torch.float32)
-        sq = _empty((partials, N), x, torch.float32) if norm is not None else x
+        counters = _counters(x.device, grid[0] * grid[1]) if vs_reduces(cfg, partials, switches) else None
+        red = w[0] if counters is None else new_buffer((N, L * b_out, r), x, torch.float32)
+        sq = new_buffer((partials, N), x, torch.float32) if norm is not None else x
         runtime.launch(
             "blast_vs", grid,
             (x, V, S, w, red, w if counters is None else counters, x if norm is None else norm[0], sq,
              N, q, r, b_in, b_out, per,
              x.stride(0), x.stride(1), *V.stride(), *S.stride(), *w.stride(), *red.stride()),
-            dict(B_OUT=b_out_pow2, IEEE=x.dtype == torch.float32, LAUNCH_DEPS=pdl, REDUCE=counters is not None,
-                 SWIGLU=swiglu, RMS_NORM=norm is not None, EPS=0.0 if norm is None else float(norm[1]),
-                 BM=cfg.BM, BR=cfg.BN, BK=cfg.BK),
+            blast_vs_constexprs(cfg, x.dtype, b_out_pow2, launch_deps=pdl, reduce=counters is not None,
+                                swiglu=swiglu, rms_norm=norm is not None, eps=0.0 if norm is None else float(norm[1])),
             cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w if counters is None else red[None], sq if norm is not None and partials > 1 else None
 
     def v(V: torch.Tensor, cfg: Config) -> torch.Tensor:
-        z = _empty((N, b_in, r), x)
+        z = new_buffer((N, b_in, r), x)
         _gemm(
             x, (x.stride(0), q * x.stride(1), x.stride(1), 0, 0), V, (V.stride(0), V.stride(2), V.stride(1)),
-            z, (0, *z.stride()), N=N, K=q, C=r, G=b_in, cfg=cfg,
+            z, (0, *z.stride()), N=N, K=q, C=r, G=b_in, cfg=cfg, pdl=pdl,
         )  # fmt: skip
         return z
 
     def mix(z: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-        w = _empty((1, N, b_out, r), x)
-        bj, bi = max(16, _pow2(b_in)), max(16, b_out_pow2)  # the MMA's smallest K and N
-        tiles = mix_dot_tiles(_arch(x.device), bj, bi)
-        if MIX_DOT and x.dtype != torch.float32 and tiles:
-            bm, br, warps, grid = mix_dot_launch(N, r, tiles, _sm_count(x.device))
-            args = (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:])
-            fixed = dict(BJ=bj, BI=bi, STAGES=MIX_DOT_STAGES)
+        w = new_buffer((1, N, b_out, r), x)
+        bj, bi = max(16, pow2_at_least(b_in)), max(16, b_out_pow2)  # the MMA's smallest K and N
+        tiles = mix_dot_tiles(device_arch(x.device), bj, bi)
+        args = (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:])
+        if switches.mix_dot and x.dtype != torch.float32 and tiles:
+            bm, br, warps, grid = mix_dot_launch(N, r, tiles, device_sm_count(x.device))
             # The tile follows N, and a bundle is packaged at one N a bucket: it records them all.
             packaging = isinstance(runtime.backend(), runtime.Recorder)
-            for t_bm, t_br, t_warps in tiles if packaging else [(bm, br, warps)]:
+            for tile in tiles if packaging else [(bm, br, warps)]:
+                cfg = mix_dot_config(tile)
                 runtime.launch(
-                    "blast_mix_dot", grid, args, dict(fixed, BM=t_bm, BR=t_br), t_warps, MIX_DOT_STAGES
+                    "blast_mix_dot", grid, args, mix_dot_constexprs(cfg, bj, bi), cfg.num_warps, cfg.num_stages
                 )  # fmt: skip
             return w
-        bm, br = mix_tile(b_out_pow2)
+        cfg = mix_config(b_out_pow2)
         runtime.launch(
-            "blast_mix", (_cdiv(N, bm), _cdiv(r, br)),
-            (z, S, w, N, r, b_in, b_out, *z.stride(), *S.stride(), *w.stride()[1:]),
-            dict(B_OUT=b_out_pow2, BM=bm, BR=br), num_warps=4, num_stages=3,
+            "blast_mix", (_cdiv(N, cfg.BM), _cdiv(r, cfg.BN)), args, mix_constexprs(cfg, b_out_pow2),
+            cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
         return w
 
@@ -496,7 +544,7 @@ def blast_forward(
     def u(w: torch.Tensor, U: torch.Tensor, y: torch.Tensor, add, cfg: Config, sq: torch.Tensor | None = None):
         _gemm(
             w, (w.stride(1), w.stride(2), w.stride(3), 0, w.stride(0)), U, U.stride(),
-            y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=U.shape[0], cfg=cfg,
+            y, (0, y.stride(0), p, 1), N=N, K=r, C=p, G=U.shape[0], cfg=cfg, pdl=pdl,
             bias=add[0], bias_strides=add[1], a_split=w.shape[0], consumer=True,
             rms=None if sq is None else (sq, b_in * q, norm[1]),
         )  # fmt: skip
@@ -504,30 +552,28 @@ def blast_forward(
     if staged:  # compute-bound: one layer at a time, each into its columns of y
         for layer in range(L):
             Vl, Sl, Ul = V[layer], S[layer], U[layer]
-            z = v(Vl, _choose("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))
+            z = v(Vl, choose_config("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))
             w = mix(z, Sl)
             yl, al = y[:, layer * m : (layer + 1) * m], addend(layer * m, (layer + 1) * m)
             key = f"blast_u|{shape_key}|split1"
-            u(w, Ul, yl, al, _choose("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, al=al: u(w, Ul, yl, al, c)))
+            cfg = choose_config("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, al=al: u(w, Ul, yl, al, c))
+            u(w, Ul, yl, al, cfg)
         return y
     try:
         U_all = U.view(L * b_out, p, r)
     except RuntimeError as exc:
         raise ValueError("stacked U must be one (L*b_out, p, r) view: store the siblings' U contiguously") from exc
     add = addend(0, L * m)
-    u_default = default("gemm", _arch(x.device), N)
+    u_default = default("gemm", device_arch(x.device), N)
 
     def vs_then_u(cfg: Config) -> None:  # what tuning V+S times: the U stage reading its output included
         w, sq = vs(cfg)
         u(w, U_all, y, add, u_default, sq)
 
-    w, sq = vs(_choose("blast_vs", vs_key, N, x.device, vs_then_u, b_out_pow2))
+    w, sq = vs(choose_config("blast_vs", vs_key, N, x.device, vs_then_u, b_out_pow2))
     u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
-    u(w, U_all, y, add, _choose("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c, sq)), sq)
+    u(w, U_all, y, add, choose_config("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c, sq)), sq)
     return y
-
-
-MONARCH_DIRECT_MAX_N = 64  # above this many tokens stage 2 writes block-major and a second pass interleaves
 
 
 def monarch_forward(
@@ -545,43 +591,42 @@ def monarch_forward(
         raise ValueError(f"Monarch width R={R} must be a multiple of the number of blocks b={b}")
     m = R // b
     N = x.shape[0]
-    y = _empty((N, out_blk * b), x)
+    y = new_buffer((N, out_blk * b), x)
     if N == 0:
         return y
     shape_key = f"b{b}|{in_blk}->{out_blk}|R{R}|{_dtype_key(x)}"
+    switches = dispatch.current()
+    pdl = _pdl(x.device, N, switches)
+    # Few tokens: stage 2 stores straight into y's interleaved columns. Many: block-major o, then one interleave pass.
+    direct = monarch_direct(N, switches)
 
     def stage1(cfg: Config) -> torch.Tensor:
         splits, k_per = _gemm_split(cfg, N, in_blk, R, b, x)
         h = _partials(splits, (N, b, R), x)
         _gemm(
             x, (x.stride(0), in_blk * x.stride(1), x.stride(1), 0, 0), w1, w1.stride(),
-            h, h.stride(), N=N, K=in_blk, C=R, G=b, cfg=cfg, k_per=k_per, perm=(m, b), producer=True,
+            h, h.stride(), N=N, K=in_blk, C=R, G=b, cfg=cfg, pdl=pdl, k_per=k_per, perm=(m, b), producer=True,
         )  # fmt: skip
         return h
 
     def stage2(h: torch.Tensor, cfg: Config) -> None:
-        # Few tokens: store straight into y's interleaved columns. Many: block-major o, then one interleave pass.
-        direct = N <= MONARCH_DIRECT_MAX_N
-        o = y if direct else _empty((N, b, out_blk), x)
+        o = y if direct else new_buffer((N, b, out_blk), x)
         _gemm(
             h, (h.stride(1), m * h.stride(3), h.stride(3), h.stride(2), h.stride(0)), w2, w2.stride(),
-            o, (0, y.stride(0), 1, b) if direct else (0, *o.stride()), N=N, K=R, C=out_blk, G=b, cfg=cfg,
+            o, (0, y.stride(0), 1, b) if direct else (0, *o.stride()), N=N, K=R, C=out_blk, G=b, cfg=cfg, pdl=pdl,
             bias=bias, bias_strides=(0, 1, b), a_chunk=m, a_split=h.shape[0], consumer=True, g_fast=direct,
         )  # fmt: skip
         if not direct:
-            b_pow2 = _pow2(b)
-            bm, bs = interleave_tile(b_pow2)
+            b_pow2 = pow2_at_least(b)
+            tile = interleave_config(b_pow2)
             runtime.launch(
-                "interleave",
-                (_cdiv(N, bm), _cdiv(out_blk, bs)),
-                (o, y, N, b, out_blk, *o.stride(), y.stride(0)),
-                dict(B_P2=b_pow2, BM=bm, BS=bs),
-                num_warps=4,
-                num_stages=3,
-            )
+                "interleave", (_cdiv(N, tile.BM), _cdiv(out_blk, tile.BN)),
+                (o, y, N, b, out_blk, *o.stride(), y.stride(0)), interleave_constexprs(tile, b_pow2),
+                tile.num_warps, tile.num_stages,
+            )  # fmt: skip
 
-    h = stage1(_choose("gemm", f"monarch_1|{shape_key}", N, x.device, stage1))
-    stage2(h, _choose("gemm", f"monarch_2|{shape_key}|split{h.shape[0]}", N, x.device, lambda c: stage2(h, c)))
+    h = stage1(choose_config("gemm", f"monarch_1|{shape_key}", N, x.device, stage1))
+    stage2(h, choose_config("gemm", f"monarch_2|{shape_key}|split{h.shape[0]}", N, x.device, lambda c: stage2(h, c)))
     return y
 
 
@@ -598,27 +643,28 @@ def lowrank_forward(
     if not lead:
         U, V = U[None], V[None]
     N = x.shape[0]
-    y = _empty((N, L * out_f), x)
+    y = new_buffer((N, L * out_f), x)
     if N == 0:
         return y
     shape_key = f"{in_f}->{out_f}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
+    pdl = _pdl(x.device, N, dispatch.current())
 
     def stage1(cfg: Config) -> torch.Tensor:
         splits, k_per = _gemm_split(cfg, N, in_f, r, L, x)
         t = _partials(splits, (N, L, r), x)
         _gemm(
             x, (x.stride(0), 0, x.stride(1), 0, 0), V, (V.stride(0), V.stride(2), V.stride(1)),
-            t, t.stride(), N=N, K=in_f, C=r, G=L, cfg=cfg, k_per=k_per, producer=True,
+            t, t.stride(), N=N, K=in_f, C=r, G=L, cfg=cfg, pdl=pdl, k_per=k_per, producer=True,
         )  # fmt: skip
         return t
 
     def stage2(t: torch.Tensor, cfg: Config) -> None:
         _gemm(
             t, (t.stride(1), t.stride(2), t.stride(3), 0, t.stride(0)), U, U.stride(),
-            y, (0, y.stride(0), out_f, 1), N=N, K=r, C=out_f, G=L, cfg=cfg,
+            y, (0, y.stride(0), out_f, 1), N=N, K=r, C=out_f, G=L, cfg=cfg, pdl=pdl,
             bias=bias, bias_strides=(0, out_f, 1), a_split=t.shape[0], consumer=True,
         )  # fmt: skip
 
-    t = stage1(_choose("gemm", f"lowrank_1|{shape_key}", N, x.device, stage1))
-    stage2(t, _choose("gemm", f"lowrank_2|{shape_key}|split{t.shape[0]}", N, x.device, lambda c: stage2(t, c)))
+    t = stage1(choose_config("gemm", f"lowrank_1|{shape_key}", N, x.device, stage1))
+    stage2(t, choose_config("gemm", f"lowrank_2|{shape_key}|split{t.shape[0]}", N, x.device, lambda c: stage2(t, c)))
     return y

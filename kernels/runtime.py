@@ -25,6 +25,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 from .blast import blast_mix_dot_kernel, blast_mix_kernel, blast_vs_kernel, input_prologue_kernel
+from .dtypes import DTYPES, TRITON_NAMES
 from .gemm import grouped_gemm_kernel
 from .monarch import interleave_kernel
 
@@ -36,7 +37,9 @@ KERNELS = {
     "interleave": interleave_kernel,
     "input_prologue": input_prologue_kernel,
 }
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+# How a tensor argument's dtype reads in a kernel signature: the dtypes the kernels run in, and int32 for the arrival
+# counters of BLAST's V+S split reduction.
+TRITON_DTYPES = {**{DTYPES[name]: triton for name, triton in TRITON_NAMES.items()}, torch.int32: "i32"}
 UNSPECIALIZED = ("N",)  # arguments whose value varies within a token bucket
 
 

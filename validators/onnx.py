@@ -7,15 +7,24 @@ with the error and the tolerance. ``Unusable`` is raised for inputs that cannot 
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
 from blrdeploy.conversion.checkpoint import CheckpointError, load, read_blr_config, verify
+from blrdeploy.exporters.onnx import META_CHECKPOINT, export_checkpoint
+from blrdeploy.exporters.onnx_functions import DOMAIN, FUNCTIONS
+from blrdeploy.models.families import BUILTIN
 from blrdeploy.models.outputs import TOLERANCE, Check, compare, model_output, sample_inputs
-from blrdeploy.structures.modules import _BLRLinear
+from blrdeploy.models.sources import build_builtin, load_pretrained_dir
+from blrdeploy.structures.modules import BLRLinear
+
+# What a checkpoint can be validated against: its ONNX reference, its dense source, the float64 CPU reference.
+AGAINST = ("onnx", "dense", "reference")
 
 
 class Unusable(ValueError):
@@ -66,14 +75,24 @@ def _load_checkpoint(checkpoint: Path, device="cpu", dtype=torch.float32, check_
         raise Unusable(str(exc)) from exc
 
 
+def validate(
+    checkpoint: str | Path, against: str = "onnx", onnx_path: str | Path | None = None, rtol: float | None = None
+) -> Report:
+    """The report of ``checkpoint`` against one of AGAINST; ``onnx_path`` only with "onnx" (default: exported to a
+    temporary file), ``rtol`` None for each check's default tolerance."""
+    if against not in AGAINST:
+        raise Unusable(f"--against must be one of {', '.join(AGAINST)}, got {against!r}")
+    if against == "onnx":
+        return validate_against_onnx(checkpoint, onnx_path, rtol)
+    if against == "dense":
+        return validate_against_dense(checkpoint, rtol)
+    return validate_against_reference(checkpoint, rtol=rtol)
+
+
 # ------------------------------------------------------------------------------------------------ against ONNX
 
 
 def _open_onnx(path: Path, blr_config: dict):
-    import onnx
-    from blrdeploy.exporters.onnx import META_CHECKPOINT
-    from blrdeploy.exporters.onnx_functions import DOMAIN, FUNCTIONS
-
     if not path.is_file():
         raise Unusable(f"no such ONNX file: {path}")
     try:
@@ -100,6 +119,7 @@ def _open_onnx(path: Path, blr_config: dict):
 
 
 def _ort_session(model_bytes_or_path, path_for_errors: Path):
+    # deferred: only the ONNX check runs a session; the dense and reference checks need not import onnxruntime
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -113,10 +133,6 @@ def _ort_session(model_bytes_or_path, path_for_errors: Path):
 def validate_against_onnx(
     checkpoint: str | Path, onnx_path: str | Path | None = None, rtol: float | None = None
 ) -> Report:
-    import tempfile
-
-    from blrdeploy.exporters.onnx import export_checkpoint
-
     checkpoint = Path(checkpoint)
     cfg, model = _load_checkpoint(checkpoint)
     report = Report("onnx", str(checkpoint))
@@ -150,10 +166,7 @@ def validate_against_onnx(
 
 def _first_diverging_layer(model, proto, inputs, names, path, tol) -> str | None:
     """Runs both sides once more with every BLR layer's output exposed; the first layer beyond tolerance."""
-    import onnx
-    from blrdeploy.exporters.onnx_functions import DOMAIN
-
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BLRLinear)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BLRLinear)]
     captured: dict[str, torch.Tensor] = {}
     hooks = [
         m.register_forward_hook(
@@ -187,10 +200,6 @@ def _first_diverging_layer(model, proto, inputs, names, path, tol) -> str | None
 
 def validate_against_dense(checkpoint: str | Path, max_error: float | None = None) -> Report:
     """Converted vs the dense model it came from, on seeded inputs: the approximation's quality."""
-
-    from blrdeploy.models.families import BUILTIN
-    from blrdeploy.models.sources import build_builtin, load_pretrained_dir
-
     checkpoint = Path(checkpoint)
     cfg, model = _load_checkpoint(checkpoint)
     source = cfg["source"].get("id")
@@ -221,7 +230,6 @@ def validate_against_reference(
     checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16, rtol: float | None = None
 ) -> Report:
     """The model's GPU path (the Triton kernels where they dispatch) vs the float64 PyTorch reference on CPU."""
-
     if not torch.cuda.is_available():
         raise Unusable("--against reference compares the GPU path with the CPU reference: it needs a CUDA GPU")
     checkpoint = Path(checkpoint)

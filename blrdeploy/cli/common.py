@@ -10,8 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from blrdeploy.conversion.pipeline import Callbacks
 from blrdeploy.kernels.dtypes import DTYPES
 
 
@@ -38,8 +49,6 @@ def check_output_path(path, option: str) -> None:
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -75,16 +84,6 @@ def csv_ints(text: str | None, what: str) -> list[int] | None:
 
 def new_bar(label: str):
     """A rich progress bar on stderr (so --json's stdout stays clean) that shows a fit's relative error."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     return Progress(
         TextColumn(label),
         BarColumn(),
@@ -130,8 +129,6 @@ class convert_progress:
         self._bar = None
 
     def __enter__(self):
-        from blrdeploy.conversion.pipeline import Callbacks
-
         if not self.enabled:
             return Callbacks()
         if not sys.stderr.isatty():
@@ -157,8 +154,6 @@ class convert_progress:
 
     def _plain_lines(self):
         """One line per layer with elapsed time and ETA, for logs and pipes where a live bar cannot draw."""
-        from blrdeploy.conversion.pipeline import Callbacks
-
         start = time.perf_counter()
 
         def layer(name: str, index: int, count: int) -> None:

@@ -14,47 +14,40 @@ from blrdeploy.conversion import checkpoint
 from blrdeploy.conversion.convert import ConvertConfig
 from blrdeploy.conversion.pipeline import DEFAULT_MODEL, load_layer_settings, run_convert
 
+# The longer option helps, kept out of the signature so that the command's options read one to a line.
+_MODEL = (
+    "A built-in model (llama-7b, llama-3.2-1b, gpt2-s, vit-b-16, dit-xl-2, gpt2-mini, *-tiny) or a Hugging Face "
+    "checkpoint directory. Default: gpt2-mini."
+)
+_PARAMS_RATIO = (
+    "Per-layer parameter budget rho in (0,1): (b, r) chosen by DESIGN's rule. Default 0.5 when neither --preset nor "
+    "--layers is given."
+)
+_DTYPE = (
+    "Model dtype: auto (what the checkpoint loads as; float32 for built-in models), float32, bfloat16, float16. The "
+    "fit itself always runs in float32."
+)
+_LAYERS = "JSON/YAML file mapping layer-name patterns to {num_blocks, rank}; wins over the rest."
+
 
 def convert(
-    model: Annotated[
-        str | None,
-        typer.Argument(
-            help="A built-in model (llama-7b, llama-3.2-1b, gpt2-s, vit-b-16, dit-xl-2, gpt2-mini, *-tiny) or a "
-            "Hugging Face checkpoint directory. Default: gpt2-mini."
-        ),
-    ] = None,
+    model: Annotated[str | None, typer.Argument(help=_MODEL)] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Output directory. Default: ./<model>-<structure>.")
     ] = None,
     structure: Annotated[str, typer.Option(help="blast, monarch or lowrank.")] = "blast",
-    params_ratio: Annotated[
-        float | None,
-        typer.Option(
-            "--params-ratio",
-            help="Per-layer parameter budget rho in (0,1): (b, r) chosen by DESIGN's rule. "
-            "Default 0.5 when neither --preset nor --layers is given.",
-        ),
-    ] = None,
+    params_ratio: Annotated[float | None, typer.Option("--params-ratio", help=_PARAMS_RATIO)] = None,
     preset: Annotated[
         str | None, typer.Option(help="'paper': the reference paper's per-layer (b, r) for the built-in models.")
     ] = None,
-    layers: Annotated[
-        Path | None,
-        typer.Option(help="JSON/YAML file mapping layer-name patterns to {num_blocks, rank}; wins over the rest."),
-    ] = None,
+    layers: Annotated[Path | None, typer.Option(help=_LAYERS)] = None,
     include: Annotated[
         list[str] | None, typer.Option(help="Glob of layer names to convert (repeatable). Default: the family's.")
     ] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Glob of layer names to keep dense (repeatable).")] = None,
     steps: Annotated[int, typer.Option(help="BLAST optimization steps per layer.")] = 300,
     device: Annotated[str, typer.Option(help="Where to factorize: auto (GPU when present), cpu, cuda.")] = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            help="Model dtype: auto (what the checkpoint loads as; float32 for built-in models), float32, "
-            "bfloat16, float16. The fit itself always runs in float32."
-        ),
-    ] = "auto",
+    dtype: Annotated[str, typer.Option(help=_DTYPE)] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for built-in weights, BLAST init and the comparison inputs.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     skip_incompatible: Annotated[
@@ -99,19 +92,7 @@ def convert(
 
 def _print_conversion(summary: dict) -> None:
     console = Console()
-    table = Table(title=f"{summary['model']}: {'plan' if summary.get('dry_run') else 'converted layers'}")
-    cols = ["layer", "structure", "blocks", "rank", "dense params", "params"]
-    if not summary.get("dry_run"):
-        cols += ["rel. error", "time s"]
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("layer", "structure") else "right")
-    for e in summary["layers"]:
-        row = [e["name"], e["structure"], str(e["num_blocks"] or "-"), str(e["rank"])]
-        row += [f"{e['dense_params']:,}", f"{e['params']:,}"]
-        if not summary.get("dry_run"):
-            row += [f"{e['relative_error']:.4f}", f"{e['seconds']:.2f}"]
-        table.add_row(*row)
-    console.print(table)
+    console.print(_layers_table(summary))
     for s in summary["skipped"]:
         console.print(f"[yellow]kept dense[/yellow] {s['name']}: {s['reason']}")
     before, after = summary["params_before"], summary["params_after"]
@@ -135,6 +116,24 @@ def _print_conversion(summary: dict) -> None:
             "here; trained checkpoints lose far less[/dim]"
         )
     console.print(f"wrote {summary['output']} in {summary['seconds']:.1f} s on {summary['device']}")
+
+
+def _layers_table(summary: dict) -> Table:
+    """One row per converted (or, in a dry run, planned) layer."""
+    planned = summary.get("dry_run")
+    table = Table(title=f"{summary['model']}: {'plan' if planned else 'converted layers'}")
+    cols = ["layer", "structure", "blocks", "rank", "dense params", "params"]
+    if not planned:
+        cols += ["rel. error", "time s"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("layer", "structure") else "right")
+    for e in summary["layers"]:
+        row = [e["name"], e["structure"], str(e["num_blocks"] or "-"), str(e["rank"])]
+        row += [f"{e['dense_params']:,}", f"{e['params']:,}"]
+        if not planned:
+            row += [f"{e['relative_error']:.4f}", f"{e['seconds']:.2f}"]
+        table.add_row(*row)
+    return table
 
 
 def info(

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
 from blrdeploy.cli.common import emit_json, fail, fit_progress, resolve_device
 from blrdeploy.structures import tradeoffs
@@ -58,12 +59,7 @@ def factorize(
         if s not in STRUCTURES:
             fail(f"unknown structure {s!r}; choose from {', '.join(STRUCTURES)}")
     try:
-        if weights is not None:
-            matrix = tradeoffs.load_matrix(weights, tensor, transpose)
-            source = f"{weights}:{tensor}"
-        else:
-            matrix = tradeoffs.demo_matrix(*_parse_shape(shape), seed=seed)
-            source = f"demo {shape} (seed {seed})"
+        matrix, source = _matrix(weights, tensor, transpose, shape, seed)
         matrix = matrix.to(resolve_device(device))
         with fit_progress(not as_json) as progress:
             reports = tradeoffs.compare_structures(matrix, params_ratio, chosen, steps, seed, progress)
@@ -74,6 +70,13 @@ def factorize(
         emit_json({"source": source, "shape": list(matrix.shape), "results": rows})
         return
     _print_table(source, tuple(matrix.shape), rows)
+
+
+def _matrix(weights: Path | None, tensor: str | None, transpose: bool, shape: str, seed: int) -> tuple[Tensor, str]:
+    """The matrix to factorize, from --weights or the seeded demo of --shape, and how the output names it."""
+    if weights is not None:
+        return tradeoffs.load_matrix(weights, tensor, transpose), f"{weights}:{tensor}"
+    return tradeoffs.demo_matrix(*_parse_shape(shape), seed=seed), f"demo {shape} (seed {seed})"
 
 
 def _print_table(source: str, shape: tuple[int, int], rows: list[dict]) -> None:

@@ -1,1 +1,12 @@
-"""conversion"""
+"""Turning a model into its block low-rank form, and the converted checkpoint.
+
+- ``convert``: ``ConvertConfig``, the per-layer plan ((b, r) for each linear) and the in-place swap.
+- ``pipeline``: the job behind ``blrdeploy convert``: open a model, plan, convert layer by layer, compare outputs
+  with the dense model, write the checkpoint.
+- ``checkpoint``: the checkpoint directory (DESIGN §4): atomic save, ``load`` on the meta device, sha256 checks,
+  ``describe`` (``blrdeploy info``).
+- ``siblings``, ``blocks``, ``fusion``: launch-saving fusions applied on load (stacked sibling layers, SwiGLU and
+  whole pre-norm blocks inside BLAST layers); ``fusion.fuse_family`` applies a family's in order.
+
+Imports ``models`` and ``structures`` (never exporters, validators or the CLI).
+"""

@@ -9,11 +9,11 @@ kernel per pair), a few µs of launch and latency for 8 KB of work, twice per bl
 
 No kernel is left between a block's attention output and its next BLAST layer, nor between two blocks.
 
-:func:`fuse_blocks` (after :func:`blrdeploy.siblings.fuse_siblings` and ``fuse_swiglu``) fuses a decoder layer
-only when every piece is there: two RMSNorms, BLAST q/k/v (stacked or alone) and o_proj, and a
-:class:`~blrdeploy.siblings.SwiGLUMLP`. It changes no parameter or name: the layer's class becomes a subclass with
-the fused forward, lone q/k/v and o_proj become :class:`FusedBlastLinear` (a BlastLinear), and the norms stay
-registered where they were (their weights are read from there), so ``save`` writes the unfused checkpoint.
+:func:`fuse_blocks` (after :func:`~blrdeploy.conversion.siblings.fuse_siblings` and ``fuse_swiglu``) fuses a
+decoder layer only when every piece is there: two RMSNorms, BLAST q/k/v (stacked or alone) and o_proj, and a
+:class:`~blrdeploy.conversion.siblings.SwiGLUMLP`. It changes no parameter or name: the layer's class becomes a
+subclass with the fused forward, lone q/k/v and o_proj become :class:`FusedBlastLinear` (a BlastLinear), and the
+norms stay registered where they were (their weights are read from there), so ``save`` writes the unfused checkpoint.
 """
 
 from __future__ import annotations

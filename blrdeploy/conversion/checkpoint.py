@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from blrdeploy.conversion.fusion import fuse_family
 from blrdeploy.conversion.siblings import Siblings
 from blrdeploy.models.sources import config_dict, family_of, instantiate, read_config
 from blrdeploy.structures.modules import BlastLinear, BLRLinear, LowRankLinear, MonarchLinear, set_submodule
@@ -351,8 +352,9 @@ def load(
     stored tensor is cast to ``dtype`` before it is moved to ``device``, one at a time: the device never holds more
     than the final weights (no float32 copy of a bfloat16 model, no dense weight) plus, while sibling layers are
     stacked, one group's factors. ``fuse_siblings`` (default: on CUDA) stacks the BLAST and low-rank layers of the
-    model family's sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.siblings`) and fuses its pre-norm blocks
-    (:mod:`blrdeploy.blocks`): fewer kernel launches, the same outputs up to float rounding."""
+    model family's sibling groups (q/k/v, gate/up; see :mod:`blrdeploy.conversion.siblings`) and fuses its
+    pre-norm blocks (:mod:`blrdeploy.conversion.blocks`), as :func:`~blrdeploy.conversion.fusion.fuse_family`
+    does: fewer kernel launches, the same outputs up to float rounding."""
 
     path = Path(path)
     cfg = read_blr_config(path)
@@ -399,7 +401,5 @@ def load(
     if dtype is not None:
         model = model.to(dtype)
     if fuse_siblings or (fuse_siblings is None and torch.device(device).type == "cuda"):
-        from blrdeploy.conversion.siblings import fuse_family
-
         fuse_family(model, src.get("family"))
     return model.eval()

@@ -57,7 +57,9 @@ class Siblings(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=first.bias.requires_grad)
         self.fit_errors = tuple(None if m.fit_result is None else m.fit_result.relative_error for m in members)
         self._pending: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
-        self.norm: tuple[nn.Module, ...] = ()  # an RMSNorm the group reads its input through (blrdeploy.blocks)
+        self.norm: tuple[
+            nn.Module, ...
+        ] = ()  # an RMSNorm the group reads its input through (blrdeploy.conversion.blocks)
 
     def factors(self) -> dict[str, torch.Tensor]:
         """The stacked factors by name, as the members' ``factors()`` with a leading L."""
@@ -127,7 +129,7 @@ class SwiGLUMLP(nn.Module):
     """Stands where a gated MLP with a SiLU was, once its gate and up are one :class:`Siblings` group and its down is
     BLAST: ``down(swiglu(gate_up(x)))`` in two op calls. The group and ``down_proj`` keep the names they had on the
     MLP, so a state dict (and ``save``) sees what the fused MLP had. With ``adds_residual`` (a fused block,
-    :mod:`blrdeploy.blocks`) it returns ``x + down(...)``, the add done as down's last stage stores."""
+    :mod:`blrdeploy.conversion.blocks`) it returns ``x + down(...)``, the add done as down's last stage stores."""
 
     def __init__(self, group_name: str, group: Siblings, down_proj: BlastLinear) -> None:
         super().__init__()
@@ -204,22 +206,6 @@ def fuse_siblings(model: nn.Module, sibling_names: Iterable[Sequence[str]]) -> l
                     setattr(parent, name, SiblingOutput(group, i))
                 groups.append(group)
                 del members  # the old layers' factors go now, before the next group is stacked
-    return groups
-
-
-def fuse_family(model: nn.Module, family: str | None) -> list[Siblings]:
-    """:func:`fuse_siblings`, :func:`fuse_swiglu`, then :func:`blrdeploy.blocks.fuse_blocks`, with the sibling
-    names, gated MLP classes and decoder layer classes of a model family (``blrdeploy.models.FAMILIES``); an
-    unknown family has none."""
-    from blrdeploy.conversion.blocks import fuse_blocks
-    from blrdeploy.models.families import FAMILIES
-
-    known = FAMILIES.get(family or "")
-    if known is None:
-        return []
-    groups = fuse_siblings(model, known.siblings)
-    fuse_swiglu(model, known.swiglu_mlps)
-    fuse_blocks(model, known.blocks)
     return groups
 
 

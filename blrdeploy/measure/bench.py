@@ -21,11 +21,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import json
 import math
+import platform
 import re
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +36,19 @@ import torch
 from torch import nn
 
 from blrdeploy.conversion.blocks import FusedPreNormBlock
-from blrdeploy.conversion.checkpoint import BLR_CONFIG, blr_module, load, read_blr_config, verify
+from blrdeploy.conversion.checkpoint import (
+    BLR_CONFIG,
+    atomic_write_text,
+    blr_module,
+    load,
+    read_blr_config,
+    tool_versions,
+    verify,
+)
 from blrdeploy.conversion.convert import ConvertConfig, is_linear, linear_dims, plan
+from blrdeploy.conversion.fusion import fuse_family
 from blrdeploy.conversion.pipeline import unique_params
-from blrdeploy.conversion.siblings import Siblings, blr_layer_count, fuse_family
+from blrdeploy.conversion.siblings import Siblings, blr_layer_count
 from blrdeploy.models.families import BUILTIN, FAMILIES
 from blrdeploy.models.outputs import main_output
 from blrdeploy.models.sources import builtin_config, identify, instantiate, read_config
@@ -47,6 +59,8 @@ LLM_FAMILIES = ("llama", "gpt2")
 # The reference paper's prefill shapes per family as (batch, sequence); ViT and DiT sequences come from the model.
 PAPER_SHAPES = {"llama": [(1, 1024)], "gpt2": [(1, 384)], "vit": [(1, None), (64, None)], "dit": [(64, None)]}
 Progress = Callable[[str], None]  # called with a description before each measured step
+# Given a run's step count, opens what receives its steps (a progress bar, say) for the length of the run.
+OpenProgress = Callable[[int], AbstractContextManager[Progress | None]]
 
 
 # ------------------------------------------------------------------------------------------------- memory limit
@@ -194,7 +208,7 @@ def resolve(
     """A built-in model (its conversion planned with the paper preset where it has one for ``structure``, else
     ``params_ratio``; random weights) or a converted checkpoint directory (its stored weights). Nothing is
     allocated until a variant is built. ``fuse_siblings``: the BLR model's sibling BLAST or low-rank layers run stacked
-    (:mod:`blrdeploy.siblings`)."""
+    (:mod:`blrdeploy.conversion.siblings`)."""
     device = torch.device(device)
     if model in BUILTIN:
         spec = BUILTIN[model]
@@ -280,7 +294,7 @@ def tokens_of(target: Target, feed: dict, model: nn.Module) -> int:
     return feed["hidden_states"].shape[0] * (c.sample_size // c.patch_size) ** 2
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, budget_s: float, min_reps: int = 5) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float, min_reps: int = 5) -> float:
     """Median time of ``fn`` over repetitions filling about ``budget_s`` (at least ``min_reps``): CUDA events on a
     GPU (the GPU timeline, so a CPU-bound forward shows its gaps), the wall clock on a CPU."""
     fn()  # warm
@@ -307,7 +321,7 @@ def _median_ms(fn: Callable[[], object], device: torch.device, budget_s: float, 
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def _capture(fn: Callable[[], object], device: torch.device, warmup: int = 2):
+def capture_graph(fn: Callable[[], object], device: torch.device, warmup: int = 2):
     """Runs ``fn`` ``warmup`` times on a side stream (compiles kernels, sets up cuBLAS), then captures one call in
     a CUDA graph. Returns (graph, the captured call's output)."""
     stream = torch.cuda.Stream(device)
@@ -334,20 +348,21 @@ def time_prefill(model: nn.Module, feed: dict, mode: str, device: torch.device, 
     forward = _compiled(model.forward, mode)
     t0 = time.perf_counter()
     if mode == "eager":
-        ms = _median_ms(lambda: forward(**feed), device, budget_s)
+        ms = median_ms(lambda: forward(**feed), device, budget_s)
         return {"ms": ms}
     if device.type != "cuda":
         forward(**feed)
         setup = time.perf_counter() - t0
-        return {"ms": _median_ms(lambda: forward(**feed), device, budget_s), "setup_s": setup}
-    graph, _ = _capture(lambda: forward(**feed), device)
+        return {"ms": median_ms(lambda: forward(**feed), device, budget_s), "setup_s": setup}
+    graph, _ = capture_graph(lambda: forward(**feed), device)
     setup = time.perf_counter() - t0
-    ms = _median_ms(graph.replay, device, budget_s)
+    ms = median_ms(graph.replay, device, budget_s)
     del graph
     return {"ms": ms, "setup_s": setup}
 
 
 def _static_cache(model: nn.Module, length: int, device, dtype):
+    # deferred: transformers takes about half a second to import, and only decoding needs its cache
     from transformers import StaticCache
 
     params = inspect.signature(StaticCache.__init__).parameters
@@ -444,7 +459,7 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, mode: s
         return {"tokens_per_s": steps / seconds, "ms_per_token": 1e3 * seconds / steps,
                 "setup_s": time.perf_counter() - t0 - seconds}  # fmt: skip
     dec.prefill()
-    graph, _ = _capture(dec.step, device)
+    graph, _ = capture_graph(dec.step, device)
     setup = time.perf_counter() - t0
     dec.prefill()
     first = dec.first_token()
@@ -641,8 +656,6 @@ def speedups(variants: list[dict]) -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -652,8 +665,6 @@ def run_bench(
 ) -> dict:  # fmt: skip
     """Measures each variant (or ``only`` "dense" or "blr") in turn, the dense one first, freeing one before
     building the next."""
-    from blrdeploy.conversion.checkpoint import tool_versions
-
     progress = progress or (lambda _: None)
     chosen = chosen_variants(target, only)
     cuda = device.type == "cuda"
@@ -678,6 +689,84 @@ def run_bench(
         "speedup": speedups(variants),
         "tool_versions": tool_versions("triton"),
     }
+
+
+@dataclass
+class BenchRequest:
+    """One benchmark as ``blrdeploy bench`` asks for it. Left as None, an option takes the command's default: the
+    paper's preset and shapes, bfloat16 on a GPU and float32 on a CPU, every mode on a GPU and eager on a CPU."""
+
+    model: str  # a built-in model name or a converted checkpoint directory
+    structure: str = "blast"  # built-in models only (a checkpoint has its own)
+    params_ratio: float | None = None  # built-in models: None takes the paper's preset where it has one, else 0.5
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype | None = None
+    modes: tuple[str, ...] | None = None
+    batches: tuple[int, ...] | list[int] | None = None  # prefill batch sizes
+    seq: int | None = None  # token models: prefill length
+    decode: bool = True
+    new_tokens: int = 128
+    prompt_tokens: int = 16
+    memory_limit: str | int | None = None  # bytes, or a size such as "8GB" or "7.5GiB"
+    only: str | None = None  # "dense" or "blr": measure one model only
+    fuse_siblings: bool = True
+    budget_s: float = 1.0  # per timed measurement
+    seed: int = 0
+    output: Path | None = None  # also write the result here, as JSON
+
+
+def run(request: BenchRequest, progress: OpenProgress | None = None) -> dict:
+    """Checks ``request``, resolves its model, measures both variants (or ``only`` one) and returns the result, also
+    written to ``request.output``. ``progress`` is opened with the run's step count once the model is resolved.
+    A request that cannot run raises a one-line ValueError before anything is measured."""
+    device = torch.device(request.device)
+    dtype = request.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    limit = _checked_limit(request, device)
+    config = _config(request, device)
+    preset = "auto" if request.params_ratio is None else None
+    ratio = 0.5 if request.params_ratio is None else request.params_ratio
+    target = resolve(request.model, request.structure, preset, ratio, request.seed, device, dtype,
+                     request.fuse_siblings)  # fmt: skip
+    if request.seq is not None and target.family not in LLM_FAMILIES:
+        raise ValueError(f"--seq is for token models; a {target.family} model's token count is fixed by its config")
+    opened = progress(step_count(target, config, request.only)) if progress else contextlib.nullcontext()
+    with opened as report:
+        result = run_bench(target, config, device, dtype, report, limit, request.only)
+    if request.output is not None:
+        atomic_write_text(request.output, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _checked_limit(request: BenchRequest, device: torch.device) -> int | None:
+    """The memory cap in bytes (None: uncapped), once the options that do not depend on the model are checked."""
+    if request.params_ratio is not None and not 0 < request.params_ratio < 1:
+        raise ValueError(f"--params-ratio must be in (0, 1), got {request.params_ratio}")
+    if device.type != "cuda" and any(m == "graph" for m in request.modes or ()):
+        raise ValueError("--modes graph needs a CUDA GPU (CUDA graphs)")
+    if request.only not in (None, "dense", "blr"):
+        raise ValueError(f"--only takes dense or blr, got {request.only!r}")
+    if request.memory_limit is None:
+        return None
+    if device.type != "cuda":
+        raise ValueError("--memory-limit caps GPU memory: it needs --device cuda")
+    limit = request.memory_limit
+    return parse_size(limit) if isinstance(limit, str) else int(limit)
+
+
+def _config(request: BenchRequest, device: torch.device) -> BenchConfig:
+    """The harness settings: the request's modes and prefill shapes, or the defaults for ``device``."""
+    if request.batches is not None and (not request.batches or min(request.batches) < 1):
+        raise ValueError(f"--batch takes positive integers, got {request.batches!r}")
+    if request.seq is not None and request.seq < 1:
+        raise ValueError(f"--seq must be positive, got {request.seq}")
+    shapes = tuple((b, request.seq) for b in request.batches) if request.batches else None
+    if shapes is None and request.seq is not None:
+        shapes = ((1, request.seq),)
+    modes = request.modes or (MODES if device.type == "cuda" else ("eager",))
+    return BenchConfig(
+        modes=tuple(modes), shapes=shapes, decode=request.decode, new_tokens=request.new_tokens,
+        prompt_tokens=request.prompt_tokens, budget_s=request.budget_s, seed=request.seed,
+    )  # fmt: skip
 
 
 def fmt_ratio(x: float | None) -> str:

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-DTYPES = ("float16", "bfloat16", "float32")
+from blrdeploy.kernels.dtypes import NAMES as DTYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class Device:
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 problems.append(f"{f} must be a positive finite number, got {value!r}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if problems:
             raise ValueError(f"device profile {self.name!r}: " + "; ".join(problems))
 

@@ -1,28 +1,34 @@
 """Roofline predictions: per BLR layer and token count, the bytes and FLOPs of dense, of the PyTorch reference and
-of our kernels' launch sequence, and the time each takes on a device profile (``blrdeploy.devices``).
+of our kernels' launch sequence, and the time each takes on a device profile (``blrdeploy.measure.devices``).
 
 A stage's time is max(bytes / bandwidth, FLOPs / peak): memory and math fully overlapped, no launch overhead, no
 cache reuse between stages. Element size is the model dtype's (2 bytes); float32 split partials are ignored.
 Modeled stages:
 
 * dense: read x and W, write y.
-* PyTorch reference (``blrdeploy.functional``): every einsum reads its operands and writes its result, and every
-  intermediate is also copied once more (read + write) because the next einsum batches over another axis.
-* our kernels (``kernels/launch.py``): BLAST up to 64 tokens, and at any size with at most 4 output blocks, fuses V
-  and S (z never reaches memory), otherwise runs V, the S mix and U; Monarch's permutation is folded into the index
-  maps (above 64 tokens one interleave pass is added); low-rank is two GEMMs.
+* PyTorch reference (``blrdeploy.structures.functional``): every einsum reads its operands and writes its result,
+  and every intermediate is also copied once more (read + write) because the next einsum batches over another axis.
+* our kernels: the path ``blrdeploy.kernels.dispatch`` picks, as the launchers do. BLAST fuses V and S (z never
+  reaches memory) where ``blast_staged`` says so (few tokens, or few output blocks), otherwise runs V, the S mix and
+  U; Monarch's permutation is folded into the index maps (one interleave pass added where ``monarch_direct`` says
+  no); low-rank is two GEMMs.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from blrdeploy.kernels.dispatch import blast_staged, monarch_direct
+from blrdeploy.measure import devices
+from blrdeploy.measure.bench import resolve
 from blrdeploy.measure.devices import Device
 
 PATHS = ("dense", "pytorch", "kernels")
-BLAST_FUSED_MAX_N = 64  # as kernels/launch.py, where a layer with few output blocks stays fused above it
-FUSED_MANY_MAX_BOUT = 4
-MONARCH_DIRECT_MAX_N = 64
+# The reference paper's token counts per family (prefill / batch), plus single-token decode for the LLMs.
+DEFAULT_TOKENS = {"llama": [1, 1024], "gpt2": [1, 384], "vit": [197, 197 * 64], "dit": [16384]}
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,7 @@ def stages(layer: dict, path: str, n: int, elem: int = 2) -> list[Stage]:
         mix = Stage("S", e * (z + s + w), 2 * n * s)
         u = Stage("U", e * (w + o * r + n * o) + bias, 2 * n * r * o)
         if path == "kernels":
-            few_blocks = 1 << max(0, b_out - 1).bit_length() <= FUSED_MANY_MAX_BOUT
-            if n <= BLAST_FUSED_MAX_N or few_blocks:
+            if not blast_staged(n, b_out):
                 return [Stage("V+S", e * (n * i + i * r + s + w), v.flops + mix.flops), u]
             return [v, mix, u]
         copies = [Stage("copy z", 2 * e * z, 0), Stage("copy w", 2 * e * w, 0)]
@@ -76,7 +81,7 @@ def stages(layer: dict, path: str, n: int, elem: int = 2) -> list[Stage]:
         s1 = Stage("stage 1", e * (n * i + r * i + h), 2 * n * i * r)
         s2 = Stage("stage 2", e * (h + o * r + n * o) + bias, 2 * n * r * o)
         if path == "kernels":
-            if n <= MONARCH_DIRECT_MAX_N:
+            if monarch_direct(n):
                 return [s1, s2]
             return [s1, s2, Stage("interleave", 2 * e * n * o, 0)]
         return [s1, Stage("permute h", 2 * e * h, 0), s2, Stage("interleave", 2 * e * n * o, 0)]
@@ -170,13 +175,82 @@ def measured_speedups(bench_result: dict) -> dict[int, dict]:
     return out
 
 
+@dataclass
+class ModelReport:
+    """A model's predicted rows and per-token-count totals on one device, beside what bench measured if given."""
+
+    model: str
+    device: Device
+    rows: list[Row]
+    totals: dict[int, dict]  # as totals(), each with "measured": bench's speedup at that N, or None
+    measured_on: str | None = None  # the device of the bench result given, None without one
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "target": self.device.to_json(), "rows": [r.to_json() for r in self.rows],
+                "totals": self.totals}  # fmt: skip
+
+
+def model_report(
+    model: str, target: str | Device, structure: str = "blast", tokens: Sequence[int] | None = None,
+    png: str | Path | None = None, measured: str | Path | None = None,
+) -> ModelReport:  # fmt: skip
+    """Predicts every BLR layer of ``model`` (a converted checkpoint directory, or a built-in model's conversion plan
+    for ``structure``: the paper's preset where it has one, else half the parameters) on ``target`` (a device
+    profile or its name) at ``tokens`` (default: the reference paper's counts for the family). With ``measured``,
+    a ``blrdeploy bench --json`` result of the same model, its speedups stand beside the predicted ones; with
+    ``png``, the roofline figure is written there. Nothing is allocated: the model is a skeleton on the meta
+    device. A one-line ValueError for what cannot be predicted."""
+    device = target if isinstance(target, Device) else devices.get(target)
+    resolved = resolve(model, structure)
+    layers = resolved.variants[1].layers
+    bench_result, seen = _measured(Path(measured), model, resolved.structure) if measured is not None else (None, None)
+    counts = list(tokens) if tokens else DEFAULT_TOKENS.get(resolved.family or "", [1, 1024])
+    if not layers:
+        raise ValueError(f"{model} has no BLR layer to predict")
+    if any(n < 1 for n in counts):
+        raise ValueError("--tokens must be positive integers")
+    rows = predict(layers, device, counts)
+    sums = totals(rows, resolved.kept, device)
+    for n, t in sums.items():
+        t["measured"] = None if seen is None else seen.get(n)
+    if png is not None:
+        try:
+            plot(rows, device, png)
+        except ImportError:
+            raise ValueError("--png needs matplotlib: pip install matplotlib (or blrdeploy[plot])") from None
+    measured_on = None if bench_result is None else str(bench_result.get("device", "its device"))
+    return ModelReport(model, device, rows, sums, measured_on)
+
+
+def _measured(path: Path, model: str, structure: str) -> tuple[dict, dict[int, dict]]:
+    """A bench --json result, checked to be one of ``model`` converted to ``structure``, and its speedups."""
+    try:
+        result = json.loads(path.read_text())
+        speedups = measured_speedups(result)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"--measured {path}: not a blrdeploy bench --json result ({exc})") from None
+    benched = (result.get("model"), result.get("structure"))
+    if benched != (model, structure) and not _same_checkpoint(benched[0], model):
+        raise ValueError(f"--measured {path} is a bench of {benched[0]!r} ({benched[1]}), not {model!r} "
+                         f"({structure})")  # fmt: skip
+    return result, speedups
+
+
+def _same_checkpoint(benched: str | None, model: str) -> bool:
+    """Whether bench's model and roofline's are one checkpoint directory, however the path was written."""
+    if not benched or not Path(model).is_dir():
+        return False
+    return Path(benched).resolve() == Path(model).resolve()
+
+
 def plot(rows: list[Row], device: Device, path) -> None:
     """A roofline figure: attainable FLOP/s against arithmetic intensity for the device, one point per layer
     shape and token count for dense, the PyTorch reference and our kernels."""
+    # deferred: matplotlib is an optional extra (blrdeploy[plot]), needed for the figure only
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after choosing the file-only backend
 
     peak, bw = device.fp16_tflops * 1e12, device.bandwidth_gbs * 1e9
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)

@@ -23,9 +23,9 @@ class Family:
     include: tuple[str, ...]  # default layers to convert (reference paper)
     exclude: tuple[str, ...] = ()
     sample: Callable = None  # (model, batch, seed, seq=16) -> kwargs for forward; seq only for token models
-    siblings: tuple[tuple[str, ...], ...] = ()  # child names that read one input: fused on CUDA (blrdeploy.siblings)
+    siblings: tuple[tuple[str, ...], ...] = ()  # child names that read one input: fused on CUDA (conversion.siblings)
     swiglu_mlps: tuple[str, ...] = ()  # gated MLP classes, down(silu(gate(x)) * up(x)): their activation fused too
-    blocks: tuple[str, ...] = ()  # pre-norm decoder layer classes: norms and residual adds fused too (.blocks)
+    blocks: tuple[str, ...] = ()  # pre-norm decoder layers: norms and residual adds fused too (conversion.blocks)
 
 
 @dataclass(frozen=True)

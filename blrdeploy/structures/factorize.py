@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blrdeploy.structures import functional
-from blrdeploy.structures import shapes
+from blrdeploy.structures import functional, shapes
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, relative_error)
 

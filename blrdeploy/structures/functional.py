@@ -2,7 +2,7 @@
 
 A module's forward calls exactly one of ``blast_linear``, ``monarch_linear``, ``lowrank_linear``: during ONNX export
 that is one opaque ``com.blrdeploy`` node, otherwise the structure's op ``torch.ops.blrdeploy.*`` (see
-:mod:`blrdeploy.ops`), which runs the Triton kernels on CUDA and the ``*_reference`` function elsewhere. The
+:mod:`blrdeploy.structures.ops`), which runs the Triton kernels on CUDA and the ``*_reference`` function elsewhere. The
 references accept any leading dims and compute in the input's dtype.
 """
 
@@ -164,7 +164,8 @@ def blast_linear_fused(
 ) -> torch.Tensor:
     """:func:`blast_fused_reference` as one op (``blrdeploy::blast_linear_fused``): on the kernels the SwiGLU or
     RMSNorm is applied as the first stage loads its input and the residual added as the last stores its output.
-    Only fused models call it (:mod:`blrdeploy.siblings`, :mod:`blrdeploy.blocks`), so it has no ONNX op."""
+    Only fused models call it (:mod:`blrdeploy.conversion.siblings`, :mod:`blrdeploy.conversion.blocks`), so it has
+    no ONNX op."""
     if torch.onnx.is_in_onnx_export():
         raise ValueError("a fused BLAST layer has no ONNX op: export the model before fuse_siblings")
     return torch.ops.blrdeploy.blast_linear_fused(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)

@@ -1,7 +1,7 @@
 """``nn.Module`` forms of the structures: BlastLinear, MonarchLinear, LowRankLinear.
 
 Drop-in replacements for ``nn.Linear`` (same ``in_features``/``out_features``/``bias``); each forward is one call
-into :mod:`blrdeploy.functional`. ``from_dense`` builds one from a dense weight or ``nn.Linear``.
+into :mod:`blrdeploy.structures.functional`. ``from_dense`` builds one from a dense weight or ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from blrdeploy.structures import factorize as fz
-from blrdeploy.structures import functional
-from blrdeploy.structures import shapes
+from blrdeploy.structures import functional, shapes
 
 
 class BLRLinear(nn.Module):
@@ -75,7 +74,6 @@ class BLRLinear(nn.Module):
         return self
 
 
-_BLRLinear = BLRLinear  # TEMPORARY alias while the rooms above switch to the public name
 
 
 class BlastLinear(BLRLinear):

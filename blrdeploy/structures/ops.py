@@ -13,25 +13,24 @@ from collections.abc import Callable
 
 import torch
 
+from blrdeploy.kernels.dtypes import DTYPES
 from blrdeploy.structures import functional as F
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
-    from blrdeploy.kernels import launch  # imported on first CUDA call: CPU-only use never loads Triton
+    from blrdeploy.kernels import launch  # deferred: loads Triton, on the first CUDA call; CPU-only use never does
 
     return launch
 
 
 def _on_shipped_kernels() -> bool:
-    from blrdeploy.kernels import runtime
+    from blrdeploy.kernels import runtime  # deferred: loads Triton, as _kernels
 
     return isinstance(runtime.backend(), runtime.ShippedKernels)
 
 
 def _on_kernels(reference: Callable, launcher: str | Callable, x: torch.Tensor, factors, bias, out_features: int):
-    if x.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in DTYPES.values():
         return reference(x, *factors, bias)
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)

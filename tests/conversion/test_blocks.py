@@ -7,7 +7,8 @@ import pickle
 import torch
 
 from blrdeploy.conversion.blocks import FusedBlastLinear, FusedPreNormBlock, fuse_blocks
-from blrdeploy.conversion.siblings import Siblings, fuse_family, fuse_siblings, fuse_swiglu
+from blrdeploy.conversion.fusion import fuse_family
+from blrdeploy.conversion.siblings import Siblings, fuse_siblings, fuse_swiglu
 from blrdeploy.measure.bench import resolve
 from blrdeploy.structures.modules import BlastLinear, LowRankLinear
 

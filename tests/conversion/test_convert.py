@@ -123,11 +123,11 @@ def test_load_dtype_and_meta_skeleton(tmp_path, monkeypatch):
     model = build_builtin("llama-tiny").model
     convert(model, ConvertConfig(structure="lowrank"))
     save(model, tmp_path / "c")
-    import blrdeploy.models.sources as sources
+    from blrdeploy.conversion import checkpoint  # load builds its skeleton with the instantiate it imported
 
     devices = []
-    real = sources.instantiate
-    monkeypatch.setattr(sources, "instantiate", lambda *a, **k: devices.append(k.get("device")) or real(*a, **k))
+    real = checkpoint.instantiate
+    monkeypatch.setattr(checkpoint, "instantiate", lambda *a, **k: devices.append(k.get("device")) or real(*a, **k))
     loaded = load(tmp_path / "c", dtype=torch.bfloat16)
     assert devices == ["meta"]
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in loaded.parameters())
@@ -306,7 +306,7 @@ def test_config_round_trip():
 
 
 def test_interrupted_write_leaves_nothing_loadable(tmp_path, monkeypatch):
-    import safetensors.torch
+    from blrdeploy.conversion import checkpoint  # save writes through the save_file it imported
 
     model = build_builtin("gpt2-tiny").model
     convert(model, ConvertConfig(structure="lowrank"))
@@ -314,7 +314,7 @@ def test_interrupted_write_leaves_nothing_loadable(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save(model, tmp_path / "c")
     assert list(tmp_path.iterdir()) == []

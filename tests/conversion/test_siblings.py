@@ -9,18 +9,19 @@ import torch
 from blrdeploy import ConvertConfig, convert, load, save
 from blrdeploy.conversion.blocks import FusedPreNormBlock
 from blrdeploy.conversion.checkpoint import read_blr_config
+from blrdeploy.conversion.fusion import fuse_family
 from blrdeploy.conversion.siblings import (
     SiblingOutput,
     Siblings,
     SwiGLUMLP,
     blr_layer_count,
-    fuse_family,
     fuse_siblings,
     fuse_swiglu,
 )
 from blrdeploy.measure.bench import resolve
 from blrdeploy.models.families import FAMILIES
 from blrdeploy.models.sources import build_builtin
+from blrdeploy.structures import functional
 from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear
 
 LLAMA = FAMILIES["llama"].siblings
@@ -191,7 +192,6 @@ def test_load_fuses_on_request_and_equals_unfused(tmp_path):
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 def test_export_refuses_stacked_factors(structure, monkeypatch):
     """ONNX has one node per layer: a fused group is refused with a clear error, not exported wrong."""
-    from blrdeploy.structures import functional
 
     model, _ = _tiny_llama(structure)
     (group,) = fuse_siblings(model.model.layers[0].mlp, LLAMA)
@@ -200,7 +200,7 @@ def test_export_refuses_stacked_factors(structure, monkeypatch):
     with pytest.raises(ValueError, match="export the model before fuse_siblings"):
         group(x)
     single = model.model.layers[0].self_attn.q_proj  # unfused: still one node
-    monkeypatch.setattr(F, "_onnx_node", lambda op, *a: op)
+    monkeypatch.setattr(functional, "_onnx_node", lambda op, *a: op)
     assert single(x) == {"blast": "BlastLinear", "lowrank": "LowRankLinear"}[structure]
 
 

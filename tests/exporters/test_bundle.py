@@ -1,6 +1,9 @@
-"""Device bundles: packaging with no GPU, checksums, archives, the GPU-architecture check, and that the packaged
-plan serves every token count (the shipped kernels' specializations, run under the interpreter)."""
+"""Device bundles (``blrdeploy.exporters.bundle``): packaging with no GPU, checksums, archives, the GPU-architecture
+check, the verify and run library functions behind the commands, and that the packaged plan
+(``blrdeploy.kernels.plan``) serves every token count (the shipped kernels' specializations, run under the
+interpreter)."""
 
+import ctypes
 import json
 import os
 import re
@@ -12,15 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from blrdeploy.exporters import bundle
-from blrdeploy.kernels import Config, ConfigTable, launch, runtime
+import triton
 from helpers import assert_rel_close
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from blrdeploy.cli import app
 from blrdeploy.conversion.checkpoint import file_sha256
+from blrdeploy.exporters import bundle
+from blrdeploy.kernels import Config, ConfigTable, launch, runtime
+from blrdeploy.kernels.cubin import CuLaunchAttribute, CuLaunchConfig, pdl_attributes
+from blrdeploy.kernels.plan import launcher
 from blrdeploy.measure import devices
+from blrdeploy.measure.runner import RunError
 from blrdeploy.structures.functional import blast_reference, lowrank_reference, monarch_reference
 
 runner = CliRunner()
@@ -73,8 +80,6 @@ def bundles(tmp_path_factory):
 
 
 def _cuobjdump() -> Path:
-    import triton
-
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -213,6 +218,25 @@ def test_run_bundle_on_cpu_checks_the_sample(bundles, tmp_path):
     assert refused.exit_code == 2 and "is for a checkpoint" in refused.output, refused.output
 
 
+def test_verify_and_run_model_are_library_functions(bundles, tmp_path):
+    """What verify-bundle and run print comes from these: the checks with an exit code, and the run's result."""
+    ckpt, out = bundles["a40"]
+    verified = bundle.verify(out)
+    assert verified.code == 0 and verified.error is None and verified.target.name == "a40"
+    assert verified.checks[0] == {"check": "checksums", "ok": True, "detail": verified.checks[0]["detail"]}
+    missing = bundle.verify(tmp_path / "none")
+    assert missing.code == 2 and missing.error == f"no such bundle: {tmp_path / 'none'}" and missing.checks == []
+    outcome = bundle.run_model(bundle_dir=out, device="cpu", repeat=0)
+    assert outcome.ok and outcome.result["sample_check"]["ok"] and outcome.result["forward_ms"] is None
+    assert outcome.result["kernels"] == "PyTorch reference" and outcome.generation is None
+    jit = bundle.run_model(ckpt, device="cpu", dtype="float32", repeat=1)
+    assert jit.ok and "sample_check" not in jit.result and jit.result["dtype"] == "float32"
+    with pytest.raises(RunError, match="--dtype must be one of float16, bfloat16, float32, got 'int8'"):
+        bundle.run_model(ckpt, device="cpu", dtype="int8")
+    with pytest.raises(RunError, match="--memory-limit caps GPU memory: it needs a CUDA GPU"):
+        bundle.run_model(ckpt, device="cpu", memory_limit="8GB")
+
+
 class _Interpreted:
     """A shipped variant launched under Triton's interpreter with exactly the spec's constexprs and launch
     config: what the cubin would compute, checkable on a CPU."""
@@ -256,7 +280,7 @@ def test_packaged_plan_serves_every_token_count(bundles, name, gen):
                     if n > manifest["buckets"][-1]:
                         continue
                     x, *factors, bias = shape.tensors("cpu", torch.float16, n, seed=n)
-                    y = bundle._forward(shape.structure)(x, *factors, bias)
+                    y = launcher(shape.structure)(x, *factors, bias)
                     ref = REFERENCE[shape.structure](x.double(), *(f.double() for f in factors),
                                                      None if bias is None else bias.double())  # fmt: skip
                     assert_rel_close(y, ref, 5e-3, f"{shape.key} N={n}")
@@ -277,9 +301,9 @@ def test_a_launch_no_shipped_kernel_serves_is_a_clear_error(bundles):
     with runtime.using(kernels, runtime.Target(target.arch, target.sm_count, target.pdl)):
         with launch.forced(gemm=Config(32, 32, 32, 4, 2)):  # a config the bundle was not compiled for
             with pytest.raises(runtime.MissingKernel, match="no compiled kernel for gemm.*--allow-jit"):
-                bundle._forward(shape.structure)(*shape.tensors("meta", torch.bfloat16, 1))
+                launcher(shape.structure)(*shape.tensors("meta", torch.bfloat16, 1))
             with pytest.raises(runtime.MissingKernel, match="has 1000 tokens, more than the 256 the bundle was"):
-                bundle._forward(shape.structure)(*shape.tensors("meta", torch.bfloat16, 1000))
+                launcher(shape.structure)(*shape.tensors("meta", torch.bfloat16, 1000))
 
 
 def test_allow_jit_compiles_what_no_cubin_serves_with_a_warning(gen):
@@ -413,13 +437,9 @@ def test_tune_rewrites_the_bundle_and_it_still_verifies(tmp_path):
 
 def test_launch_structs_match_the_cuda_driver_abi():
     """cuLaunchKernelEx reads these by layout (cuda.h, 64-bit): a wrong size or offset corrupts the launch."""
-    import ctypes
-
-    from blrdeploy.kernels import cubin
-
-    assert ctypes.sizeof(cubin._LaunchAttribute) == 72 and cubin._LaunchAttribute.value.offset == 8
-    assert ctypes.sizeof(cubin._LaunchConfig) == 56
-    assert (cubin._LaunchConfig.hStream.offset, cubin._LaunchConfig.attrs.offset) == (32, 40)
-    attrs = cubin.pdl_attributes()
+    assert ctypes.sizeof(CuLaunchAttribute) == 72 and CuLaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(CuLaunchConfig) == 56
+    assert (CuLaunchConfig.hStream.offset, CuLaunchConfig.attrs.offset) == (32, 40)
+    attrs = pdl_attributes()
     raw = bytes(ctypes.string_at(ctypes.addressof(attrs), 72))
     assert raw[:4] == (6).to_bytes(4, "little") and raw[8:12] == (1).to_bytes(4, "little") and not any(raw[12:])

@@ -5,14 +5,14 @@ import json
 import onnx
 import pytest
 import torch
-from blrdeploy.exporters.onnx import META_CHECKPOINT, export_checkpoint
-from blrdeploy.exporters.onnx_functions import DOMAIN
-from blrdeploy.validators.onnx import Unusable, validate_against_dense, validate_against_onnx
 from typer.testing import CliRunner
 
 from blrdeploy import ConvertConfig, convert, save
 from blrdeploy.cli import app
+from blrdeploy.exporters.onnx import META_CHECKPOINT, export_checkpoint
+from blrdeploy.exporters.onnx_functions import DOMAIN
 from blrdeploy.models.sources import build_builtin
+from blrdeploy.validators.onnx import Unusable, validate_against_dense, validate_against_onnx
 
 SETTINGS = {"blast": (("*", 4, 16),), "monarch": (("*", 4, 16),), "lowrank": (("*", None, 16),)}
 OPS = {"blast": "BlastLinear", "monarch": "MonarchLinear", "lowrank": "LowRankLinear"}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+
 from blrdeploy.kernels import aot, configs
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from blrdeploy.kernels import Config, ConfigTable, configs, launch
 from helpers import assert_rel_close
 
+from blrdeploy.kernels import Config, ConfigTable, configs, dispatch, launch, runtime
 from blrdeploy.structures import functional as F
 
 CUDA = torch.cuda.is_available()
@@ -22,12 +22,12 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    real = launch._empty
+    real = launch.new_buffer
 
-    def empty(shape, like, dtype=None):
+    def new_buffer(shape, like, dtype=None):
         return real(shape, like, dtype).fill_(float("nan"))
 
-    monkeypatch.setattr(launch, "_empty", empty)
+    monkeypatch.setattr(launch, "new_buffer", new_buffer)
 
 
 def _rand(gen, *shape, dtype, scale=1.0):
@@ -318,8 +318,6 @@ def test_blast_split_partials_summed_once(reduce, gen, monkeypatch):
     """A ``reduce`` config: the last V+S program of each tile sums the split partials (the U stage reads one w), and
     the arrival counters are back at zero after every launch, so the next layer finds them ready. Otherwise U sums
     them while loading."""
-    from blrdeploy.kernels import runtime
-
     seen = []
     real = runtime.launch
     monkeypatch.setattr(
@@ -334,7 +332,7 @@ def test_blast_split_partials_summed_once(reduce, gen, monkeypatch):
     assert vs and all(c["REDUCE"] == bool(reduce) for c in vs)
     assert all((c["A_SPLIT"] == 1) == bool(reduce) for k, c in seen if k == "gemm")
     if reduce:
-        assert launch._counter_pool[torch.device(DEVICE)].count_nonzero() == 0
+        assert launch.pooled_counters(torch.device(DEVICE)).count_nonzero() == 0
 
 
 # Layer-sized cases for the GPU, on shapes no tile divides; splits and dependent launches take their production
@@ -356,7 +354,7 @@ GPU_SHAPES = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("structure", ["blast", "blast-stacked-few-blocks", "monarch", "lowrank"])
 def test_gpu_every_config_layer_sized(structure, gen):
-    arch = launch._arch(torch.device("cuda"))
+    arch = launch.device_arch(torch.device("cuda"))
     b_out_pow2 = 4 if structure == "blast-stacked-few-blocks" else 8  # b_out <= 4: fused V+S at 1000 tokens too
     for n in (1, 16, 1000):
         for kernel in configs.KERNELS if structure.startswith("blast") else ("gemm",):
@@ -406,17 +404,15 @@ def test_a_16_row_consumer_refuses_too_many_partials(gen):
 def test_a_norm_over_split_partials_is_finished_by_the_u_stage(reduce, gen, monkeypatch):
     """Split V+S programs store partial sums of squares; the U stage scales its rows by 1/rms of their sum, so the
     norm leaves the reduction to the config (forcing one cost 5-10 µs a launch where the tuned config sums none)."""
-    from blrdeploy.kernels import runtime
-
     launched, keys = [], []
-    real_launch, real_choose = runtime.launch, launch._choose
+    real_launch, real_choose = runtime.launch, launch.choose_config
     monkeypatch.setattr(
         runtime,
         "launch",
         lambda k, g, a, c, *more, **kw: launched.append((k, c)) or real_launch(k, g, a, c, *more, **kw),
     )
     monkeypatch.setattr(
-        launch, "_choose", lambda kernel, key, *a, **kw: keys.append(key) or real_choose(kernel, key, *a, **kw)
+        launch, "choose_config", lambda kernel, key, *a, **kw: keys.append(key) or real_choose(kernel, key, *a, **kw)
     )
     with launch.forced(blast_vs=Config(1, 16, 16, 4, 2, split=5, reduce=reduce)):
         fn, ref, args = CASES["blast-norm-res-1tok"](gen, torch.float32)  # b_in = 3: three partials
@@ -427,19 +423,53 @@ def test_a_norm_over_split_partials_is_finished_by_the_u_stage(reduce, gen, monk
     assert [k for k in keys if k.startswith("blast_u|")] == [f"blast_u|3x20->2x24|r17|float32|split{split}"]
 
 
-def test_many_tokens_run_staged_except_few_output_blocks(monkeypatch):
+def test_many_tokens_run_staged_except_few_output_blocks():
     """Above BLAST_FUSED_MAX_N: V GEMM -> mix -> U, except with b_out <= 4; the bench switch turns that off."""
-    many = launch.BLAST_FUSED_MAX_N + 1
-    assert not launch._staged(launch.BLAST_FUSED_MAX_N, 16)
-    assert launch._staged(many, 8) and launch._staged(100_000, 16)
-    assert not launch._staged(many, 4) and not launch._staged(100_000, 2)
-    monkeypatch.setattr(launch, "MANY_TOKENS_FUSED", False)
-    assert launch._staged(many, 4)
+    many = dispatch.BLAST_FUSED_MAX_N + 1
+    assert not dispatch.blast_staged(dispatch.BLAST_FUSED_MAX_N, 16)
+    assert dispatch.blast_staged(many, 8) and dispatch.blast_staged(100_000, 16)
+    assert not dispatch.blast_staged(many, 4) and not dispatch.blast_staged(100_000, 2)
+    assert not dispatch.blast_staged(many, 3) and dispatch.blast_staged(many, 5)  # b_out rounded up to a power of 2
+    with dispatch.switched(many_tokens_fused=False):
+        assert dispatch.blast_staged(many, 4)
+    assert not dispatch.blast_staged(many, 4)
+
+
+def test_switches_hold_for_their_block_only():
+    assert dispatch.current() == dispatch.Switches()
+    with dispatch.switched(use_pdl=False) as outer:
+        assert dispatch.current() is outer and not outer.use_pdl and outer.mix_dot
+        with dispatch.switched(mix_dot=False):
+            assert not dispatch.current().use_pdl and not dispatch.current().mix_dot
+        assert dispatch.current() is outer
+    with pytest.raises(RuntimeError), dispatch.switched(reduce_splits=False):
+        raise RuntimeError  # restored on the way out of an error too
+    assert dispatch.current() == dispatch.Switches()
+    with pytest.raises(TypeError), dispatch.switched(use_pld=False):  # a misspelt switch is an error, not a no-op
+        pass
+
+
+def test_switches_reach_the_launchers(gen, monkeypatch):
+    """The launchers take the path the switches in force pick: staged BLAST for few output blocks, the CUDA-core
+    mix, Monarch's interleave pass below 64 tokens; and the defaults again after the block."""
+    launched = []
+    real_launch = runtime.launch
+    monkeypatch.setattr(runtime, "launch", lambda k, *a, **kw: launched.append(k) or real_launch(k, *a, **kw))
+    blast = CASES["blast-stack3-few-many"](gen, torch.float16)
+    monarch = CASES["monarch-odd"](gen, torch.float32)  # 23 tokens
+    with dispatch.switched(many_tokens_fused=False, mix_dot=False, monarch_direct_max_n=16):
+        _check(*blast, torch.float16, "stacked, b_out 3, 97 tokens, staged, CUDA-core mix")
+        assert launched == ["gemm", "blast_mix", "gemm"] * 3
+        launched.clear()
+        _check(*monarch, torch.float32, "monarch, 23 tokens, interleave pass")
+        assert launched == ["gemm", "gemm", "interleave"]
+    launched.clear()
+    _check(*blast, torch.float16, "stacked, b_out 3, 97 tokens")
+    _check(*monarch, torch.float32, "monarch, 23 tokens")
+    assert launched == ["blast_vs", "gemm", "gemm", "gemm"]
 
 
 def test_stacked_few_blocks_run_fused_at_many_tokens(gen, monkeypatch):
-    from blrdeploy.kernels import runtime
-
     launched = []
     real_launch = runtime.launch
     monkeypatch.setattr(runtime, "launch", lambda k, *a, **kw: launched.append(k) or real_launch(k, *a, **kw))
@@ -465,11 +495,9 @@ def test_float16_norm_over_many_rows_cannot_overflow_before_the_scale(gen):
 def test_mix_walks_several_token_tiles_per_program(one_pass, gen, monkeypatch):
     """The many-token S mix: a program keeps its S tile and walks token tiles (here 2 programs for 7 tiles, the
     last one partial), or takes one tile when there are few. float16: the interpreter's bfloat16 dot is inexact."""
-    from blrdeploy.kernels import runtime
-
     monkeypatch.setattr(launch, "MIX_DOT_ONE_PASS", one_pass)
     monkeypatch.setattr(launch, "MIX_DOT_PROGRAMS_PER_SM", 1)
-    monkeypatch.setattr(launch, "_sm_count", lambda device: 8)  # the interpreter's count, on a GPU too
+    monkeypatch.setattr(launch, "device_sm_count", lambda device: 8)  # the interpreter's count, on a GPU too
     grids = []
     real_launch = runtime.launch
     monkeypatch.setattr(runtime, "launch", lambda k, g, *a, **kw: grids.append((k, g)) or real_launch(k, g, *a, **kw))
@@ -499,8 +527,6 @@ def test_mix_tile_rule():
 def test_a_bundle_records_every_mix_tile(gen):
     """The mix tile follows the token count, and a bundle is packaged at one count per bucket: packaging records
     every tile that fits, so any count of the bucket finds its kernel."""
-    from blrdeploy.kernels import runtime
-
     recorder = runtime.Recorder()
     x, U, S, V = CASES["blast-many"](gen, torch.float16)[2][:4]
     with runtime.using(recorder, runtime.Target(87, 16, False)):

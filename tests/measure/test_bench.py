@@ -2,17 +2,22 @@
 ``generate``, the command's table and JSON on a CPU, and on a GPU the CUDA-graph and compile modes and the memory
 cap."""
 
+import contextlib
 import json
 
 import pytest
 import torch
+from helpers import assert_rel_close
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from blrdeploy import load, save
 from blrdeploy.cli import app
 from blrdeploy.conversion.pipeline import unique_params
 from blrdeploy.conversion.siblings import Siblings
 from blrdeploy.measure import bench
-from blrdeploy.structures.modules import _BLRLinear
+from blrdeploy.models.sources import build_builtin
+from blrdeploy.structures.modules import BLRLinear
 
 runner = CliRunner()
 
@@ -34,7 +39,7 @@ def test_blr_variant_has_no_dense_weight_and_keeps_ties():
     dense_variant, blr_variant = target.variants
     blr = blr_variant.build()
     assert not any(t.is_meta for t in [*blr.parameters(), *blr.buffers()])
-    converted = {name for name, m in blr.named_modules() if isinstance(m, _BLRLinear)}
+    converted = {name for name, m in blr.named_modules() if isinstance(m, BLRLinear)}
     assert converted == {layer["name"] for layer in blr_variant.layers} and converted
     assert blr.lm_head.weight is blr.transformer.wte.weight  # tied, materialized once
     assert unique_params(blr)[0] == blr_variant.params < dense_variant.params
@@ -103,6 +108,25 @@ def test_bench_refuses_bad_input(args, message):
     assert message in res.output
 
 
+def test_run_a_request_from_python(tmp_path):
+    """bench.run, what the command calls: its steps go to the progress it opens, its result to the output file."""
+    out, steps = tmp_path / "result.json", []
+
+    @contextlib.contextmanager
+    def progress(total):
+        steps.append(total)
+        yield steps.append
+
+    request = bench.BenchRequest("gpt2-tiny", batches=(2,), seq=8, decode=False, only="blr", budget_s=0.01,
+                                 output=out)  # fmt: skip
+    result = bench.run(request, progress)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert steps == [2, "blast: building the model", "blast: prefill 2x8, eager"]
+    assert [(r["batch"], r["seq"]) for r in result["variants"][0]["prefill"]] == [(2, 8)]
+    with pytest.raises(ValueError, match="--seq is for token models"):
+        bench.run(bench.BenchRequest("vit-tiny", seq=5))
+
+
 def test_decode_stays_within_the_position_table():
     """gpt2-tiny has 64 positions: 16 prompt tokens leave 48 to decode, not the default 128."""
     target = bench.resolve("gpt2-tiny", dtype=torch.float32)
@@ -131,8 +155,6 @@ def test_a_failing_variant_keeps_the_others_results(monkeypatch):
 
 
 def test_bench_reads_a_converted_checkpoint(tmp_path):
-    from blrdeploy import save
-
     target = bench.resolve("gpt2-tiny", dtype=torch.float32)
     save(target.variants[1].build(), tmp_path / "ckpt")
     res = runner.invoke(app, ["bench", str(tmp_path / "ckpt"), "--no-decode", "--budget", "0.05", "--json"])
@@ -169,10 +191,9 @@ def test_gpu_memory_limit_dense_fails_blr_runs():
 
 def _hf_checkpoint_with_tokenizer(path):
     """gpt2-tiny saved as a Hugging Face checkpoint with a word-level tokenizer built here (no hub)."""
+    # deferred: transformers (and its tokenizers) take about half a second to import; only this helper needs them
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from blrdeploy.models.sources import build_builtin
 
     vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 128)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -185,8 +206,6 @@ def _hf_checkpoint_with_tokenizer(path):
 
 def test_run_text_in_text_out(tmp_path):
     """A converted LLM keeps its source's tokenizer; run --prompt returns what generate makes of the prompt."""
-    from blrdeploy import load
-
     src, out = tmp_path / "hf", tmp_path / "blast"
     tokenizer = _hf_checkpoint_with_tokenizer(src)
     res = runner.invoke(app, ["convert", str(src), "-o", str(out), "--steps", "3", "--json"])
@@ -207,10 +226,6 @@ def test_run_text_in_text_out(tmp_path):
 
 
 def test_bench_and_run_refuse_a_damaged_checkpoint_and_bad_run_arguments(tmp_path):
-    from safetensors.torch import save_file
-
-    from blrdeploy import save
-
     ckpt = tmp_path / "ckpt"
     save(bench.resolve("gpt2-tiny", dtype=torch.float32).variants[1].build(), ckpt)
     bad_names = tmp_path / "in.safetensors"
@@ -234,8 +249,6 @@ def test_bench_and_run_refuse_a_damaged_checkpoint_and_bad_run_arguments(tmp_pat
 
 
 def test_run_prompt_needs_a_tokenizer(tmp_path):
-    from blrdeploy import save
-
     save(bench.resolve("gpt2-tiny", dtype=torch.float32).variants[1].build(), tmp_path / "ckpt")
     res = runner.invoke(app, ["run", str(tmp_path / "ckpt"), "--prompt", "hello"])
     assert res.exit_code == 2 and "carries no tokenizer" in res.output
@@ -247,10 +260,8 @@ def test_run_prompt_needs_a_tokenizer(tmp_path):
 def test_gpu_loaded_model_compiles_with_graphs_and_generates(tmp_path, monkeypatch):
     """blrdeploy.load on CUDA: the BLR layers run the kernels under torch.compile(mode="reduce-overhead") and
     inside transformers' generate, and agree with the float32 CPU reference."""
+    # deferred: the launchers load Triton, which only the GPU tests need
     from blrdeploy.kernels import launch
-    from helpers import assert_rel_close
-
-    from blrdeploy import load, save
 
     calls = []
     original = launch.blast_forward

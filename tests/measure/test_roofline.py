@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from blrdeploy.cli import app
 from blrdeploy.conversion.checkpoint import blr_layers, blr_module
+from blrdeploy.kernels import dispatch
 from blrdeploy.measure import devices, roofline
 
 runner = CliRunner()
@@ -48,6 +49,16 @@ def test_prediction_is_memory_bound_at_one_token_and_scales_with_the_device():
     assert slow.seconds["dense"] / one.seconds["dense"] == pytest.approx(h100.bandwidth_gbs / jetson.bandwidth_gbs)
     totals = roofline.totals(rows)
     assert totals[1]["speedup_kernels"] > 1  # fewer weight bytes than dense
+
+
+def test_model_report_from_python():
+    """roofline.model_report, what the command calls: a built-in model's plan predicted on a device profile."""
+    report = roofline.model_report("gpt2-tiny", devices.get("h100"), tokens=[1, 7])
+    assert {r.tokens for r in report.rows} == {1, 7} and set(report.totals) == {1, 7}
+    assert report.measured_on is None and all(t["measured"] is None for t in report.totals.values())
+    assert report.to_json()["target"]["name"] == "h100" and report.to_json()["model"] == "gpt2-tiny"
+    with pytest.raises(ValueError, match="--tokens must be positive"):
+        roofline.model_report("gpt2-tiny", "h100", tokens=[0])
 
 
 def test_roofline_command_table_json_png(tmp_path):
@@ -98,11 +109,19 @@ def test_roofline_beside_a_measured_bench(tmp_path):
     assert result.exit_code == 2 and "dense and a BLR model" in result.output
 
 
-def test_blast_path_follows_the_launchers_rule():
-    from blrdeploy.kernels import launch
+def test_kernel_paths_follow_the_dispatch_rules():
+    """The kernels' stages are the path ``kernels/dispatch.py`` picks, which the launchers take: BLAST staged above
+    64 tokens unless b_out <= 4, Monarch's extra interleave pass above 64 tokens; the switches move both."""
+
+    def names(layer, n):
+        return [st.name for st in roofline.stages(layer, "kernels", n)]
 
     for layer in LAYERS[:2]:
         b_out = layer["num_blocks"][0]
         for n in (1, 64, 65, 1000):
-            names = [st.name for st in roofline.stages(layer, "kernels", n)]
-            assert (names == ["V", "S", "U"]) == launch._staged(n, launch._pow2(b_out)), (b_out, n, names)
+            assert (names(layer, n) == ["V", "S", "U"]) == dispatch.blast_staged(n, b_out), (b_out, n)
+            assert (names(layer, n) == ["V", "S", "U"]) == (b_out == 8 and n > 64), (b_out, n)
+    monarch = LAYERS[2]
+    assert names(monarch, 64) == ["stage 1", "stage 2"] and names(monarch, 65)[-1] == "interleave"
+    with dispatch.switched(many_tokens_fused=False, monarch_direct_max_n=128):
+        assert names(LAYERS[0], 65) == ["V", "S", "U"] and names(monarch, 65) == ["stage 1", "stage 2"]
