@@ -74,8 +74,6 @@ class BLRLinear(nn.Module):
         return self
 
 
-
-
 class BlastLinear(BLRLinear):
     """BLAST: a b_out x b_in grid of blocks, block (i, j) = U[i] @ diag(S[i, j]) @ V[j].T."""
 
