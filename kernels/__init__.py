@@ -5,6 +5,17 @@ Kernels import nothing from the rest of blrdeploy; the structures call them thro
 
 Importing the package, ``configs``, ``dispatch`` or ``dtypes`` never loads Triton: the launchers' names below are
 resolved on first use (PEP 562), so converting a model or planning on a machine without a GPU stays light.
+
+The modules:
+
+- ``blast``, ``monarch``, ``gemm``: the ``@triton.jit`` kernels.
+- ``launch``: the launchers (checks, buffers, grids, constexpr builders) for every structure.
+- ``configs`` and ``tables/``: the config space per architecture, the token buckets, the shipped tables.
+- ``dispatch``: which path a shape takes (thresholds), and the benchmark switches (``switched``).
+- ``dtypes``: the one table of dtypes blrdeploy runs in.
+- ``runtime``: where launches go (Triton's JIT, a recorder, a bundle's shipped cubins).
+- ``plan``: launch planning for a target GPU without one (what a bundle compiles and ships).
+- ``aot`` and ``cubin``: ahead-of-time compilation, and launching a cubin through the CUDA driver.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 
 from . import launch
 from .configs import SMALL_N, VS_ACC_LIMIT, Config, max_partials, mix_dot_tiles, space
+from .dispatch import PDL_MIN_ARCH
 from .dtypes import DTYPES, NAMES, TRITON_NAMES
 from .runtime import KERNELS, Spec, jit_function
 
@@ -96,7 +97,7 @@ def shipped() -> list[tuple[int, Config, Variant]]:
     plus the other dtypes once."""
     cases = []
     for arch in ARCHS:
-        pdl = arch >= 90  # dependent launch (griddepcontrol) exists from sm_90 on
+        pdl = arch >= PDL_MIN_ARCH
         for cfg in space("gemm", arch):
             a = (("a_chunk", 64), ("perm", (64, 16)), ("bias", True), ("g_fast", True))
             if cfg.BM <= SMALL_N:  # a split producer's consumer, launched early

@@ -22,6 +22,8 @@ BLAST_FUSED_MAX_N = 64
 FUSED_MANY_MAX_BOUT = 4
 # Above this many tokens Monarch's stage 2 writes block-major and a second pass interleaves.
 MONARCH_DIRECT_MAX_N = 64
+# Programmatic dependent launch (griddepcontrol: the next kernel starts while this one drains) exists from sm_90 on.
+PDL_MIN_ARCH = 90
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from .configs import (
     space,
     tier,
 )
-from .dispatch import Switches, blast_staged, monarch_direct, pow2_at_least
+from .dispatch import PDL_MIN_ARCH, Switches, blast_staged, monarch_direct, pow2_at_least
 from .dtypes import DTYPES, NAMES
 from .monarch import interleave_tile
 
@@ -125,7 +125,7 @@ def _pdl(device: torch.device, n: int, switches: Switches) -> bool:
         and n <= SMALL_N
         and device.type == "cuda"
         and not interpreting()
-        and device_arch(device) >= 90
+        and device_arch(device) >= PDL_MIN_ARCH
         and _pdl_supported()
     )
 

@@ -264,6 +264,16 @@ def backend():
     return getattr(_local, "backend", None) or _backend
 
 
+def input_for_launch(x2: torch.Tensor) -> torch.Tensor:
+    """The 2-D input ``x2`` as the active backend can launch on it: a bundle's cubins are specialized for a
+    contiguous, 16-byte-aligned input, as packaging planned it, so a strided or offset view is copied first."""
+    if isinstance(backend(), ShippedKernels) and (
+        x2.stride(-1) != 1 or x2.stride(0) != x2.shape[-1] or x2.data_ptr() % 16
+    ):
+        return x2.clone(memory_format=torch.contiguous_format) if x2.is_contiguous() else x2.contiguous()
+    return x2
+
+
 def target() -> Target | None:
     return getattr(_local, "target", None) or _target
 

@@ -18,7 +18,7 @@ from torch import nn
 from blrdeploy.conversion.checkpoint import CheckpointError, load, read_blr_config, verify
 from blrdeploy.exporters.onnx import META_CHECKPOINT, export_checkpoint
 from blrdeploy.exporters.onnx_functions import DOMAIN, FUNCTIONS
-from blrdeploy.models.families import BUILTIN
+from blrdeploy.models.families import BUILTIN, FAMILIES
 from blrdeploy.models.outputs import TOLERANCE, Check, compare, model_output, sample_inputs
 from blrdeploy.models.sources import build_builtin, load_pretrained_dir
 from blrdeploy.structures.modules import BLRLinear
@@ -56,7 +56,8 @@ class Report:
 
 def seeded_inputs(model: nn.Module, blr_config: dict):
     """(label, inputs) of the seeded cases: odd and even sizes, batch 1 included; seq only for token models."""
-    if blr_config["source"].get("family") in ("llama", "gpt2"):
+    family = FAMILIES.get(blr_config["source"].get("family") or "")
+    if family is not None and family.tokens:
         cases = [("batch=1 seq=7", 1, 7), ("batch=2 seq=16", 2, 16), ("batch=3 seq=5", 3, 5)]
     else:
         cases = [("batch=1", 1, 0), ("batch=3", 3, 0)]

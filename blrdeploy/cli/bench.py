@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from blrdeploy.cli.common import check_output_path, csv_ints, emit_json, fail, parse_dtype, resolve_device
+from blrdeploy.cli.common import DTYPE_LIST, check_output_path, csv_ints, emit_json, fail, parse_dtype, resolve_device
 from blrdeploy.measure import bench as bn
 
 
@@ -75,9 +75,7 @@ def bench(
     ] = "blast",
     params_ratio: Annotated[float | None, typer.Option("--params-ratio", help=_PARAMS_RATIO)] = None,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu (cpu: the PyTorch reference path).")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16, float32.")
-    ] = "auto",
+    dtype: Annotated[str, typer.Option(help=f"auto (bfloat16 on a GPU, float32 on a CPU), {DTYPE_LIST}.")] = "auto",
     modes: Annotated[str | None, typer.Option(help=_MODES)] = None,
     batch: Annotated[
         str | None, typer.Option(help="Comma-separated batch sizes for prefill. Default: the reference paper's.")

@@ -13,8 +13,9 @@ from typing import Annotated
 
 import typer
 
-from blrdeploy.cli.common import check_output_path, emit_json, fail, resolve_device
+from blrdeploy.cli.common import DTYPE_LIST, check_output_path, emit_json, fail, resolve_device
 from blrdeploy.exporters import bundle
+from blrdeploy.kernels.configs import BUCKETS
 from blrdeploy.measure.runner import Generation, RunError
 
 # ------------------------------------------------------------------------------------------------ options
@@ -30,14 +31,12 @@ Target = Annotated[
 ]
 BundleOut = Annotated[Path, typer.Option("--output", "-o", help="The bundle directory to write.")]
 Archive = Annotated[bool, typer.Option(help="Also write OUTPUT.tar.gz beside the directory.")]
-PackageDtype = Annotated[
-    str | None, typer.Option(help="float16, bfloat16 or float32. Default: the target's (jetson float16).")
-]
+PackageDtype = Annotated[str | None, typer.Option(help=f"{DTYPE_LIST}. Default: the target's (jetson float16).")]
 MaxTokens = Annotated[
     int,
     typer.Option(
         help="Most tokens (batch x sequence) one forward will see: kernels are compiled for every token bucket "
-        "up to it (1, 16, 64, 256, 1024, 4096, 16384)."
+        f"up to it ({', '.join(map(str, BUCKETS))})."
     ),
 ]
 Tune = Annotated[
@@ -81,7 +80,7 @@ MemoryLimit = Annotated[
 ]
 RunOutput = Annotated[Path | None, typer.Option(help="Write the output tensor to this .safetensors file.")]
 RunDevice = Annotated[str, typer.Option(help="auto, cuda or cpu (cpu: the PyTorch reference path).")]
-RunDtype = Annotated[str, typer.Option(help="Checkpoint only: float32, bfloat16 or float16.")]
+RunDtype = Annotated[str, typer.Option(help=f"Checkpoint only: {DTYPE_LIST}.")]
 AllowJit = Annotated[
     bool, typer.Option(help="Bundle only: compile (with a warning) a launch no shipped kernel serves.")
 ]
@@ -105,7 +104,7 @@ def package(
     output: BundleOut,
     archive: Archive = False,
     dtype: PackageDtype = None,
-    max_tokens: MaxTokens = 16384,
+    max_tokens: MaxTokens = BUCKETS[-1],
     tune: Tune = None,
     onnx: Onnx = True,
     jobs: Jobs = None,
@@ -123,7 +122,7 @@ def package(
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
-    summary = _package_summary(manifest, output, archive, time.perf_counter() - t0)
+    summary = {**bundle.package_summary(manifest, output, archive), "seconds": round(time.perf_counter() - t0, 1)}
     if as_json:
         emit_json(summary)
     else:
@@ -234,23 +233,6 @@ def _stage_printer(enabled: bool):
             print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
 
     return progress
-
-
-def _package_summary(manifest: dict, output: Path, archive: bool, seconds: float) -> dict:
-    return {
-        "bundle": str(output),
-        "archive": str(bundle.archive_path(output)) if archive else None,
-        "target": manifest["target"]["name"],
-        "arch": f"sm_{manifest['target']['arch']}",
-        "dtype": manifest["dtype"],
-        "kernels": len(manifest["kernels"]),
-        "compile_seconds": manifest["compile_seconds"],
-        "launch_configs": manifest["launch_configs"]["sources"],
-        "buckets": manifest["buckets"],
-        "files": len(manifest["files"]),
-        "bytes": sum((output / f).stat().st_size for f in manifest["files"]),
-        "seconds": round(seconds, 1),
-    }
 
 
 def _print_package(summary: dict, output: Path) -> None:

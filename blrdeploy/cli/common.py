@@ -25,6 +25,8 @@ from rich.progress import (
 from blrdeploy.conversion.pipeline import Callbacks
 from blrdeploy.kernels.dtypes import DTYPES
 
+DTYPE_LIST = ", ".join(DTYPES)  # for --help texts: "float16, bfloat16, float32"
+
 
 def emit_json(data, default=None) -> None:
     """A command's --json result on stdout; ``default`` as json.dump's."""

@@ -9,10 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from blrdeploy.cli.common import convert_progress, emit_json, fail, parse_dtype, resolve_device
+from blrdeploy.cli.common import DTYPE_LIST, convert_progress, emit_json, fail, parse_dtype, resolve_device
 from blrdeploy.conversion import checkpoint
-from blrdeploy.conversion.convert import ConvertConfig
-from blrdeploy.conversion.pipeline import DEFAULT_MODEL, load_layer_settings, run_convert
+from blrdeploy.conversion.pipeline import convert_job
 
 # The longer option helps, kept out of the signature so that the command's options read one to a line.
 _MODEL = (
@@ -24,8 +23,8 @@ _PARAMS_RATIO = (
     "--layers is given."
 )
 _DTYPE = (
-    "Model dtype: auto (what the checkpoint loads as; float32 for built-in models), float32, bfloat16, float16. The "
-    "fit itself always runs in float32."
+    f"Model dtype: auto (what the checkpoint loads as; float32 for built-in models), {DTYPE_LIST}. The fit itself "
+    "always runs in float32."
 )
 _LAYERS = "JSON/YAML file mapping layer-name patterns to {num_blocks, rank}; wins over the rest."
 
@@ -63,22 +62,13 @@ def convert(
     With no MODEL it converts the built-in gpt2-mini (GPT-2's architecture, 4 layers of width 384, seeded random
     weights) so the whole flow can be seen on a CPU in about two minutes.
     """
-    model = model or DEFAULT_MODEL
     try:
-        settings = load_layer_settings(layers) if layers is not None else ()
-        ratio = params_ratio if params_ratio is not None else (None if preset or settings else 0.5)
-        config = ConvertConfig(
-            structure=structure, params_ratio=ratio, preset=preset, layers=settings,
-            include=tuple(include) if include else None, exclude=tuple(exclude or ()), steps=steps, seed=seed,
-            skip_incompatible=skip_incompatible,
-        )  # fmt: skip
-        if output is None and not dry_run:
-            output = Path(f"{Path(model).name}-{structure}")
         dev = resolve_device(device) if not dry_run else "meta"
         with convert_progress(not dry_run) as callbacks:  # on stderr: --json's stdout stays clean
-            summary = run_convert(
-                model, output, config, device=dev, dtype=parse_dtype(dtype), overwrite=overwrite, dry_run=dry_run,
-                callbacks=callbacks,
+            summary = convert_job(
+                model, output, structure=structure, params_ratio=params_ratio, preset=preset, layers_file=layers,
+                include=include, exclude=exclude or (), steps=steps, seed=seed, skip_incompatible=skip_incompatible,
+                device=dev, dtype=parse_dtype(dtype), overwrite=overwrite, dry_run=dry_run, callbacks=callbacks,
             )  # fmt: skip
     except ValueError as exc:
         fail(str(exc))

@@ -6,10 +6,18 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 
 from blrdeploy.cli.common import emit_json, fail
+from blrdeploy.models.outputs import TOLERANCE
+
+
+def _exp(value: float) -> str:
+    """1e-4, not 1e-04: how the help text writes a tolerance."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def export(
@@ -46,8 +54,9 @@ def validate(
     rtol: Annotated[
         float | None,
         typer.Option(
-            help="Relative-error tolerance ||out-ref||/||ref||. Default: 1e-4 for onnx (float32), 3e-2 for "
-            "reference (bfloat16); for dense, no judgement unless given."
+            help="Relative-error tolerance ||out-ref||/||ref||. Default: "
+            f"{_exp(TOLERANCE[torch.float32])} for onnx (float32), {_exp(TOLERANCE[torch.bfloat16])} for reference "
+            "(bfloat16); for dense, no judgement unless given."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,

@@ -154,3 +154,40 @@ def run_convert(
     summary["skipped"] = the_plan.skipped
     summary["output"] = None if output is None else str(output)
     return summary
+
+
+def convert_job(
+    model_arg: str | None = None,
+    output: Path | None = None,
+    *,
+    structure: str = "blast",
+    params_ratio: float | None = None,
+    preset: str | None = None,
+    layers_file: Path | None = None,
+    include: tuple[str, ...] | list[str] | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    steps: int = 300,
+    seed: int = 0,
+    skip_incompatible: bool = False,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    callbacks: Callbacks | None = None,
+) -> dict:
+    """``blrdeploy convert`` with its defaults: the model ``gpt2-mini``; ``params_ratio`` 0.5 unless a preset or a
+    layers file chooses (b, r) instead; the output ``./<model>-<structure>``; a dry run plans on the meta device."""
+    model_arg = model_arg or DEFAULT_MODEL
+    settings = load_layer_settings(layers_file) if layers_file is not None else ()
+    ratio = params_ratio if params_ratio is not None else (None if preset or settings else 0.5)
+    config = ConvertConfig(
+        structure=structure, params_ratio=ratio, preset=preset, layers=settings,
+        include=tuple(include) if include else None, exclude=tuple(exclude), steps=steps, seed=seed,
+        skip_incompatible=skip_incompatible,
+    )  # fmt: skip
+    if output is None and not dry_run:
+        output = Path(f"{Path(model_arg).name}-{structure}")
+    return run_convert(
+        model_arg, output, config, device="meta" if dry_run else device, dtype=dtype, overwrite=overwrite,
+        dry_run=dry_run, callbacks=callbacks,
+    )  # fmt: skip

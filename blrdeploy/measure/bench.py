@@ -55,7 +55,7 @@ from blrdeploy.models.sources import builtin_config, identify, instantiate, read
 from blrdeploy.structures.modules import set_submodule
 
 MODES = ("eager", "graph", "compile")
-LLM_FAMILIES = ("llama", "gpt2")
+LLM_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.tokens)
 # The reference paper's prefill shapes per family as (batch, sequence); ViT and DiT sequences come from the model.
 PAPER_SHAPES = {"llama": [(1, 1024)], "gpt2": [(1, 384)], "vit": [(1, None), (64, None)], "dit": [(64, None)]}
 Progress = Callable[[str], None]  # called with a description before each measured step

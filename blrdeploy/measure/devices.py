@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from blrdeploy.kernels.dispatch import PDL_MIN_ARCH
 from blrdeploy.kernels.dtypes import NAMES as DTYPE_NAMES
 
 
@@ -42,8 +43,8 @@ class Device:
 
     @property
     def pdl(self) -> bool:
-        """Programmatic dependent launch exists from sm_90 on."""
-        return self.arch >= 90
+        """Whether the kernels use programmatic dependent launch on this device."""
+        return self.arch >= PDL_MIN_ARCH
 
     def to_json(self) -> dict:
         return asdict(self)

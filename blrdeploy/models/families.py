@@ -23,6 +23,7 @@ class Family:
     include: tuple[str, ...]  # default layers to convert (reference paper)
     exclude: tuple[str, ...] = ()
     sample: Callable = None  # (model, batch, seed, seq=16) -> kwargs for forward; seq only for token models
+    tokens: bool = False  # a language model: fed token ids, so it has a sequence length and decodes
     siblings: tuple[tuple[str, ...], ...] = ()  # child names that read one input: fused on CUDA (conversion.siblings)
     swiglu_mlps: tuple[str, ...] = ()  # gated MLP classes, down(silu(gate(x)) * up(x)): their activation fused too
     blocks: tuple[str, ...] = ()  # pre-norm decoder layers: norms and residual adds fused too (conversion.blocks)
@@ -74,6 +75,7 @@ FAMILIES: dict[str, Family] = {
             ("llama",),
             include=("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"),
             sample=_token_inputs,
+            tokens=True,
             siblings=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
             swiglu_mlps=("LlamaMLP",),
             blocks=("LlamaDecoderLayer",),
@@ -83,6 +85,7 @@ FAMILIES: dict[str, Family] = {
             ("gpt2",),
             include=("*.attn.c_attn", "*.mlp.c_fc", "*.mlp.c_proj"),
             sample=_token_inputs,
+            tokens=True,
         ),
         Family(
             "vit",

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from blrdeploy.kernels.dtypes import DTYPES
-from blrdeploy.structures import functional as F
+from blrdeploy.structures import functional
 
 
 def _kernels():
@@ -23,10 +23,10 @@ def _kernels():
     return launch
 
 
-def _on_shipped_kernels() -> bool:
+def _runtime():
     from blrdeploy.kernels import runtime  # deferred: loads Triton, as _kernels
 
-    return isinstance(runtime.backend(), runtime.ShippedKernels)
+    return runtime
 
 
 def _on_kernels(reference: Callable, launcher: str | Callable, x: torch.Tensor, factors, bias, out_features: int):
@@ -34,9 +34,7 @@ def _on_kernels(reference: Callable, launcher: str | Callable, x: torch.Tensor, 
         return reference(x, *factors, bias)
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)
-    if _on_shipped_kernels() and (x2.stride(-1) != 1 or x2.stride(0) != in_features or x2.data_ptr() % 16):
-        # A bundle's cubins are specialized for a contiguous, 16-byte-aligned input, as packaging planned it.
-        x2 = x2.clone(memory_format=torch.contiguous_format) if x2.is_contiguous() else x2.contiguous()
+    x2 = _runtime().input_for_launch(x2)
     forward = getattr(_kernels(), launcher) if isinstance(launcher, str) else launcher
     y = forward(x2, *factors, bias)
     return y.view(*x.shape[:-1], out_features)
@@ -73,12 +71,12 @@ def _register_autograd(op, reference: Callable) -> None:
 def blast_linear(
     x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    return F.blast_reference(x, U, S, V, bias)
+    return functional.blast_reference(x, U, S, V, bias)
 
 
 @blast_linear.register_kernel("cuda")
 def _(x, U, S, V, bias):
-    return _on_kernels(F.blast_reference, "blast_forward", x, (U, S, V), bias, _stacked_out(U))
+    return _on_kernels(functional.blast_reference, "blast_forward", x, (U, S, V), bias, _stacked_out(U))
 
 
 @blast_linear.register_fake
@@ -103,7 +101,7 @@ def blast_linear_fused(
     eps: float,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    return F.blast_fused_reference(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
+    return functional.blast_fused_reference(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
 
 
 @blast_linear_fused.register_kernel("cuda")
@@ -116,7 +114,7 @@ def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
         residual=None if residual is None else residual.reshape(-1, out),
     )
     reference = functools.partial(
-        F.blast_fused_reference, swiglu_input=swiglu_input, norm_weight=norm_weight, eps=eps, residual=residual
+        functional.blast_fused_reference, swiglu_input=swiglu_input, norm_weight=norm_weight, eps=eps, residual=residual
     )
     return _on_kernels(reference, forward, x, (U, S, V), bias, out)
 
@@ -128,12 +126,12 @@ def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
 
 @torch.library.custom_op("blrdeploy::monarch_linear", mutates_args=())
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.monarch_reference(x, w1, w2, bias)
+    return functional.monarch_reference(x, w1, w2, bias)
 
 
 @monarch_linear.register_kernel("cuda")
 def _(x, w1, w2, bias):
-    return _on_kernels(F.monarch_reference, "monarch_forward", x, (w1, w2), bias, w1.shape[0] * w2.shape[1])
+    return _on_kernels(functional.monarch_reference, "monarch_forward", x, (w1, w2), bias, w1.shape[0] * w2.shape[1])
 
 
 @monarch_linear.register_fake
@@ -143,12 +141,12 @@ def _(x, w1, w2, bias):
 
 @torch.library.custom_op("blrdeploy::lowrank_linear", mutates_args=())
 def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.lowrank_reference(x, U, V, bias)
+    return functional.lowrank_reference(x, U, V, bias)
 
 
 @lowrank_linear.register_kernel("cuda")
 def _(x, U, V, bias):
-    return _on_kernels(F.lowrank_reference, "lowrank_forward", x, (U, V), bias, _stacked_out(U))
+    return _on_kernels(functional.lowrank_reference, "lowrank_forward", x, (U, V), bias, _stacked_out(U))
 
 
 @lowrank_linear.register_fake
@@ -156,7 +154,7 @@ def _(x, U, V, bias):
     return _fake(x, _stacked_out(U))
 
 
-_register_autograd(blast_linear, F.blast_reference)
-_register_autograd(blast_linear_fused, F.blast_fused_reference)
-_register_autograd(monarch_linear, F.monarch_reference)
-_register_autograd(lowrank_linear, F.lowrank_reference)
+_register_autograd(blast_linear, functional.blast_reference)
+_register_autograd(blast_linear_fused, functional.blast_fused_reference)
+_register_autograd(monarch_linear, functional.monarch_reference)
+_register_autograd(lowrank_linear, functional.lowrank_reference)

@@ -60,7 +60,7 @@ from .load import (
     shipped_kernels,
     verify,
 )
-from .packaging import layer_shapes, layer_shapes_of_checkpoint, package, retune
+from .packaging import layer_shapes, layer_shapes_of_checkpoint, package, package_summary, retune
 from .run import RunOutcome, run_model
 
 __all__ = [
@@ -86,6 +86,7 @@ __all__ = [
     "make_archive",
     "open_bundle",
     "package",
+    "package_summary",
     "retune",
     "run_model",
     "sample_check",

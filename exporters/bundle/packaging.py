@@ -344,3 +344,20 @@ def _count(values) -> dict[str, int]:
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     return counts
+
+
+def package_summary(manifest: dict, output: Path, archive: bool) -> dict:
+    """What ``blrdeploy package`` reports of the bundle it wrote at ``output`` (and its archive, if made)."""
+    return {
+        "bundle": str(output),
+        "archive": str(archive_path(output)) if archive else None,
+        "target": manifest["target"]["name"],
+        "arch": f"sm_{manifest['target']['arch']}",
+        "dtype": manifest["dtype"],
+        "kernels": len(manifest["kernels"]),
+        "compile_seconds": manifest["compile_seconds"],
+        "launch_configs": manifest["launch_configs"]["sources"],
+        "buckets": manifest["buckets"],
+        "files": len(manifest["files"]),
+        "bytes": sum((output / f).stat().st_size for f in manifest["files"]),
+    }

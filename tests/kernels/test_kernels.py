@@ -12,7 +12,7 @@ import torch
 from helpers import assert_rel_close
 
 from blrdeploy.kernels import Config, ConfigTable, configs, dispatch, launch, runtime
-from blrdeploy.structures import functional as F
+from blrdeploy.structures import functional
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -47,7 +47,7 @@ def _blast(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None):
     S = _rand(gen, *lead, b_out, b_in, r, dtype=dtype)
     V = _rand(gen, *lead, b_in, q, r, dtype=dtype, scale=(b_in * q) ** -0.5)
     b = _rand(gen, (layers or 1) * b_out * p, dtype=dtype) if bias else None
-    return launch.blast_forward, F.blast_reference, (x, U, S, V, b)
+    return launch.blast_forward, functional.blast_reference, (x, U, S, V, b)
 
 
 def _blast_fused(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None, swiglu=False, norm=False, res=False):
@@ -66,7 +66,7 @@ def _blast_fused(gen, dtype, n, b_in, q, b_out, p, r, bias=True, layers=None, sw
 
     def reference(x, U, S, V, b, g, residual):
         eps = fused["norm_eps"] or 0.0
-        return F.blast_fused_reference(x, U, S, V, b, swiglu, norm_weight=g, eps=eps, residual=residual)
+        return functional.blast_fused_reference(x, U, S, V, b, swiglu, norm_weight=g, eps=eps, residual=residual)
 
     return forward, reference, (x, U, S, V, b, g, residual)
 
@@ -76,7 +76,7 @@ def _monarch(gen, dtype, n, b, R, in_blk, out_blk, bias=True):
     w1 = _rand(gen, b, R, in_blk, dtype=dtype, scale=in_blk**-0.5)
     w2 = _rand(gen, b, out_blk, R, dtype=dtype, scale=R**-0.5)
     bb = _rand(gen, b * out_blk, dtype=dtype) if bias else None
-    return launch.monarch_forward, F.monarch_reference, (x, w1, w2, bb)
+    return launch.monarch_forward, functional.monarch_reference, (x, w1, w2, bb)
 
 
 def _lowrank(gen, dtype, n, in_f, out_f, r, bias=True, layers=None):
@@ -86,7 +86,7 @@ def _lowrank(gen, dtype, n, in_f, out_f, r, bias=True, layers=None):
     U = _rand(gen, *lead, out_f, r, dtype=dtype, scale=r**-0.5)
     V = _rand(gen, *lead, in_f, r, dtype=dtype, scale=in_f**-0.5)
     b = _rand(gen, (layers or 1) * out_f, dtype=dtype) if bias else None
-    return launch.lowrank_forward, F.lowrank_reference, (x, U, V, b)
+    return launch.lowrank_forward, functional.lowrank_reference, (x, U, V, b)
 
 
 CASES = {
