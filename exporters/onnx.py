@@ -102,12 +102,12 @@ def export_onnx(
     *,
     metadata: dict[str, str] | None = None,
     quiet: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Export ``model`` called as ``model(**inputs)`` (default: its family's seeded sample inputs); writes external
-    data beside it past 2 GB."""
+    data beside it past 2 GB. An existing file is replaced only with ``overwrite``."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory: give the path of the .onnx file to write")
+    check_output_file(path, overwrite)
     if inputs is None:
         family = family_of(model)
         if family is None:
@@ -154,8 +154,19 @@ def export_onnx(
     return path
 
 
-def export_checkpoint(checkpoint: str | Path, path: str | Path, seed: int = 0) -> Path:
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Refuses, before any work, to replace an existing file (the .onnx or its external data) without
+    ``overwrite``: an export never clobbers a user's file by a mistyped -o."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the path of the .onnx file to write")
+    for existing in (path, path.with_name(path.name + ".data")):
+        if existing.exists() and not overwrite:
+            raise ValueError(f"{existing} already exists; pass --overwrite to replace it")
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Export a converted checkpoint directory; the ONNX metadata names the checkpoint's weights sha256."""
+    check_output_file(Path(path), overwrite)  # before loading the model
     cfg = read_blr_config(checkpoint)
     model = load(checkpoint, device="cpu", dtype=torch.float32)
     inputs = sample_inputs(model, cfg, batch=2, seed=seed)
@@ -166,4 +177,4 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, seed: int = 0) -
         "torch.version": torch.__version__,
         "onnx.version": onnx.__version__,
     }
-    return export_onnx(model, path, inputs, metadata=metadata)
+    return export_onnx(model, path, inputs, metadata=metadata, overwrite=overwrite)

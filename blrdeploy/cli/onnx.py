@@ -24,6 +24,7 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A converted checkpoint directory.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")] = Path("model.onnx"),
     seed: Annotated[int, typer.Option(help="Seed of the sample inputs traced for export.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT (and OUTPUT.data).")] = False,
 ) -> None:
     """Export a converted checkpoint to ONNX (opset 20): one com.blrdeploy node per BLR layer, each defined as
     a model-local function of standard ops, so onnxruntime runs it on a CPU with no plugin. Batch (and sequence,
@@ -33,7 +34,7 @@ def export(
 
     t0 = time.perf_counter()
     try:
-        path = export_checkpoint(checkpoint, output, seed=seed)
+        path = export_checkpoint(checkpoint, output, seed=seed, overwrite=overwrite)
     except (ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB) in {time.perf_counter() - t0:.1f} s")

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -147,18 +148,44 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_output_dir(path: Path, overwrite: bool, marker: str = BLR_CONFIG) -> None:
-    """Refuses an existing output unless --overwrite, and even then anything but an empty directory or one of
-    ours (holding ``marker``), so a mistyped -o never deletes a user's folder."""
+def checkpoint_files(path: Path) -> set[str]:
+    """The files a converted checkpoint at ``path`` may hold, by its own blr_config.json; a CheckpointError when
+    ``path`` is not a converted checkpoint."""
+    cfg = read_format_file(path / BLR_CONFIG, "a converted checkpoint", FORMAT_VERSION, ("weights",), CheckpointError)
+    return {"config.json", BLR_CONFIG, cfg["weights"]["file"], *TOKENIZER_FILES}
+
+
+def check_output_dir(
+    path: Path,
+    overwrite: bool,
+    owned_files: Callable[[Path], Collection[str]] = checkpoint_files,
+    what: str = "a converted checkpoint",
+) -> None:
+    """Refuses an existing output unless --overwrite, and even then anything but an empty directory or one of ours:
+    one whose own manifest (read by ``owned_files``; a ValueError if it is not ours) lists every file in it. A name
+    alone proves nothing: a mistyped -o never deletes a user's folder or a file the user kept in ours."""
     if not path.exists():
         return
     if not path.is_dir():
         raise ValueError(f"output path {path} exists and is not a directory")
     if not overwrite:
         raise ValueError(f"output directory {path} already exists; pass --overwrite to replace it")
-    if any(path.iterdir()) and not (path / marker).exists():
-        what = "a converted checkpoint" if marker == BLR_CONFIG else f"one of ours (no {marker})"
-        raise ValueError(f"refusing to overwrite {path}: it is neither empty nor {what}")
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
+    if not files and not any(path.iterdir()):
+        return
+    try:
+        owned = set(owned_files(path))
+    except ValueError:
+        raise ValueError(f"refusing to overwrite {path}: it is neither empty nor {what}") from None
+    strangers = [f for f in files if f not in owned]
+    strangers += [  # empty folders are the user's too
+        d.relative_to(path).as_posix() + "/"
+        for d in path.rglob("*")
+        if d.is_dir() and not any(f.startswith(d.relative_to(path).as_posix() + "/") for f in files)
+    ]
+    if strangers:
+        shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+        raise ValueError(f"refusing to overwrite {path}: it holds {shown}, which {what} does not list")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -182,11 +209,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path, overwrite: bool, marker: str = BLR_CONFIG):
+def atomic_directory(
+    path: Path,
+    overwrite: bool,
+    owned_files: Callable[[Path], Collection[str]] = checkpoint_files,
+    what: str = "a converted checkpoint",
+):
     """Yields a temp directory beside ``path``; on success it replaces ``path`` in one rename, on any error
-    (Ctrl-C included) it is removed and ``path`` is left as it was."""
+    (Ctrl-C included) it is removed and ``path`` is left as it was. ``path`` is checked as
+    :func:`check_output_dir` does."""
     path = Path(path)
-    check_output_dir(path, overwrite, marker)
+    check_output_dir(path, overwrite, owned_files, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     old = path.parent / f".{path.name}.old-{os.getpid()}"

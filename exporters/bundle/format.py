@@ -148,6 +148,13 @@ def open_bundle(path: str | Path) -> tuple[Path, dict]:
     return path, manifest
 
 
+def bundle_files(path: Path) -> set[str]:
+    """The files the bundle at ``path`` holds by its own manifest (a BundleError when ``path`` is not a bundle of
+    ours, or its manifest was changed): what ``package --overwrite`` may replace."""
+    root, manifest = open_bundle(path)
+    return {MANIFEST, *manifest["files"]}
+
+
 def verify_files(root: Path, manifest: dict) -> int:
     """Every file the manifest lists has its recorded sha256, and the manifest its own; returns the file count.
     Raises ChecksumError naming the first file that differs or is missing."""

@@ -22,6 +22,7 @@ from blrdeploy.conversion.checkpoint import (
     CheckpointError,
     atomic_directory,
     blr_module,
+    check_output_dir,
     copy_tokenizer,
     file_sha256,
     load,
@@ -40,12 +41,12 @@ from .compile import compile_specs
 from .format import (
     CHECKPOINT,
     FORMAT_VERSION,
-    MANIFEST,
     ONNX_FILE,
     SAMPLE_EXPECTED,
     SAMPLE_INPUT,
     BundleError,
     archive_path,
+    bundle_files,
     kernels_dir,
     make_archive,
     open_bundle,
@@ -55,6 +56,8 @@ from .format import (
     write_manifest,
 )
 from .load import check_gpu
+
+BUNDLE = "a blrdeploy bundle"  # what --overwrite may replace, in its refusal
 
 # ------------------------------------------------------------------------------------------------ layer shapes
 
@@ -98,6 +101,7 @@ def package(
     launch configs on the GPU at hand (None: when it has the target's architecture); else they come from the
     architecture's shipped table and the heuristic defaults. Written atomically; ``archive`` adds OUT.tar.gz."""
     checkpoint, out = Path(checkpoint), Path(out)
+    check_output_dir(out, overwrite, bundle_files, BUNDLE)  # before minutes of compiling, not after
     device = target if isinstance(target, devices.Device) else devices.get(target)
     dtype_name = dtype or device.dtype
     torch_dtype = dtype_named(dtype_name, "--dtype")
@@ -112,7 +116,7 @@ def package(
     compiled = compile_specs(specs, device.arch, jobs, progress)
     compile_s = time.perf_counter() - t0
     sources = launch_plan.config_sources(the_plan, device.arch, measured)
-    with atomic_directory(out, overwrite, MANIFEST) as tmp:
+    with atomic_directory(out, overwrite, bundle_files, BUNDLE) as tmp:
         if progress:
             progress("writing the bundle", 0, 1)
         bundle_cfg = _copy_checkpoint(checkpoint, cfg, tmp / CHECKPOINT, torch_dtype)

@@ -2,6 +2,7 @@
 bad inputs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,3 +354,40 @@ def test_nan_weight_named(tmp_path):
 def test_meta_source_builds_no_weights():
     source = _meta_source("llama-7b", allow_unknown=False)
     assert all(p.is_meta for p in source.model.parameters())
+
+
+def _plant(folder: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+
+
+def _survived(folder: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        assert (folder / rel).read_text() == text, f"{rel} was lost"
+
+
+def test_overwrite_never_deletes_what_the_checkpoint_does_not_list(tmp_path):
+    """--overwrite replaces a checkpoint of ours; a file the user kept in it, or a folder that only borrows our
+    marker's name, is refused with one line and every planted file survives."""
+    ckpt = tmp_path / "c"
+    run_convert("gpt2-tiny", ckpt, ConvertConfig(structure="lowrank"))
+    mine = {"notes.txt": "my notes", "eval/results.csv": "a,b\n1,2\n"}
+    _plant(ckpt, mine)
+    with pytest.raises(ValueError, match=r"refusing to overwrite .*: it holds eval/results.csv, notes.txt, which"):
+        run_convert("gpt2-tiny", ckpt, ConvertConfig(structure="monarch"), overwrite=True)
+    _survived(ckpt, mine)
+    assert read_blr_config(ckpt)["layers"][0]["structure"] == "lowrank"
+
+    app_dir = tmp_path / "webapp"  # only a file named like our marker: not ours
+    site = {"blr_config.json": '{"name": "my app"}', "index.html": "<html>", "src/main.js": "1"}
+    _plant(app_dir, site)
+    with pytest.raises(ValueError, match="neither empty nor a converted checkpoint"):
+        run_convert("gpt2-tiny", app_dir, ConvertConfig(structure="lowrank"), overwrite=True)
+    _survived(app_dir, site)
+    empty_folder = tmp_path / "c2"
+    run_convert("gpt2-tiny", empty_folder, ConvertConfig(structure="lowrank"))
+    (empty_folder / "keep").mkdir()  # an empty folder of the user's is refused too
+    with pytest.raises(ValueError, match="it holds keep/"):
+        run_convert("gpt2-tiny", empty_folder, ConvertConfig(structure="lowrank"), overwrite=True)
+    assert (empty_folder / "keep").is_dir()

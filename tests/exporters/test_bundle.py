@@ -443,3 +443,29 @@ def test_launch_structs_match_the_cuda_driver_abi():
     attrs = pdl_attributes()
     raw = bytes(ctypes.string_at(ctypes.addressof(attrs), 72))
     assert raw[:4] == (6).to_bytes(4, "little") and raw[8:12] == (1).to_bytes(4, "little") and not any(raw[12:])
+
+
+def test_package_overwrite_replaces_only_a_bundle_it_can_read_whole(bundles, tmp_path):
+    """A folder is a bundle of ours only when its manifest parses as ours and lists every file in it: a web app's
+    manifest.json, or a user's file inside a real bundle, is refused before any compiling, and nothing is lost."""
+    ckpt, _ = bundles["a40-lowrank"]
+    webapp = tmp_path / "webapp"
+    site = {"manifest.json": '{"name": "my app", "start_url": "/"}', "index.html": "<html>", "src/app.js": "1"}
+    for rel, text in site.items():
+        (webapp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (webapp / rel).write_text(text)
+    args = ["package", str(ckpt), "--target", "a40", "--max-tokens", "16", "--no-onnx", "--dtype", "float16"]
+    result = runner.invoke(app, [*args, "-o", str(webapp), "--overwrite"])
+    assert result.exit_code == 2 and "neither empty nor a blrdeploy bundle" in result.output, result.output
+    assert "compiling" not in result.output  # refused before the work
+    assert {p.relative_to(webapp).as_posix(): p.read_text() for p in webapp.rglob("*") if p.is_file()} == site
+
+    real = tmp_path / "real"
+    assert runner.invoke(app, [*args, "-o", str(real)]).exit_code == 0
+    (real / "my-notes.txt").write_text("keep me")
+    result = runner.invoke(app, [*args, "-o", str(real), "--overwrite"])
+    assert result.exit_code == 2 and "it holds my-notes.txt, which a blrdeploy bundle does not list" in result.output
+    assert (real / "my-notes.txt").read_text() == "keep me"
+    (real / "my-notes.txt").unlink()
+    result = runner.invoke(app, [*args, "-o", str(real), "--overwrite"])  # a bundle of ours: replaced
+    assert result.exit_code == 0, result.output

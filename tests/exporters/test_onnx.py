@@ -145,6 +145,25 @@ def test_cli_export_validate_and_dense(tmp_path):
     assert bad.exit_code == 2 and "no such checkpoint directory" in bad.output
 
 
+def test_export_never_clobbers_a_file_without_overwrite(tmp_path):
+    """export -o onto an existing file (a user's notes, or an earlier export) is refused with one line before any
+    work, and the file survives; --overwrite replaces it."""
+    ckpt, _ = converted(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    refused = runner.invoke(app, ["export", str(ckpt), "-o", str(notes)])
+    assert refused.exit_code == 2 and "already exists; pass --overwrite" in refused.output, refused.output
+    assert notes.read_text() == "my notes"
+    data = tmp_path / "m.onnx.data"  # an earlier large export's weights count as the output too
+    data.write_text("weights")
+    refused = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "m.onnx")])
+    assert refused.exit_code == 2 and "m.onnx.data already exists" in refused.output
+    assert data.read_text() == "weights" and not (tmp_path / "m.onnx").exists()
+    replaced = runner.invoke(app, ["export", str(ckpt), "-o", str(notes), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert onnx.load(str(notes)).graph.node
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_against_reference_needs_gpu(tmp_path):
     ckpt, _ = converted(tmp_path)
