@@ -3,6 +3,7 @@ it came from, and GPU path against the float64 PyTorch reference.
 
 Follows optimum's contract: check names, then shapes, then values; collect every failure; one line per check
 with the error and the tolerance. ``Unusable`` is raised for inputs that cannot be validated at all (exit 2).
+No check passes without a tolerance: the dense comparison, which has no default one, needs ``rtol``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import torch
 from torch import nn
 
 from blrdeploy.conversion.checkpoint import CheckpointError, load, read_blr_config, verify
+from blrdeploy.conversion.pipeline import open_recorded_source
 from blrdeploy.exporters.onnx import META_CHECKPOINT, export_checkpoint
 from blrdeploy.exporters.onnx_functions import DOMAIN, FUNCTIONS
-from blrdeploy.models.families import BUILTIN, FAMILIES
+from blrdeploy.models.families import FAMILIES
 from blrdeploy.models.outputs import TOLERANCE, Check, compare, model_output, sample_inputs
-from blrdeploy.models.sources import build_builtin, load_pretrained_dir
 from blrdeploy.structures.modules import BLRLinear
 
 # What a checkpoint can be validated against: its ONNX reference, its dense source, the float64 CPU reference.
@@ -41,7 +42,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
+        """Passed: there were checks, and each one met a tolerance (a check without one is a measurement only)."""
+        return bool(self.checks) and all(c.ok and c.tolerance is not None for c in self.checks)
 
     def to_dict(self) -> dict:
         return {
@@ -199,28 +201,32 @@ def _first_diverging_layer(model, proto, inputs, names, path, tol) -> str | None
 # ----------------------------------------------------------------------------------------------- against dense
 
 
-def validate_against_dense(checkpoint: str | Path, max_error: float | None = None) -> Report:
-    """Converted vs the dense model it came from, on seeded inputs: the approximation's quality."""
+def validate_against_dense(checkpoint: str | Path, rtol: float | None = None) -> Report:
+    """Converted vs the dense model it came from, on seeded inputs: the approximation's quality. ``rtol`` is
+    required: how far a conversion may drift is the user's choice (0.02 and 1.0 are both sane, for different
+    compressions), so there is no default to pass against."""
+    if rtol is None:
+        raise Unusable(
+            "--against dense needs --rtol: an approximation has no default tolerance to pass against "
+            "(e.g. --rtol 0.1 accepts 10% relative error)"
+        )
     checkpoint = Path(checkpoint)
     cfg, model = _load_checkpoint(checkpoint)
-    source = cfg["source"].get("id")
     seed = cfg.get("conversion", {}).get("seed", 0)
     try:
-        if source in BUILTIN:
-            dense = build_builtin(source, seed=seed).model.float()
-        elif source and Path(source).is_dir():
-            dense = load_pretrained_dir(Path(source), dtype=torch.float32, allow_unknown=True).model
-        else:
-            raise Unusable(f"the source model {source!r} is neither built in nor an existing directory")
+        source, checked = open_recorded_source(cfg["source"], seed=seed)
     except ValueError as exc:
         raise Unusable(str(exc)) from exc
     report = Report("dense", str(checkpoint))
+    if not checked:
+        report.notes.append(
+            f"source {source.id} not checked to be the model converted: this checkpoint records no fingerprint "
+            "of its source weights (written before blrdeploy recorded one)"
+        )
     for label, inputs in seeded_inputs(model, cfg):
         report.checks.append(
-            compare(f"output {label}", model_output(model, inputs), model_output(dense, inputs), max_error)
+            compare(f"output {label}", model_output(model, inputs), model_output(source.model, inputs), rtol)
         )
-    if max_error is None:
-        report.notes.append("no --rtol given: reported, not judged")
     return report
 
 

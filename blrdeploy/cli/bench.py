@@ -8,11 +8,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from blrdeploy.cli.common import DTYPE_LIST, check_output_path, csv_ints, emit_json, fail, parse_dtype, resolve_device
+from blrdeploy.cli.common import (
+    DTYPE_LIST,
+    check_output_path,
+    console,
+    csv_ints,
+    emit_json,
+    one_line_errors,
+    parse_dtype,
+    resolve_device,
+)
 from blrdeploy.measure import bench as bn
 
 
@@ -26,7 +34,7 @@ class _Steps:
         if sys.stderr.isatty():
             self.bar = Progress(
                 TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                TimeElapsedColumn(), console=console(stderr=True), transient=True,
             )  # fmt: skip
             self.task = self.bar.add_task("", total=total)
 
@@ -106,10 +114,8 @@ def bench(
         seq=seq, decode=decode, new_tokens=new_tokens, prompt_tokens=prompt_tokens, memory_limit=memory_limit,
         only=only, fuse_siblings=fuse_siblings, budget_s=budget, seed=seed, output=output,
     )  # fmt: skip
-    try:
+    with one_line_errors():
         result = bn.run(request, _Steps)
-    except ValueError as exc:
-        fail(str(exc).splitlines()[0])
     if as_json:
         emit_json(result)
         return
@@ -117,19 +123,19 @@ def bench(
 
 
 def _print_bench(result: dict) -> None:
-    console = Console()
-    console.print(_bench_table(result))
+    out = console()
+    out.print(_bench_table(result))
     for v in result["variants"]:
         if v["error"]:
-            console.print(f"[red]{v['name']}: {v['error']}[/red] (at: {v.get('failed_at')})", soft_wrap=True)
+            out.print(f"[red]{v['name']}: {v['error']}[/red] (at: {v.get('failed_at')})", soft_wrap=True)
         if v.get("decode_error"):
-            console.print(f"{v['name']}: decode not measured: {v['decode_error']}", soft_wrap=True)
+            out.print(f"{v['name']}: decode not measured: {v['decode_error']}", soft_wrap=True)
         for row in v["decode"]:
             if row.get("tokens_match_unreplayed") is False:
-                console.print(f"[red]{v['name']}: {row['mode']} decode tokens from the CUDA graph differ from the same "
-                              "forward's without it[/red]")  # fmt: skip
+                out.print(f"[red]{v['name']}: {row['mode']} decode tokens from the CUDA graph differ from the same "
+                          "forward's without it[/red]")  # fmt: skip
     if result["memory_limit"]:
-        console.print(f"GPU memory capped at {bn.human_bytes(result['memory_limit']['limit_bytes'])}")
+        out.print(f"GPU memory capped at {bn.human_bytes(result['memory_limit']['limit_bytes'])}")
 
 
 def _bench_table(result: dict) -> Table:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from blrdeploy.cli.common import DTYPE_LIST, check_output_path, emit_json, fail, resolve_device
+from blrdeploy.cli.common import DTYPE_LIST, check_output_path, emit_json, fail, one_line_errors, resolve_device
 from blrdeploy.exporters import bundle
 from blrdeploy.kernels.configs import BUCKETS
 from blrdeploy.measure.runner import Generation, RunError
@@ -115,13 +115,11 @@ def package(
     time for the target's architecture (no GPU needed), the launch configs per layer and token bucket, the ONNX
     reference and a sample input/expected output, and a manifest with the sha256 of every file."""
     t0 = time.perf_counter()
-    try:
+    with one_line_errors():
         manifest = bundle.package(
             checkpoint, target, output, dtype=dtype, max_tokens=max_tokens, tune=tune, with_onnx=onnx,
             archive=archive, overwrite=overwrite, jobs=jobs, progress=_stage_printer(not as_json),
         )  # fmt: skip
-    except (ValueError, OSError) as exc:
-        fail(str(exc).splitlines()[0])
     summary = {**bundle.package_summary(manifest, output, archive), "seconds": round(time.perf_counter() - t0, 1)}
     if as_json:
         emit_json(summary)
@@ -134,7 +132,8 @@ def verify_bundle(path: BundlePath, as_json: VerifyJson = False) -> None:
     architecture and the sample input -> expected output through the shipped kernels.
     Exit code: 0 pass; 1 a check failed (a file inside missing, truncated or changed; the manifest changed; the
     sample's output differs); 2 unusable (no such bundle, an unreadable archive, an unknown format, wrong GPU)."""
-    result = bundle.verify(path)
+    with one_line_errors():
+        result = bundle.verify(path)
     if result.error is not None:
         if not as_json:
             fail(result.error.splitlines()[0])
@@ -150,10 +149,8 @@ def verify_bundle(path: BundlePath, as_json: VerifyJson = False) -> None:
 def tune(bundle_dir: TuneBundle, jobs: Jobs = None, as_json: TuneJson = False) -> None:
     """Measure a bundle's launch configs on this GPU (its architecture must be the bundle's), compile the
     kernels the measured configs need, and rewrite the config table and manifest in place (atomically)."""
-    try:
+    with one_line_errors():
         manifest = bundle.retune(bundle_dir, jobs=jobs, progress=_stage_printer(not as_json))
-    except (ValueError, OSError) as exc:
-        fail(str(exc).splitlines()[0])
     result = {
         "bundle": str(bundle_dir),
         "measured_on": manifest["launch_configs"]["measured_on"],
@@ -200,14 +197,12 @@ def run(
     if bundle_dir is not None and not fuse_siblings:
         fail("--no-fuse-siblings is for a checkpoint: a bundle always runs every layer on its own")
     dev = resolve_device(device)
-    try:
+    with one_line_errors(user=RunError):  # run_model's other ValueErrors are defects (the model's own sample input)
         outcome = bundle.run_model(
             checkpoint, bundle_dir, device=dev, inputs=inputs, prompt=prompt,
             max_new_tokens=max_new_tokens, memory_limit=memory_limit, output=output, dtype=dtype,
             allow_jit=allow_jit, fuse_siblings=fuse_siblings, repeat=repeat,
         )  # fmt: skip
-    except RunError as exc:
-        fail(str(exc))
     if as_json:
         emit_json(outcome.result)
     elif outcome.generation is not None:

@@ -1,10 +1,13 @@
-"""What every command shares: one-line errors, --json output, option checks and the progress bars on stderr.
+"""What every command shares: one-line errors, --json output, the console tables print on, option checks and the
+progress bars on stderr.
 
 Command modules import from here, never from each other or from ``blrdeploy.cli`` itself (which registers them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sys
 import time
@@ -21,9 +24,12 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from safetensors import SafetensorError
 
+from blrdeploy.conversion.checkpoint import safetensors_os_error
 from blrdeploy.conversion.pipeline import Callbacks
 from blrdeploy.kernels.dtypes import DTYPES
+from blrdeploy.models.families import extra_of, install_hint
 
 DTYPE_LIST = ", ".join(DTYPES)  # for --help texts: "float16, bfloat16, float32"
 
@@ -37,6 +43,75 @@ def emit_json(data, default=None) -> None:
 def fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+# What a write that cannot succeed fails with, whoever wrote: the disk or quota is full, the file too large, the
+# file system read-only.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# What torch raises when a CUDA call finds no GPU: a CPU-only build, no driver, no device.
+_NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available")
+
+
+def error_line(exc: BaseException, user: type[ValueError] = ValueError) -> str | None:
+    """The one line a user is told for ``exc``, or None for a defect (it keeps its traceback). The library says
+    what a user can act on as a ValueError of the class ``user`` (CheckpointError, BundleError, RunError, ...); the
+    rest here is what the operating system, safetensors, a missing optional package or a missing GPU raise on their
+    own."""
+    if isinstance(exc, ValueError):
+        return _first_line(exc) if isinstance(exc, user) else None
+    if isinstance(exc, ModuleNotFoundError):
+        package = (exc.name or "").partition(".")[0]
+        return install_hint(package) if extra_of(package) else None  # a package we require: a broken install
+    if isinstance(exc, SafetensorError):
+        exc = safetensors_os_error(exc) or exc
+        if not isinstance(exc, OSError):
+            return f"safetensors: {_first_line(exc)}"
+    if isinstance(exc, OSError):
+        reason = exc.strerror or _first_line(exc)
+        if exc.errno in _WRITE_ERRNOS:
+            return f"cannot write {exc.filename or 'the output'}: {reason}"
+        return f"{exc.filename}: {reason}" if exc.filename else reason
+    if isinstance(exc, (AssertionError, RuntimeError)) and any(s in str(exc) for s in _NO_CUDA):
+        return "no CUDA GPU is available"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def one_line_errors(interrupted: str | None = None, user: type[ValueError] = ValueError):
+    """Every command's library call runs inside this: what it raises that a user can act on (see
+    :func:`error_line`; ``user``: the library's class for those ValueErrors, where its others are defects) ends the
+    command with one line on stderr and exit code 2; Ctrl-C, where the command names what it leaves
+    (``interrupted``), with that line and 130; anything else is a defect and keeps its traceback."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):  # click's own RuntimeErrors: a command ending itself (fail) is no error
+        raise
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        fail(interrupted, code=130)
+    except Exception as exc:
+        message = error_line(exc, user)
+        if message is None:
+            raise
+        fail(message)
+
+
+_UNCUT_WIDTH = 10_000  # columns: more than any table of ours needs; rich sizes each table to its content
+
+
+def console(stderr: bool = False) -> Console:
+    """The rich console a command prints its tables and lines on. On a terminal it fits the terminal; elsewhere
+    (a pipe, a CI log) rich would cut every line at 80 columns (``transfo…``), so it gets room enough that each
+    table is as wide as its content."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else _UNCUT_WIDTH)
 
 
 def check_output_path(path, option: str) -> None:
@@ -93,7 +168,7 @@ def new_bar(label: str):
         TextColumn("{task.description}  rel. error {task.fields[err]:.4f}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console(stderr=True),
         transient=True,
     )
 

@@ -6,10 +6,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from blrdeploy.cli.common import DTYPE_LIST, convert_progress, emit_json, fail, parse_dtype, resolve_device
+from blrdeploy.cli.common import (
+    DTYPE_LIST,
+    console,
+    convert_progress,
+    emit_json,
+    one_line_errors,
+    parse_dtype,
+    resolve_device,
+)
 from blrdeploy.conversion import checkpoint
 from blrdeploy.conversion.pipeline import convert_job
 
@@ -62,18 +69,14 @@ def convert(
     With no MODEL it converts the built-in gpt2-mini (GPT-2's architecture, 4 layers of width 384, seeded random
     weights) so the whole flow can be seen on a CPU in about two minutes.
     """
-    try:
-        dev = resolve_device(device) if not dry_run else "meta"
+    dev = resolve_device(device) if not dry_run else "meta"
+    with one_line_errors(interrupted="interrupted: nothing was written"):
         with convert_progress(not dry_run) as callbacks:  # on stderr: --json's stdout stays clean
             summary = convert_job(
                 model, output, structure=structure, params_ratio=params_ratio, preset=preset, layers_file=layers,
                 include=include, exclude=exclude or (), steps=steps, seed=seed, skip_incompatible=skip_incompatible,
                 device=dev, dtype=parse_dtype(dtype), overwrite=overwrite, dry_run=dry_run, callbacks=callbacks,
             )  # fmt: skip
-    except ValueError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted: nothing was written", code=130)
     if as_json:
         emit_json(summary, default=str)
         return
@@ -81,31 +84,31 @@ def convert(
 
 
 def _print_conversion(summary: dict) -> None:
-    console = Console()
-    console.print(_layers_table(summary))
+    out = console()
+    out.print(_layers_table(summary))
     for s in summary["skipped"]:
-        console.print(f"[yellow]kept dense[/yellow] {s['name']}: {s['reason']}")
+        out.print(f"[yellow]kept dense[/yellow] {s['name']}: {s['reason']}")
     before, after = summary["params_before"], summary["params_after"]
-    console.print(f"parameters: {before:,} -> {after:,} ({before / after:.2f}x smaller)")
+    out.print(f"parameters: {before:,} -> {after:,} ({before / after:.2f}x smaller)")
     if summary.get("dry_run"):
         return
     mib = 2**20
-    console.print(f"weight bytes: {summary['bytes_before'] / mib:,.1f} MiB -> {summary['bytes_after'] / mib:,.1f} MiB")
-    console.print(
+    out.print(f"weight bytes: {summary['bytes_before'] / mib:,.1f} MiB -> {summary['bytes_after'] / mib:,.1f} MiB")
+    out.print(
         f"layer relative error: mean {summary['mean_relative_error']:.4f}, worst {summary['worst_relative_error']:.4f}"
     )
     agree = summary["output_agreement"]
     if agree:
-        console.print(
+        out.print(
             f"model output vs dense on seeded inputs: relative error {agree['relative_error']:.4f}, "
             f"cosine similarity {agree['cosine_similarity']:.4f}"
         )
     if summary.get("builtin"):
-        console.print(
+        out.print(
             "[dim]built-in models carry seeded random weights, which have no structure to keep: expect large errors "
             "here; trained checkpoints lose far less[/dim]"
         )
-    console.print(f"wrote {summary['output']} in {summary['seconds']:.1f} s on {summary['device']}")
+    out.print(f"wrote {summary['output']} in {summary['seconds']:.1f} s on {summary['device']}")
 
 
 def _layers_table(summary: dict) -> Table:
@@ -132,10 +135,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
 ) -> None:
     """Describe a converted checkpoint: layers, structure, b, r, parameters before/after, size, worst error."""
-    try:
+    with one_line_errors():
         report = checkpoint.describe(path, check_sha256=verify)
-    except ValueError as exc:
-        fail(str(exc))
     if as_json:
         emit_json(report)
     else:
@@ -153,14 +154,14 @@ def _print_info(report: dict) -> None:
             e["name"], e["structure"], str(e["num_blocks"] or "-"), str(e["rank"]),
             f"{e['in_features'] * e['out_features']:,}", f"{e['params']:,}", err,
         )  # fmt: skip
-    console = Console()
-    console.print(table)
+    out = console()
+    out.print(table)
     if report["model_params_before"]:
-        console.print(f"model parameters: {report['model_params_before']:,} -> {report['model_params_after']:,}")
+        out.print(f"model parameters: {report['model_params_before']:,} -> {report['model_params_after']:,}")
     dense, factored = report["converted_layer_params_before"], report["converted_layer_params_after"]
-    console.print(f"converted layers: {dense:,} -> {factored:,} parameters ({dense / max(1, factored):.2f}x)")
+    out.print(f"converted layers: {dense:,} -> {factored:,} parameters ({dense / max(1, factored):.2f}x)")
     worst = report["worst_relative_error"]
-    console.print(
+    out.print(
         f"weights file: {report['weights_bytes'] / 2**20:,.1f} MiB; worst layer error: "
         f"{'-' if worst is None else f'{worst:.4f}'}" + ("; sha256 verified" if report["verified"] else "")
     )

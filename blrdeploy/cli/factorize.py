@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from blrdeploy.cli.common import emit_json, fail, fit_progress, resolve_device
+from blrdeploy.cli.common import console, emit_json, fail, fit_progress, one_line_errors, resolve_device
 from blrdeploy.structures import tradeoffs
 from blrdeploy.structures.budget import STRUCTURES
 from blrdeploy.structures.shapes import check_features
@@ -58,13 +57,11 @@ def factorize(
     for s in chosen:
         if s not in STRUCTURES:
             fail(f"unknown structure {s!r}; choose from {', '.join(STRUCTURES)}")
-    try:
+    with one_line_errors():
         matrix, source = _matrix(weights, tensor, transpose, shape, seed)
         matrix = matrix.to(resolve_device(device))
         with fit_progress(not as_json) as progress:
             reports = tradeoffs.compare_structures(matrix, params_ratio, chosen, steps, seed, progress)
-    except ValueError as exc:
-        fail(str(exc))
     rows = [r.to_dict() for r in reports]
     if as_json:
         emit_json({"source": source, "shape": list(matrix.shape), "results": rows})
@@ -94,4 +91,4 @@ def _print_table(source: str, shape: tuple[int, int], rows: list[dict]) -> None:
             f"{r['sqnr_db']:.1f}",
             f"{r['seconds']:.2f}",
         )
-    Console().print(table)
+    console().print(table)

@@ -8,9 +8,8 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.console import Console
 
-from blrdeploy.cli.common import emit_json, fail
+from blrdeploy.cli.common import console, emit_json, one_line_errors
 from blrdeploy.models.outputs import TOLERANCE
 
 
@@ -33,10 +32,8 @@ def export(
     from blrdeploy.exporters.onnx import export_checkpoint
 
     t0 = time.perf_counter()
-    try:
+    with one_line_errors():
         path = export_checkpoint(checkpoint, output, seed=seed, overwrite=overwrite)
-    except (ValueError, OSError) as exc:
-        fail(str(exc))
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB) in {time.perf_counter() - t0:.1f} s")
 
 
@@ -57,7 +54,7 @@ def validate(
         typer.Option(
             help="Relative-error tolerance ||out-ref||/||ref||. Default: "
             f"{_exp(TOLERANCE[torch.float32])} for onnx (float32), {_exp(TOLERANCE[torch.bfloat16])} for reference "
-            "(bfloat16); for dense, no judgement unless given."
+            "(bfloat16); --against dense requires it."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -67,10 +64,8 @@ def validate(
     # deferred: the validators load onnx (about half a second), which `blrdeploy --help` and other commands skip
     from blrdeploy.validators import onnx as v
 
-    try:
+    with one_line_errors():  # Unusable and CheckpointError are ValueErrors: exit 2
         report = v.validate(checkpoint, against, onnx_file, rtol)
-    except ValueError as exc:  # Unusable and CheckpointError are ValueErrors
-        fail(str(exc).splitlines()[0])
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -79,17 +74,15 @@ def validate(
 
 
 def _print_report(report) -> None:
-    console = Console()
-    console.print(f"validate {report.checkpoint} against {report.against}")
+    out = console()
+    out.print(f"validate {report.checkpoint} against {report.against}")
     for c in report.checks:
         mark = "[green]✓[/green]" if c.ok else "[red]✗[/red]"
         tol = "" if c.tolerance is None else f" (tolerance {c.tolerance:.0e})"
         cos = "" if c.cosine_similarity is None else f", cosine {c.cosine_similarity:.6f}"
-        console.print(
-            f"  {mark} {c.name} {c.shape}: max abs {c.max_abs:.3e}, relative {c.relative_error:.3e}{tol}{cos}"
-        )
+        out.print(f"  {mark} {c.name} {c.shape}: max abs {c.max_abs:.3e}, relative {c.relative_error:.3e}{tol}{cos}")
     if report.first_diverging_layer:
-        console.print(f"  first diverging BLR layer: [bold]{report.first_diverging_layer}[/bold]")
+        out.print(f"  first diverging BLR layer: [bold]{report.first_diverging_layer}[/bold]")
     for note in report.notes:
-        console.print(f"  [dim]{note}[/dim]")
-    console.print("[green]passed[/green]" if report.ok else "[red]failed[/red]")
+        out.print(f"  [dim]{note}[/dim]")
+    out.print("[green]passed[/green]" if report.ok else "[red]failed[/red]")

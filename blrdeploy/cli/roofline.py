@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from blrdeploy.cli.common import check_output_path, emit_json, fail
+from blrdeploy.cli.common import check_output_path, console, emit_json, fail, one_line_errors
 from blrdeploy.measure import roofline as rl
 
 
@@ -39,16 +38,14 @@ def roofline(
     head, run the same in both); with --measured, the speedup bench measured beside it. Attention and norms are not
     modeled; the stages are as blrdeploy.measure.roofline describes."""
     check_output_path(png, "--png")
-    try:
+    with one_line_errors():
         report = rl.model_report(model, target, structure, _token_counts(tokens), png, measured)
-    except ValueError as exc:
-        fail(str(exc).splitlines()[0])
     if as_json:
         emit_json(report.to_json())
         return
     _print_report(report)
     if png is not None:
-        Console().print(f"figure: {png}")
+        console().print(f"figure: {png}")
 
 
 def _token_counts(text: str | None) -> list[int] | None:
@@ -69,12 +66,12 @@ def _print_report(report: rl.ModelReport) -> None:
             r.shape, str(r.count), str(r.tokens), f"{r.intensity['dense']:.1f}", f"{r.intensity['kernels']:.1f}",
             f"{us['dense']:.1f}", f"{us['pytorch']:.1f}", f"{us['kernels']:.1f}", f"{us['dense'] / us['kernels']:.2f}",
         )  # fmt: skip
-    console = Console()
-    console.print(table)
+    out = console()
+    out.print(table)
     for n, t in report.totals.items():
-        console.print(_totals_line(n, t, report.measured_on is not None), soft_wrap=True)
+        out.print(_totals_line(n, t, report.measured_on is not None), soft_wrap=True)
     if report.measured_on is not None:
-        console.print(
+        out.print(
             f"measured by bench on {report.measured_on}, whole model (attention and norms included)", soft_wrap=True
         )
 

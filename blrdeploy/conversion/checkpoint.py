@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -191,8 +192,9 @@ def check_output_dir(
 def atomic_write_text(path: Path, text: str) -> None:
     """Replaces ``path`` with ``text`` in one rename (fsynced file and folder): readers see the old or the new file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -203,9 +205,40 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # of the file asked for, not the temp
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def safetensors_os_error(exc: SafetensorError, filename: str | Path | None = None) -> OSError | None:
+    """The OSError inside a SafetensorError (safetensors reports a failed read or write as ``... (os error 28)``),
+    about ``filename``; None when the error is not one of the operating system's (a corrupt header, say)."""
+    found = re.search(r"\(os error (\d+)\)|code: (\d+)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1) or found.group(2))
+    return OSError(code, os.strerror(code), None if filename is None else str(filename))
+
+
+def _said_of_output(exc: BaseException, tmp: Path, path: Path) -> OSError | None:
+    """A failed write inside the temp directory as the user should hear it: of the output they named, not of a hidden
+    temp file, and with a file at all (a write that finds the disk full names none). None for any other error."""
+    if isinstance(exc, SafetensorError) and "serializ" in str(exc):
+        exc = safetensors_os_error(exc)
+    if not isinstance(exc, OSError):
+        return None
+    where = path
+    if exc.filename is not None:
+        try:
+            where = path / Path(exc.filename).relative_to(tmp)
+        except ValueError:
+            return None  # a file outside the output (a source being read): its own name is the right one
+    return OSError(exc.errno, exc.strerror or str(exc), str(where))
 
 
 @contextlib.contextmanager
@@ -216,16 +249,18 @@ def atomic_directory(
     what: str = "a converted checkpoint",
 ):
     """Yields a temp directory beside ``path``; on success it replaces ``path`` in one rename, on any error
-    (Ctrl-C included) it is removed and ``path`` is left as it was. ``path`` is checked as
-    :func:`check_output_dir` does."""
+    (Ctrl-C included) it is removed, with any folder made to hold it, and ``path`` is left as it was. ``path`` is
+    checked as :func:`check_output_dir` does. A failed write (disk full; safetensors' SafetensorError too) is
+    raised as an OSError naming ``path`` or the file in it, never the temp directory."""
     path = Path(path)
     check_output_dir(path, overwrite, owned_files, what)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = [p for p in path.parents if not p.exists()]  # deepest first
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     old = path.parent / f".{path.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -234,11 +269,17 @@ def atomic_directory(
         if path.exists():
             path.rename(old)
         tmp.rename(path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():  # the swap failed half-way: put the previous checkpoint back
             old.rename(path)
-        raise
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                folder.rmdir()
+        error = _said_of_output(exc, tmp, path)
+        if error is None:
+            raise
+        raise error from exc
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -390,6 +431,11 @@ def load(
     does: fewer kernel launches, the same outputs up to float rounding."""
 
     path = Path(path)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # else torch's bare AssertionError
+        raise CheckpointError(
+            f"device={str(device)!r} asked for, but no CUDA GPU is available: load with device='cpu' for the "
+            "PyTorch reference path"
+        )
     cfg = read_blr_config(path)
     src = cfg["source"]
     model = instantiate(src["library"], src["class"], read_config(path), device="meta")

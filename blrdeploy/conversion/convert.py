@@ -7,6 +7,7 @@ touching a weight (it works on the meta device).
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -209,6 +210,20 @@ def build_layer(entry: LayerPlan, weight: torch.Tensor, bias, config: ConvertCon
     return LowRankLinear.from_dense(weight, entry.rank, bias=bias, compute_dtype=compute)
 
 
+def check_finite_tensors(model: nn.Module) -> None:
+    """A ValueError naming the first floating-point parameter or buffer, in module order, that holds NaN/Inf. Run
+    on the whole model before any fit: checked per layer, a NaN in the last layer cost the fits of all before it,
+    and one outside the converted layers (an embedding, a norm) went into the checkpoint unreported."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        owned = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+        for attr, tensor in owned:
+            if tensor is None or id(tensor) in seen or not tensor.is_floating_point():
+                continue
+            seen.add(id(tensor))  # a tied weight is checked (and named) once
+            shapes.check_finite(tensor.detach(), f"layer {module_name} {attr}" if module_name else attr)
+
+
 def convert_layers(
     model: nn.Module,
     the_plan: Plan,
@@ -219,6 +234,7 @@ def convert_layers(
 ) -> Plan:
     """Replaces each planned layer in place; fills in relative_error and seconds. The dense weight of a layer is
     dropped as soon as its replacement is in, so peak memory stays near one copy of the model."""
+    check_finite_tensors(model)
     for index, entry in enumerate(the_plan.layers):
         if layer_progress is not None:
             layer_progress(entry.name, index, len(the_plan.layers))
@@ -226,7 +242,6 @@ def convert_layers(
         home_device, home_dtype = dense.weight.device, dense.weight.dtype
         weight = dense.weight.detach()
         weight = weight.T if entry.kind == "conv1d" else weight
-        shapes.check_finite(weight, f"layer {entry.name} weight")
         compute = torch.device(device) if device is not None else home_device
         t0 = time.perf_counter()
         layer = build_layer(entry, weight.to(compute), dense.bias, config, fit_progress)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from blrdeploy.conversion.checkpoint import has_tokenizer, load, read_blr_config
+from blrdeploy.conversion.checkpoint import has_tokenizer, load, read_blr_config, verify
 from blrdeploy.kernels.dtypes import dtype_named
 from blrdeploy.measure.bench import limit_gpu_memory, parse_size
 from blrdeploy.models.outputs import model_output, sample_inputs
@@ -34,9 +34,12 @@ def cap_gpu_memory(limit: str, device: str) -> None:
 
 
 def load_checkpoint(checkpoint: Path, device: str, dtype: str, fuse_siblings: bool = True) -> nn.Module:
-    """A converted checkpoint for the JIT kernels, in the dtype named ``dtype``; ``fuse_siblings`` False keeps
-    every layer on its own (True: the loader's default, stacked siblings and fused blocks on CUDA)."""
+    """A converted checkpoint for the JIT kernels, in the dtype named ``dtype``, its weights checked against their
+    recorded sha256 first (as validate and bench do: load checks only their size, and damaged weights would run);
+    ``fuse_siblings`` False keeps every layer on its own (True: the loader's default, stacked siblings and fused
+    blocks on CUDA)."""
     torch_dtype = dtype_named(dtype, "--dtype")
+    verify(checkpoint)
     return load(checkpoint, device=device, dtype=torch_dtype, fuse_siblings=None if fuse_siblings else False)
 
 

@@ -1,12 +1,15 @@
 """Model families and built-in models: what to convert by default, the reference paper's settings, how to build
-a model from its config with seeded weights, and seeded sample inputs to compare outputs on.
+a model from its config with seeded weights, and seeded sample inputs to compare outputs on; and the one-line hint
+for an optional package (transformers, diffusers) that a model needs and is not installed.
 
 Everything here is data plus small builders; a new family is one ``Family`` entry.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +39,31 @@ class BuiltinModel:
     make_config: Callable[[], object]
     paper: dict[str, tuple[LayerSetting, ...]] = field(default_factory=dict)  # structure -> settings
     note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ optional packages
+
+
+def extra_of(package: str) -> str | None:
+    """The blrdeploy extra that installs ``package`` (``hf`` for transformers), as the installed package's metadata
+    says (pyproject's optional-dependencies); None when no user-facing extra does (``dev`` is for development)."""
+    try:
+        requires = importlib.metadata.requires("blrdeploy") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return None
+    for requirement in requires:
+        name = re.match(r"\s*([A-Za-z0-9._-]+)", requirement)
+        extra = re.search(r"""extra\s*==\s*['"]([^'"]+)['"]""", requirement)
+        if name and extra and extra.group(1) != "dev" and name.group(1).lower() == package.lower():
+            return extra.group(1)
+    return None
+
+
+def install_hint(package: str, who: str = "this") -> str:
+    """The one-line error for an optional package that is not installed: ``this needs the transformers package:
+    pip install 'blrdeploy[hf]'``."""
+    extra = extra_of(package)
+    return f"{who} needs the {package} package" + (f": pip install 'blrdeploy[{extra}]'" if extra else " installed")
 
 
 # ------------------------------------------------------------------------------------------------ sample inputs
@@ -137,8 +165,10 @@ def _hf(config_class: str, **kw):
     """A deferred transformers config (transformers is an optional dependency: imported only when built)."""
 
     def make():
-        import transformers  # deferred: an optional dependency that takes seconds to import
-
+        try:
+            import transformers  # deferred: an optional dependency that takes seconds to import
+        except ImportError as exc:
+            raise ValueError(install_hint("transformers", "this model")) from exc
         return getattr(transformers, config_class)(**kw)
 
     return make

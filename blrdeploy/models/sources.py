@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blrdeploy.models.families import BUILTIN, FAMILIES, BuiltinModel, Family, builtin, family_of_model_type
+from blrdeploy.models.families import (
+    BUILTIN,
+    FAMILIES,
+    BuiltinModel,
+    Family,
+    builtin,
+    family_of_model_type,
+    install_hint,
+)
 
 # The class each family's built-ins are instantiated as.
 BUILTIN_CLASS = {
@@ -42,7 +50,7 @@ def _import_library(library: str):
 
         return diffusers
     except ImportError as exc:
-        raise ValueError(f"this model needs the {library} package: pip install 'blrdeploy[hf]'") from exc
+        raise ValueError(install_hint(library, "this model")) from exc
 
 
 def model_class(library: str, class_name: str):
@@ -138,6 +146,11 @@ def identify(config: dict, allow_unknown: bool) -> tuple[str, str, Family | None
     return library, class_name, family
 
 
+def weight_files(path: Path) -> list[Path]:
+    """A checkpoint directory's weight files (*.safetensors, *.bin; shards included), sorted by name."""
+    return sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+
+
 def load_pretrained_dir(path: Path, device="cpu", dtype: torch.dtype | None = None, allow_unknown=False) -> Source:
     if not path.is_dir():
         raise ValueError(f"no such checkpoint directory: {path}")
@@ -145,8 +158,7 @@ def load_pretrained_dir(path: Path, device="cpu", dtype: torch.dtype | None = No
         raise ValueError(f"{path} is already a converted checkpoint: open it with blrdeploy.load, not convert")
     config = read_config(path)
     library, class_name, family = identify(config, allow_unknown)
-    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
-    if not weights:
+    if not weight_files(path):
         raise ValueError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
     cls = model_class(library, class_name)
     kwargs = {} if dtype is None else {"torch_dtype": dtype}

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from blrdeploy.conversion.checkpoint import safetensors_os_error
 from blrdeploy.measure.runner import (
     Generation,
     RunError,
@@ -131,6 +132,12 @@ def _finish(
         result["sample_check"] = check.to_dict()
         ok = check.ok
     if output is not None:
-        save_file({"output": timing.output.contiguous()}, str(output))
+        try:
+            save_file({"output": timing.output.contiguous()}, str(output))
+        except SafetensorError as exc:  # a full disk: the OSError it is, naming --output
+            error = safetensors_os_error(exc, output)
+            if error is None:
+                raise
+            raise error from exc
         result["output_file"] = str(output)
     return RunOutcome(result, ok)

@@ -125,3 +125,18 @@ def test_convert_bad_inputs(tmp_path):
         assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
     result = runner.invoke(app, ["info", str(tmp_path / "exists")])
     assert result.exit_code == 2 and "no blr_config.json" in result.output
+
+
+def test_tables_are_not_cut_when_output_is_not_a_terminal(tmp_path, monkeypatch):
+    """In a pipe or a CI log (the runner's output is not a terminal) a table is as wide as its content: rich would
+    cut it at 80 columns, or at a COLUMNS a CI sets, and a layer name would end in an ellipsis."""
+    monkeypatch.setenv("COLUMNS", "80")
+    names = [f"transformer.h.{i}.{layer}" for i in (0, 1) for layer in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")]
+    plan = runner.invoke(app, ["convert", "gpt2-tiny", "--dry-run"])
+    out = tmp_path / "out"
+    convert = runner.invoke(app, ["convert", "gpt2-tiny", "--steps", "2", "-o", str(out)])
+    info = runner.invoke(app, ["info", str(out), "--verify"])
+    for result in (plan, convert, info):
+        assert result.exit_code == 0, result.output
+        assert all(name in result.output for name in names), result.output
+        assert "…" not in result.output, result.output

@@ -2,6 +2,7 @@
 bad inputs."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 
 from blrdeploy import CheckpointError, ConvertConfig, convert, load, save
 from blrdeploy.conversion.checkpoint import read_blr_config
-from blrdeploy.conversion.pipeline import _meta_source, run_convert
+from blrdeploy.conversion.convert import convert_layers, plan
+from blrdeploy.conversion.pipeline import Callbacks, _meta_source, run_convert
 from blrdeploy.models.outputs import model_output
-from blrdeploy.models.sources import build_builtin, load_pretrained_dir
+from blrdeploy.models.sources import build_builtin, family_of, load_pretrained_dir
 from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear
 
 TINY = ["llama-tiny", "gpt2-tiny", "vit-tiny", "dit-tiny"]
@@ -349,6 +351,45 @@ def test_nan_weight_named(tmp_path):
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(ValueError, match=r"layer model.layers.1.mlp.up_proj weight has 1 NaN/Inf"):
         convert(model, ConvertConfig(structure="lowrank"))
+
+
+@pytest.mark.parametrize(
+    "name, tensor",
+    [
+        ("llama-tiny", "model.embed_tokens.weight"),  # not converted: was never checked
+        ("llama-tiny", "model.norm.weight"),
+        ("llama-tiny", "model.rotary_emb.inv_freq"),  # a buffer
+        ("llama-tiny", "model.layers.1.mlp.down_proj.weight"),  # converted: 13 layers were fitted before it
+        ("gpt2-tiny", "transformer.wte.weight"),  # tied to lm_head
+    ],
+)
+def test_nan_anywhere_refused_before_any_fit(name, tensor):
+    """#24 item 10: a NaN in a layer was found only after the layers before it were fitted, one in an embedding
+    not at all. Every floating-point parameter and buffer is checked before the first fit."""
+    model = build_builtin(name).model
+    with torch.no_grad():
+        {**dict(model.named_parameters()), **dict(model.named_buffers())}[tensor].view(-1)[3] = float("nan")
+    config = ConvertConfig(structure="lowrank")
+    the_plan = plan(model, config, family_of(model))
+    fitted = []
+    module, attr = tensor.rsplit(".", 1)
+    with pytest.raises(ValueError, match=rf"^layer {re.escape(module)} {attr} has 1 NaN/Inf value"):
+        convert_layers(model, the_plan, config, layer_progress=lambda layer, i, n: fitted.append(layer))
+    assert fitted == []
+
+
+def test_nan_in_a_source_directory_writes_nothing(tmp_path):
+    """The convert job on a checkpoint directory whose embedding holds an Inf: refused before any layer starts,
+    nothing written."""
+    model = build_builtin("gpt2-tiny", seed=1).model
+    with torch.no_grad():
+        model.transformer.wpe.weight[2, 1] = float("inf")
+    model.save_pretrained(str(tmp_path / "hf"))
+    started = []
+    callbacks = Callbacks(layer=lambda layer, i, n: started.append(layer))
+    with pytest.raises(ValueError, match=r"layer transformer.wpe weight has 1 NaN/Inf value\(s\), the first at"):
+        run_convert(str(tmp_path / "hf"), tmp_path / "out", ConvertConfig("lowrank"), callbacks=callbacks)
+    assert started == [] and not (tmp_path / "out").exists()
 
 
 def test_meta_source_builds_no_weights():

@@ -4,6 +4,7 @@ check, the verify and run library functions behind the commands, and that the pa
 interpreter)."""
 
 import ctypes
+import errno
 import json
 import os
 import re
@@ -17,12 +18,14 @@ import pytest
 import torch
 import triton
 from helpers import assert_rel_close
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from blrdeploy.cli import app
 from blrdeploy.conversion.checkpoint import file_sha256
 from blrdeploy.exporters import bundle
+from blrdeploy.exporters.bundle import packaging
 from blrdeploy.kernels import Config, ConfigTable, launch, runtime
 from blrdeploy.kernels.cubin import CuLaunchAttribute, CuLaunchConfig, pdl_attributes
 from blrdeploy.kernels.plan import launcher
@@ -349,6 +352,35 @@ def test_package_refuses_nan_weights_naming_the_tensor(bundles, tmp_path):
     with pytest.raises(bundle.BundleError, match=re.escape(name) + ".*NaN"):
         bundle.package(bad, "jetson", tmp_path / "out", with_onnx=False, max_tokens=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_package_on_a_full_disk_is_one_line_and_writes_nothing(bundles, tmp_path, monkeypatch):
+    """A write of the bundle failing for want of space (its weights through safetensors, its checkpoint's
+    blr_config.json through Path.write_text) ends in one line naming the output, exit 2, with no partial directory
+    left (#24 item 7)."""
+    ckpt, _ = bundles["a40-lowrank"]
+    out = tmp_path / "bundle"
+    args = ["package", str(ckpt), "--target", "a40", "--max-tokens", "16", "--no-onnx", "--dtype", "float16"]
+
+    def full_safetensors(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    write_text = Path.write_text
+
+    def full_blr_config(self, *a, **k):
+        if self.name == "blr_config.json":
+            raise OSError(errno.ENOSPC, "No space left on device")  # a failed write names no file
+        return write_text(self, *a, **k)
+
+    for target, writer in [(packaging, ("save_file", full_safetensors)), (Path, ("write_text", full_blr_config))]:
+        with monkeypatch.context() as m:
+            m.setattr(target, *writer)
+            result = runner.invoke(app, [*args, "-o", str(out)])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (writer[0], result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: cannot write {out}: No space left on device"], (writer[0], result.output)
+        assert "Traceback" not in result.output
+        assert list(tmp_path.iterdir()) == [], writer[0]
 
 
 def test_device_profiles(tmp_path, monkeypatch):

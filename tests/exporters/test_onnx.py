@@ -1,6 +1,7 @@
 """ONNX export with com.blrdeploy function ops, and validation against onnxruntime, dense and reference."""
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -9,10 +10,12 @@ from typer.testing import CliRunner
 
 from blrdeploy import ConvertConfig, convert, save
 from blrdeploy.cli import app
+from blrdeploy.conversion.pipeline import convert_job
 from blrdeploy.exporters.onnx import META_CHECKPOINT, export_checkpoint
 from blrdeploy.exporters.onnx_functions import DOMAIN
+from blrdeploy.models.outputs import compare
 from blrdeploy.models.sources import build_builtin
-from blrdeploy.validators.onnx import Unusable, validate_against_dense, validate_against_onnx
+from blrdeploy.validators.onnx import Report, Unusable, validate_against_dense, validate_against_onnx
 
 SETTINGS = {"blast": (("*", 4, 16),), "monarch": (("*", 4, 16),), "lowrank": (("*", None, 16),)}
 OPS = {"blast": "BlastLinear", "monarch": "MonarchLinear", "lowrank": "LowRankLinear"}
@@ -137,12 +140,77 @@ def test_cli_export_validate_and_dense(tmp_path):
     assert ok.exit_code == 0 and "✓" in ok.output and "passed" in ok.output, ok.output
     temp = runner.invoke(app, ["validate", str(ckpt), "--json"])  # exports to a temp dir itself
     assert temp.exit_code == 0 and json.loads(temp.stdout)["ok"]
-    dense = validate_against_dense(ckpt)
+    dense = validate_against_dense(ckpt, rtol=1.0)
     assert dense.ok and 0 < dense.checks[0].relative_error < 1 and dense.checks[0].cosine_similarity > 0.5
     strict = runner.invoke(app, ["validate", str(ckpt), "--against", "dense", "--rtol", "1e-9"])
     assert strict.exit_code == 1, strict.output
     bad = runner.invoke(app, ["validate", str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "no such checkpoint directory" in bad.output
+
+
+def test_against_dense_never_passes_without_a_tolerance(tmp_path):
+    """#24 item 5: without --rtol the dense comparison printed "✓ passed" at relative error ≈ 1. Now it asks for a
+    tolerance (one line, exit 2) and a report passes only when it has checks and each met a tolerance."""
+    ckpt, _ = converted(tmp_path)
+    with pytest.raises(Unusable, match="needs --rtol"):
+        validate_against_dense(ckpt)
+    cli = runner.invoke(app, ["validate", str(ckpt), "--against", "dense"])
+    assert cli.exit_code == 2 and "passed" not in cli.output, cli.output
+    assert cli.output.strip().splitlines() == [cli.output.strip()] and "needs --rtol" in cli.output
+    judged = runner.invoke(app, ["validate", str(ckpt), "--against", "dense", "--rtol", "2", "--json"])
+    assert judged.exit_code == 0 and all(c["tolerance"] == 2 for c in json.loads(judged.stdout)["checks"])
+    measured = compare("output", torch.ones(4), torch.full((4,), 2.0), None)  # relative error 0.5, no tolerance
+    assert measured.ok and not Report("dense", "c", [measured]).ok and not Report("dense", "c").ok
+
+
+def _save_gpt2_tiny(path: Path, seed: int) -> None:
+    build_builtin("gpt2-tiny", seed=seed).model.save_pretrained(str(path))
+
+
+def test_against_dense_opens_the_recorded_source_and_refuses_a_changed_one(tmp_path, monkeypatch):
+    """#24 item 4: the source was recorded as typed ("hf") and resolved against the current directory, so validate
+    failed elsewhere and, beside another model named "hf", compared against that one. Now convert records the
+    absolute path and the sha256 of each weight file; validate opens that path from anywhere and refuses (one line,
+    exit 2) weights that changed, even at the same size, or a source that is gone."""
+    work, elsewhere, other = tmp_path / "work", tmp_path / "elsewhere", tmp_path / "other"
+    elsewhere.mkdir()
+    _save_gpt2_tiny(work / "hf", seed=1)
+    _save_gpt2_tiny(other / "hf", seed=2)  # another model of the same name, same sizes
+    monkeypatch.chdir(work)
+    convert_job("hf", Path("ckpt"), structure="lowrank")
+    ckpt = work / "ckpt"
+    source = json.loads((ckpt / "blr_config.json").read_text())["source"]
+    assert source["id"] == str((work / "hf").resolve()) and list(source["weights"]) == ["model.safetensors"]
+
+    def dense(cwd: Path):
+        monkeypatch.chdir(cwd)
+        return runner.invoke(app, ["validate", str(ckpt), "--against", "dense", "--rtol", "10", "--json"])
+
+    here = dense(work)
+    assert here.exit_code == 0, here.output
+    errors = [c["relative_error"] for c in json.loads(here.stdout)["checks"]]
+    for cwd in (elsewhere, other):
+        result = dense(cwd)
+        assert result.exit_code == 0, result.output
+        assert [c["relative_error"] for c in json.loads(result.stdout)["checks"]] == errors  # the same dense model
+
+    _save_gpt2_tiny(work / "hf", seed=3)  # changed in place, byte count unchanged
+    changed = dense(elsewhere)
+    assert changed.exit_code == 2 and "changed since it was converted" in changed.output, changed.output
+    assert "model.safetensors does not match its recorded sha256" in changed.output
+    assert len(changed.output.strip().splitlines()) == 1
+    (work / "hf").rename(work / "moved")
+    gone = dense(elsewhere)
+    assert gone.exit_code == 2 and "is gone" in gone.output and len(gone.output.strip().splitlines()) == 1
+
+    # A checkpoint written before the fingerprint: the path as typed, resolved as before, with a note.
+    (work / "moved").rename(work / "hf")
+    cfg = json.loads((ckpt / "blr_config.json").read_text())
+    cfg["source"] = {**{k: v for k, v in cfg["source"].items() if k != "weights"}, "id": "hf"}
+    (ckpt / "blr_config.json").write_text(json.dumps(cfg))
+    old = dense(work)
+    assert old.exit_code == 0, old.output
+    assert any("not checked" in note for note in json.loads(old.stdout)["notes"])
 
 
 def test_export_never_clobbers_a_file_without_overwrite(tmp_path):

@@ -246,6 +246,9 @@ def test_bench_and_run_refuse_a_damaged_checkpoint_and_bad_run_arguments(tmp_pat
     weights.write_bytes(bytes(data))
     res = runner.invoke(app, ["bench", str(ckpt), "--no-decode"])
     assert res.exit_code == 2 and "does not match its recorded sha256" in res.output, res.output
+    res = runner.invoke(app, ["run", str(ckpt), "--device", "cpu", "--dtype", "float32", "--repeat", "0"])
+    assert res.exit_code == 2 and "does not match its recorded sha256" in res.output, res.output  # not run on it
+    assert isinstance(res.exception, SystemExit)
 
 
 def test_run_prompt_needs_a_tokenizer(tmp_path):
