@@ -20,11 +20,3 @@ def dtype_named(name: str, option: str = "dtype") -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"{option} must be one of {', '.join(NAMES)}, got {name!r}")
     return DTYPES[name]
-
-
-def name_of(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``; a ValueError for a dtype the kernels do not run in."""
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"no kernels for {dtype}; choose from {', '.join(NAMES)}")

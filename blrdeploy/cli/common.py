@@ -137,12 +137,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def parse_dtype(name: str, allow_auto: bool = True):
+def parse_dtype(name: str):
     """--dtype: a name from the one dtype table (kernels/dtypes.py), or ``auto`` (None: the model's own)."""
-    if allow_auto and name == "auto":
+    if name == "auto":
         return None
     if name not in DTYPES:
-        fail(f"--dtype must be one of {', '.join((['auto'] if allow_auto else []) + list(DTYPES))}, got {name!r}")
+        fail(f"--dtype must be one of auto, {DTYPE_LIST}, got {name!r}")
     return DTYPES[name]
 
 
