@@ -20,6 +20,7 @@ from torch import nn
 
 from blrdeploy.conversion.checkpoint import load, read_blr_config
 from blrdeploy.exporters.onnx_functions import DOMAIN, DOMAIN_VERSION, FUNCTIONS, OPSET
+from blrdeploy.files import check_output_file, made_parents
 from blrdeploy.models.outputs import main_output, sample_inputs
 from blrdeploy.models.sources import family_of
 from blrdeploy.version import __version__
@@ -107,7 +108,7 @@ def export_onnx(
     """Export ``model`` called as ``model(**inputs)`` (default: its family's seeded sample inputs); writes external
     data beside it past 2 GB. An existing file is replaced only with ``overwrite``."""
     path = Path(path)
-    check_output_file(path, overwrite)
+    check_onnx_output(path, overwrite)
     if inputs is None:
         family = family_of(model)
         if family is None:
@@ -132,41 +133,38 @@ def export_onnx(
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
     large = sum(t.ByteSize() for t in proto.graph.initializer) > TWO_GB - 2**26
     data_name = path.name + ".data"
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Both files are written and checked in a staging folder, then moved into place: a failed export never
     # leaves a half-written file or clobbers the data file of an earlier good one.
     staging = path.parent / f".{path.name}.partial-{os.getpid()}"
-    staging.mkdir()
-    try:
-        tmp = staging / path.name
-        if large:
-            onnx.save_model(
-                proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
-            )
-        else:
-            onnx.save_model(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-        if large:
-            os.replace(staging / data_name, path.parent / data_name)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with made_parents(path):
+        staging.mkdir()
+        try:
+            tmp = staging / path.name
+            if large:
+                onnx.save_model(
+                    proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+                )
+            else:
+                onnx.save_model(proto, str(tmp))
+            onnx.checker.check_model(str(tmp), full_check=True)
+            if large:
+                os.replace(staging / data_name, path.parent / data_name)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
-def check_output_file(path: Path, overwrite: bool) -> None:
-    """Refuses, before any work, to replace an existing file (the .onnx or its external data) without
-    ``overwrite``: an export never clobbers a user's file by a mistyped -o."""
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory: give the path of the .onnx file to write")
-    for existing in (path, path.with_name(path.name + ".data")):
-        if existing.exists() and not overwrite:
-            raise ValueError(f"{existing} already exists; pass --overwrite to replace it")
+def check_onnx_output(path: Path, overwrite: bool) -> None:
+    """Refuses, before any work, an output the export must not write: the .onnx or its external data (OUTPUT.data)
+    already there without ``overwrite``, or any path blrdeploy.files refuses."""
+    check_output_file(path, overwrite, "-o")
+    check_output_file(path.with_name(path.name + ".data"), overwrite, "-o")
 
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Export a converted checkpoint directory; the ONNX metadata names the checkpoint's weights sha256."""
-    check_output_file(Path(path), overwrite)  # before loading the model
+    check_onnx_output(Path(path), overwrite)  # before loading the model
     cfg = read_blr_config(checkpoint)
     model = load(checkpoint, device="cpu", dtype=torch.float32)
     inputs = sample_inputs(model, cfg, batch=2, seed=seed)

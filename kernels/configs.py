@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from blrdeploy.files import atomic_write_text
 
 TABLE_FORMAT = 1
 BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)  # a token count N is served by the first bucket >= N
@@ -234,17 +235,7 @@ class ConfigTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic: the file is either the old table or the complete new one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ConfigTable:

@@ -13,7 +13,6 @@ from rich.table import Table
 
 from blrdeploy.cli.common import (
     DTYPE_LIST,
-    check_output_path,
     console,
     csv_ints,
     emit_json,
@@ -98,6 +97,7 @@ def bench(
     budget: Annotated[float, typer.Option(help="Seconds of repetitions per timed measurement.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and inputs.")] = 0,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the JSON result here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a file already at --output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Benchmark a BLR model against the dense model of the same architecture, under the same harness: prefill
@@ -107,12 +107,11 @@ def bench(
     has one, else at --params-ratio, default 0.5); a converted
     checkpoint runs its own weights beside a random dense twin. Progress goes to stderr. Exit code: 0 done (a
     model that did not fit is reported, not an error), 2 unusable input."""
-    check_output_path(output, "--output")
     request = bn.BenchRequest(
         model, structure, params_ratio, resolve_device(device), parse_dtype(dtype),
         modes=tuple(m.strip() for m in modes.split(",")) if modes else None, batches=csv_ints(batch, "--batch"),
         seq=seq, decode=decode, new_tokens=new_tokens, prompt_tokens=prompt_tokens, memory_limit=memory_limit,
-        only=only, fuse_siblings=fuse_siblings, budget_s=budget, seed=seed, output=output,
+        only=only, fuse_siblings=fuse_siblings, budget_s=budget, seed=seed, output=output, overwrite=overwrite,
     )  # fmt: skip
     with one_line_errors():
         result = bn.run(request, _Steps)

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from blrdeploy.cli.common import DTYPE_LIST, check_output_path, emit_json, fail, one_line_errors, resolve_device
+from blrdeploy.cli.common import DTYPE_LIST, emit_json, fail, one_line_errors, resolve_device
 from blrdeploy.exporters import bundle
 from blrdeploy.kernels.configs import BUCKETS
 from blrdeploy.measure.runner import Generation, RunError
@@ -79,6 +79,7 @@ MemoryLimit = Annotated[
     str | None, typer.Option(help="Cap this process's GPU memory, e.g. 8GB or 7.5GiB (as on an 8 GB Jetson).")
 ]
 RunOutput = Annotated[Path | None, typer.Option(help="Write the output tensor to this .safetensors file.")]
+RunOverwrite = Annotated[bool, typer.Option(help="Replace a file already at --output.")]
 RunDevice = Annotated[str, typer.Option(help="auto, cuda or cpu (cpu: the PyTorch reference path).")]
 RunDtype = Annotated[str, typer.Option(help=f"Checkpoint only: {DTYPE_LIST}.")]
 AllowJit = Annotated[
@@ -174,6 +175,7 @@ def run(
     max_new_tokens: MaxNewTokens = 32,
     memory_limit: MemoryLimit = None,
     output: RunOutput = None,
+    overwrite: RunOverwrite = False,
     device: RunDevice = "auto",
     dtype: RunDtype = "bfloat16",
     allow_jit: AllowJit = False,
@@ -189,7 +191,6 @@ def run(
     a launch no shipped kernel serves, out of the memory allowed)."""
     if (checkpoint is None) == (bundle_dir is None):
         fail("give either a CHECKPOINT or --bundle DIR")
-    check_output_path(output, "--output")
     if inputs is not None and not inputs.is_file():
         fail(f"--input {inputs}: no such file")
     if repeat < 0:
@@ -201,7 +202,7 @@ def run(
         outcome = bundle.run_model(
             checkpoint, bundle_dir, device=dev, inputs=inputs, prompt=prompt,
             max_new_tokens=max_new_tokens, memory_limit=memory_limit, output=output, dtype=dtype,
-            allow_jit=allow_jit, fuse_siblings=fuse_siblings, repeat=repeat,
+            allow_jit=allow_jit, fuse_siblings=fuse_siblings, repeat=repeat, overwrite=overwrite,
         )  # fmt: skip
     if as_json:
         emit_json(outcome.result)
@@ -255,7 +256,7 @@ def _print_run(result: dict, ok: bool) -> None:
     typer.echo(
         f"{result['model']}: {result['kernels']} on {result['device']} ({result['dtype']}); start-up "
         f"{result['startup_seconds']:.2f} s (load {result['load_seconds']:.2f} s, first forward "
-        f"{result['first_forward_seconds']:.2f} s), forward {result['forward_ms']} ms; "
+        f"{result['first_forward_seconds']:.2f} s), {_forward_time(result['forward_ms'])}; "
         f"output {result['output_shape']}"
     )
     if "sample_check" in result:
@@ -264,6 +265,10 @@ def _print_run(result: dict, ok: bool) -> None:
             f"  {'✓' if ok else '✗'} sample output: relative error {c['relative_error']:.3e} "
             f"(tolerance {c['tolerance']:.0e})"
         )
+
+
+def _forward_time(ms: float | None) -> str:
+    return "steady forward not timed (--repeat 0)" if ms is None else f"forward {ms} ms"
 
 
 def _print_generation(g: Generation) -> None:

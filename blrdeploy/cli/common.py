@@ -11,7 +11,6 @@ import errno
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 import typer
@@ -26,8 +25,8 @@ from rich.progress import (
 )
 from safetensors import SafetensorError
 
-from blrdeploy.conversion.checkpoint import safetensors_os_error
 from blrdeploy.conversion.pipeline import Callbacks
+from blrdeploy.files import OutputError, safetensors_os_error
 from blrdeploy.kernels.dtypes import DTYPES
 from blrdeploy.models.families import extra_of, install_hint
 
@@ -56,11 +55,11 @@ _NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "N
 
 def error_line(exc: BaseException, user: type[ValueError] = ValueError) -> str | None:
     """The one line a user is told for ``exc``, or None for a defect (it keeps its traceback). The library says
-    what a user can act on as a ValueError of the class ``user`` (CheckpointError, BundleError, RunError, ...); the
-    rest here is what the operating system, safetensors, a missing optional package or a missing GPU raise on their
-    own."""
+    what a user can act on as a ValueError of the class ``user`` (CheckpointError, BundleError, RunError, ...) or
+    an OutputError (every command's output check, blrdeploy.files); the rest here is what the operating system,
+    safetensors, a missing optional package or a missing GPU raise on their own."""
     if isinstance(exc, ValueError):
-        return _first_line(exc) if isinstance(exc, user) else None
+        return _first_line(exc) if isinstance(exc, (user, OutputError)) else None
     if isinstance(exc, ModuleNotFoundError):
         package = (exc.name or "").partition(".")[0]
         return install_hint(package) if extra_of(package) else None  # a package we require: a broken install
@@ -112,17 +111,6 @@ def console(stderr: bool = False) -> Console:
     table is as wide as its content."""
     stream = sys.stderr if stderr else sys.stdout
     return Console(stderr=stderr, width=None if stream.isatty() else _UNCUT_WIDTH)
-
-
-def check_output_path(path, option: str) -> None:
-    """Refuses, before any work, an output path that cannot be written: a directory, or in a missing folder."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        fail(f"{option} {path} is a directory: give a file path")
-    if not path.parent.is_dir():
-        fail(f"{option} {path}: the folder {path.parent} does not exist")
 
 
 def resolve_device(device: str) -> str:

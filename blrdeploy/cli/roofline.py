@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from blrdeploy.cli.common import check_output_path, console, emit_json, fail, one_line_errors
+from blrdeploy.cli.common import console, emit_json, fail, one_line_errors
 from blrdeploy.measure import roofline as rl
 
 
@@ -22,7 +22,8 @@ def roofline(
         str | None,
         typer.Option(help="Comma-separated token counts. Default: the reference paper's (and 1 for LLMs)."),
     ] = None,
-    png: Annotated[Path | None, typer.Option(help="Write the roofline figure (PNG) here.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write the roofline figure (a .png file) here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a file already at --png.")] = False,
     measured: Annotated[
         Path | None,
         typer.Option(
@@ -37,9 +38,8 @@ def roofline(
     the converted layers' predicted speedup over dense, and over all linear layers (those kept dense, like the LM
     head, run the same in both); with --measured, the speedup bench measured beside it. Attention and norms are not
     modeled; the stages are as blrdeploy.measure.roofline describes."""
-    check_output_path(png, "--png")
     with one_line_errors():
-        report = rl.model_report(model, target, structure, _token_counts(tokens), png, measured)
+        report = rl.model_report(model, target, structure, _token_counts(tokens), png, measured, overwrite)
     if as_json:
         emit_json(report.to_json())
         return

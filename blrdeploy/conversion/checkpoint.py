@@ -8,14 +8,9 @@ converted layer is ever materialized.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
-import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -25,6 +20,7 @@ from torch import nn
 
 from blrdeploy.conversion.fusion import fuse_family
 from blrdeploy.conversion.siblings import Siblings
+from blrdeploy.files import atomic_directory, file_sha256
 from blrdeploy.models.sources import config_dict, family_of, instantiate, read_config
 from blrdeploy.structures.modules import BlastLinear, BLRLinear, LowRankLinear, MonarchLinear, set_submodule
 from blrdeploy.version import __version__
@@ -32,6 +28,7 @@ from blrdeploy.version import __version__
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 BLR_CONFIG = "blr_config.json"
+CHECKPOINT = "a converted checkpoint"  # what --overwrite may replace, as its refusals name it
 MODULES = {"blast": BlastLinear, "monarch": MonarchLinear, "lowrank": LowRankLinear}
 # A source checkpoint's text side, carried along so a converted LLM still turns text into text (blrdeploy run).
 TOKENIZER_FILES = (
@@ -141,146 +138,11 @@ def _tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, aliases, buffers
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_files(path: Path) -> set[str]:
     """The files a converted checkpoint at ``path`` may hold, by its own blr_config.json; a CheckpointError when
     ``path`` is not a converted checkpoint."""
     cfg = read_format_file(path / BLR_CONFIG, "a converted checkpoint", FORMAT_VERSION, ("weights",), CheckpointError)
     return {"config.json", BLR_CONFIG, cfg["weights"]["file"], *TOKENIZER_FILES}
-
-
-def check_output_dir(
-    path: Path,
-    overwrite: bool,
-    owned_files: Callable[[Path], Collection[str]] = checkpoint_files,
-    what: str = "a converted checkpoint",
-) -> None:
-    """Refuses an existing output unless --overwrite, and even then anything but an empty directory or one of ours:
-    one whose own manifest (read by ``owned_files``; a ValueError if it is not ours) lists every file in it. A name
-    alone proves nothing: a mistyped -o never deletes a user's folder or a file the user kept in ours."""
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise ValueError(f"output path {path} exists and is not a directory")
-    if not overwrite:
-        raise ValueError(f"output directory {path} already exists; pass --overwrite to replace it")
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
-    if not files and not any(path.iterdir()):
-        return
-    try:
-        owned = set(owned_files(path))
-    except ValueError:
-        raise ValueError(f"refusing to overwrite {path}: it is neither empty nor {what}") from None
-    strangers = [f for f in files if f not in owned]
-    strangers += [  # empty folders are the user's too
-        d.relative_to(path).as_posix() + "/"
-        for d in path.rglob("*")
-        if d.is_dir() and not any(f.startswith(d.relative_to(path).as_posix() + "/") for f in files)
-    ]
-    if strangers:
-        shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
-        raise ValueError(f"refusing to overwrite {path}: it holds {shown}, which {what} does not list")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replaces ``path`` with ``text`` in one rename (fsynced file and folder): readers see the old or the new file."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:  # the rename itself is durable before anything that relies on it (retune deletes old files next)
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # of the file asked for, not the temp
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def safetensors_os_error(exc: SafetensorError, filename: str | Path | None = None) -> OSError | None:
-    """The OSError inside a SafetensorError (safetensors reports a failed read or write as ``... (os error 28)``),
-    about ``filename``; None when the error is not one of the operating system's (a corrupt header, say)."""
-    found = re.search(r"\(os error (\d+)\)|code: (\d+)", str(exc))
-    if found is None:
-        return None
-    code = int(found.group(1) or found.group(2))
-    return OSError(code, os.strerror(code), None if filename is None else str(filename))
-
-
-def _said_of_output(exc: BaseException, tmp: Path, path: Path) -> OSError | None:
-    """A failed write inside the temp directory as the user should hear it: of the output they named, not of a hidden
-    temp file, and with a file at all (a write that finds the disk full names none). None for any other error."""
-    if isinstance(exc, SafetensorError) and "serializ" in str(exc):
-        exc = safetensors_os_error(exc)
-    if not isinstance(exc, OSError):
-        return None
-    where = path
-    if exc.filename is not None:
-        try:
-            where = path / Path(exc.filename).relative_to(tmp)
-        except ValueError:
-            return None  # a file outside the output (a source being read): its own name is the right one
-    return OSError(exc.errno, exc.strerror or str(exc), str(where))
-
-
-@contextlib.contextmanager
-def atomic_directory(
-    path: Path,
-    overwrite: bool,
-    owned_files: Callable[[Path], Collection[str]] = checkpoint_files,
-    what: str = "a converted checkpoint",
-):
-    """Yields a temp directory beside ``path``; on success it replaces ``path`` in one rename, on any error
-    (Ctrl-C included) it is removed, with any folder made to hold it, and ``path`` is left as it was. ``path`` is
-    checked as :func:`check_output_dir` does. A failed write (disk full; safetensors' SafetensorError too) is
-    raised as an OSError naming ``path`` or the file in it, never the temp directory."""
-    path = Path(path)
-    check_output_dir(path, overwrite, owned_files, what)
-    made = [p for p in path.parents if not p.exists()]  # deepest first
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():  # the swap failed half-way: put the previous checkpoint back
-            old.rename(path)
-        for folder in made:
-            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
-                folder.rmdir()
-        error = _said_of_output(exc, tmp, path)
-        if error is None:
-            raise
-        raise error from exc
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save(
@@ -308,7 +170,7 @@ def save(
     }
     tensors, aliases, buffers = _tensors_to_save(model)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
-    with atomic_directory(path, overwrite) as tmp:
+    with atomic_directory(path, overwrite, checkpoint_files, CHECKPOINT) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_dict(model), indent=2, default=str))
         copy_tokenizer(tokenizer_from, tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "blrdeploy_format": str(FORMAT_VERSION)})

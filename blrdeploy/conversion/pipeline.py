@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blrdeploy.conversion.checkpoint import check_output_dir, file_sha256, save
+from blrdeploy.conversion.checkpoint import CHECKPOINT, checkpoint_files, save
 from blrdeploy.conversion.convert import ConvertConfig, Plan, convert_layers, plan
+from blrdeploy.files import check_output_dir, file_sha256
 from blrdeploy.models.families import BUILTIN, Family, LayerSetting
 from blrdeploy.models.outputs import agreement, model_output
 from blrdeploy.models.sources import (
@@ -183,7 +184,7 @@ def run_convert(
         return {"dry_run": True, **_plan_summary(source, the_plan)}
 
     if output is not None:
-        check_output_dir(output, overwrite)  # fail before hours of work, not after
+        check_output_dir(output, overwrite, checkpoint_files, CHECKPOINT)  # fail before hours of work, not after
     t0 = time.perf_counter()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -38,7 +38,6 @@ from torch import nn
 from blrdeploy.conversion.blocks import FusedPreNormBlock
 from blrdeploy.conversion.checkpoint import (
     BLR_CONFIG,
-    atomic_write_text,
     blr_module,
     load,
     read_blr_config,
@@ -49,6 +48,7 @@ from blrdeploy.conversion.convert import ConvertConfig, is_linear, linear_dims, 
 from blrdeploy.conversion.fusion import fuse_family
 from blrdeploy.conversion.pipeline import unique_params
 from blrdeploy.conversion.siblings import Siblings, blr_layer_count
+from blrdeploy.files import atomic_write_text, check_output_file
 from blrdeploy.models.families import BUILTIN, FAMILIES
 from blrdeploy.models.outputs import main_output
 from blrdeploy.models.sources import builtin_config, identify, instantiate, read_config
@@ -713,12 +713,15 @@ class BenchRequest:
     budget_s: float = 1.0  # per timed measurement
     seed: int = 0
     output: Path | None = None  # also write the result here, as JSON
+    overwrite: bool = False  # ... replacing an existing file there
 
 
 def run(request: BenchRequest, progress: OpenProgress | None = None) -> dict:
     """Checks ``request``, resolves its model, measures both variants (or ``only`` one) and returns the result, also
     written to ``request.output``. ``progress`` is opened with the run's step count once the model is resolved.
     A request that cannot run raises a one-line ValueError before anything is measured."""
+    if request.output is not None:
+        check_output_file(request.output, request.overwrite)  # before minutes of measuring, not after
     device = torch.device(request.device)
     dtype = request.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     limit = _checked_limit(request, device)

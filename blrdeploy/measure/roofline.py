@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from blrdeploy.files import atomic_file, check_output_file
 from blrdeploy.kernels.dispatch import blast_staged, monarch_direct
 from blrdeploy.measure import devices
 from blrdeploy.measure.bench import resolve
@@ -192,7 +193,7 @@ class ModelReport:
 
 def model_report(
     model: str, target: str | Device, structure: str = "blast", tokens: Sequence[int] | None = None,
-    png: str | Path | None = None, measured: str | Path | None = None,
+    png: str | Path | None = None, measured: str | Path | None = None, overwrite: bool = False,
 ) -> ModelReport:  # fmt: skip
     """Predicts every BLR layer of ``model`` (a converted checkpoint directory, or a built-in model's conversion plan
     for ``structure``: the paper's preset where it has one, else half the parameters) on ``target`` (a device
@@ -200,6 +201,8 @@ def model_report(
     a ``blrdeploy bench --json`` result of the same model, its speedups stand beside the predicted ones; with
     ``png``, the roofline figure is written there. Nothing is allocated: the model is a skeleton on the meta
     device. A one-line ValueError for what cannot be predicted."""
+    if png is not None:  # before any work; --overwrite to replace a file already there
+        check_output_file(png, overwrite, "--png", suffixes=(".png",))
     device = target if isinstance(target, Device) else devices.get(target)
     resolved = resolve(model, structure)
     layers = resolved.variants[1].layers
@@ -271,5 +274,6 @@ def plot(rows: list[Row], device: Device, path) -> None:
     ax.grid(True, which="both", lw=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)

@@ -13,7 +13,8 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from blrdeploy.conversion.checkpoint import atomic_write_text, file_sha256, read_format_file
+from blrdeploy.conversion.checkpoint import read_format_file
+from blrdeploy.files import atomic_file, atomic_write_text, file_sha256
 from blrdeploy.measure import devices
 
 # 2: the manifest carries its own checksum; 3: the grouped GEMM takes a norm's row scale and BLAST layers with
@@ -80,16 +81,21 @@ def make_archive(bundle: Path) -> Path:
     """BUNDLE.tar.gz beside the directory, written atomically; members are under ``BUNDLE/``."""
     bundle = Path(bundle)
     dest = archive_path(bundle)
-    fd, tmp = tempfile.mkstemp(dir=bundle.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(bundle, arcname=bundle.name)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(dest) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        tar.add(bundle, arcname=bundle.name)
     return dest
+
+
+def is_archive_of(archive: Path, bundle: Path) -> bool:
+    """Whether ``archive`` is one :func:`make_archive` wrote of a bundle named as ``bundle``: every member under
+    ``BUNDLE/`` and a manifest among them. Only such a file may be removed when the bundle it copied is replaced."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            names = tar.getnames()
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        return False
+    top = bundle.name
+    return f"{top}/{MANIFEST}" in names and all(n == top or n.startswith(f"{top}/") for n in names)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -134,8 +140,8 @@ def open_bundle(path: str | Path) -> tuple[Path, dict]:
         path = _extract(path)
     try:
         manifest = read_format_file(
-            path / MANIFEST, "a blrdeploy bundle", FORMAT_VERSION, (), BundleError, ChecksumError
-        )
+            path / MANIFEST, "a blrdeploy bundle", FORMAT_VERSION, (), BundleError
+        )  # a manifest that does not parse: unusable (exit 2), not a bundle whose files failed a check
     except BundleError as exc:
         if "format version" in str(exc):
             raise BundleError(f"{exc}: package the checkpoint again with this blrdeploy") from None

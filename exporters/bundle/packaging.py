@@ -20,16 +20,14 @@ from safetensors.torch import save_file
 from blrdeploy.conversion.checkpoint import (
     BLR_CONFIG,
     CheckpointError,
-    atomic_directory,
     blr_module,
-    check_output_dir,
     copy_tokenizer,
-    file_sha256,
     load,
     read_blr_config,
     tool_versions,
 )
 from blrdeploy.conversion.checkpoint import verify as verify_checkpoint
+from blrdeploy.files import OutputError, atomic_directory, check_output_dir, check_output_file, file_sha256
 from blrdeploy.kernels import plan as launch_plan
 from blrdeploy.kernels.dtypes import DTYPES, dtype_named
 from blrdeploy.kernels.plan import LayerShape, Plan, Progress
@@ -47,6 +45,7 @@ from .format import (
     BundleError,
     archive_path,
     bundle_files,
+    is_archive_of,
     kernels_dir,
     make_archive,
     open_bundle,
@@ -102,6 +101,11 @@ def package(
     architecture's shipped table and the heuristic defaults. Written atomically; ``archive`` adds OUT.tar.gz."""
     checkpoint, out = Path(checkpoint), Path(out)
     check_output_dir(out, overwrite, bundle_files, BUNDLE)  # before minutes of compiling, not after
+    if archive:
+        tarball = archive_path(out)
+        if tarball.exists() and not is_archive_of(tarball, out):  # --overwrite is for our bundle, not a user's file
+            raise OutputError(f"refusing to overwrite {tarball}: it is not an archive of the bundle {out.name}")
+        check_output_file(tarball, overwrite, "--archive")
     device = target if isinstance(target, devices.Device) else devices.get(target)
     dtype_name = dtype or device.dtype
     torch_dtype = dtype_named(dtype_name, "--dtype")
@@ -152,8 +156,8 @@ def package(
         write_manifest(tmp, manifest)
     if archive:
         make_archive(out)
-    elif overwrite:
-        archive_path(out).unlink(missing_ok=True)  # the replaced bundle's archive would no longer match it
+    elif overwrite and is_archive_of(archive_path(out), out):
+        archive_path(out).unlink()  # the replaced bundle's archive would no longer match it; a user's file stays
     if progress:
         progress("writing the bundle", 1, 1)
     return manifest

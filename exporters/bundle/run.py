@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from blrdeploy.conversion.checkpoint import safetensors_os_error
+from blrdeploy.files import atomic_file, check_output_file, safetensors_os_error
 from blrdeploy.measure.runner import (
     Generation,
     RunError,
@@ -51,12 +51,16 @@ def run_model(
     allow_jit: bool = False,
     fuse_siblings: bool = True,
     repeat: int = 10,
+    overwrite: bool = False,
 ) -> RunOutcome:
     """Run a bundle on its shipped cubins or a checkpoint on Triton's JIT kernels (``device="cpu"``: the PyTorch
     reference path), as ``blrdeploy run`` does: greedy generation from ``prompt``; otherwise one input (``inputs``,
     the bundle's sample, or the family's seeded sample) with start-up and steady forward times, the bundle's sample
     check when its sample input is used, and the output written to ``output``. Raises RunError (one line) when the
-    model or input cannot be run; the process's kernels are restored after a bundle."""
+    model or input cannot be run; the process's kernels are restored after a bundle. An existing ``output`` is
+    replaced only with ``overwrite``."""
+    if output is not None:
+        check_output_file(output, overwrite)  # before loading and running, not after
     if memory_limit is not None:
         cap_gpu_memory(memory_limit, device)
     if prompt is not None:
@@ -133,7 +137,8 @@ def _finish(
         ok = check.ok
     if output is not None:
         try:
-            save_file({"output": timing.output.contiguous()}, str(output))
+            with atomic_file(output) as tmp:
+                save_file({"output": timing.output.contiguous()}, str(tmp))
         except SafetensorError as exc:  # a full disk: the OSError it is, naming --output
             error = safetensors_os_error(exc, output)
             if error is None:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 import blrdeploy
+from blrdeploy import files
 from blrdeploy.cli import app
 from blrdeploy.cli import bundle as bundle_cli
 from blrdeploy.cli import convert as convert_cli
@@ -91,14 +92,14 @@ def test_failed_writes_name_the_file_asked_for(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint.os, "replace", full)
+        m.setattr(files.os, "replace", full)
         with pytest.raises(OSError) as caught:
-            checkpoint.atomic_write_text(target, "{}")
+            files.atomic_write_text(target, "{}")
     assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(target))
     assert _tree(tmp_path) == []  # the temp file went too
     out = tmp_path / "out"
     with pytest.raises(OSError) as caught:
-        with checkpoint.atomic_directory(out, overwrite=False) as tmp:
+        with files.atomic_directory(out, False, checkpoint.checkpoint_files, checkpoint.CHECKPOINT) as tmp:
             raise OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp / "sub" / "w.bin"))
     assert (caught.value.errno, caught.value.filename) == (errno.EDQUOT, str(out / "sub" / "w.bin"))
     assert _tree(tmp_path) == []

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from blrdeploy.cli import app
-from blrdeploy.conversion.checkpoint import file_sha256
 from blrdeploy.exporters import bundle
 from blrdeploy.exporters.bundle import packaging
+from blrdeploy.files import file_sha256
 from blrdeploy.kernels import Config, ConfigTable, launch, runtime
 from blrdeploy.kernels.cubin import CuLaunchAttribute, CuLaunchConfig, pdl_attributes
 from blrdeploy.kernels.plan import launcher
