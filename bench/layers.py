@@ -1,4 +1,4 @@
-"""Layer benchmark (DESIGN §6): cuBLAS dense, torch.compile of the PyTorch reference, our kernels, and the roofline
+"""Layer benchmark: cuBLAS dense, torch.compile of the PyTorch reference, our kernels, and the roofline
 floor, for the reference paper's layer configs, on one CUDA GPU.
 
     python bench/layers.py [--models llama-7b,gpt2-s] [--structures blast,monarch] [--n 1,16,1024]

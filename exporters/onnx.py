@@ -1,4 +1,4 @@
-"""Export a converted model to ONNX with one com.blrdeploy node per BLR layer (DESIGN §4).
+"""Export a converted model to ONNX with one com.blrdeploy node per BLR layer.
 
 torch.onnx's exporter would inline a function it made itself, so each layer is emitted as an opaque node
 (``torch.onnx.ops.symbolic``, see blrdeploy.structures.functional) and the function bodies are attached afterwards.

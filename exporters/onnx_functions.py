@@ -1,7 +1,8 @@
 """The com.blrdeploy ops as ONNX functions of standard ops (opset 20), so any ONNX runtime runs them unaided.
 
-Each body is the DESIGN §3 forward written with Reshape/Einsum/Transpose/MatMul; shapes are read from the
-factor inputs, so one function serves every layer size and any leading dims of X.
+Each body is the structure's canonical forward (blrdeploy.structures.functional) written with
+Reshape/Einsum/Transpose/MatMul; shapes are read from the factor inputs, so one function serves every layer size
+and any leading dims of X.
 """
 
 from __future__ import annotations

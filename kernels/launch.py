@@ -1,7 +1,7 @@
 """Launchers: one forward per structure, each a fixed sequence of two or three kernels chosen by the token count,
 with strides set up so that no stage copies or transposes an operand (the one extra pass is Monarch's output
 interleave above 64 tokens, see ``monarch.py``). Inputs are 2-D ``(N, in)`` with any strides; the factors are in
-their canonical layouts (DESIGN §3) and in the input's dtype.
+their canonical layouts (blrdeploy.structures.functional) and in the input's dtype.
 
 Configs come from the active :class:`ConfigTable` (see :func:`use_table`), else from the table shipped for the GPU's
 architecture (``tables/sm_XX.json``), else, while :func:`tuning` is on, from timing the curated space on the GPU at
@@ -579,7 +579,7 @@ def blast_forward(
 def monarch_forward(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x (N, b*in_blk); w1 (b, R, in_blk), w2 (b, out_blk, R) -> (N, out_blk*b), outputs interleaved (DESIGN §3).
+    """x (N, b*in_blk); w1 (b, R, in_blk), w2 (b, out_blk, R) -> (N, out_blk*b), outputs interleaved as canonical.
 
     Stage 1 reads w1's rows in the order l*m + u <- u*b + l (m = R/b), so block k's output is stored grouped by the
     stage-2 block l it feeds; stage 2 then gathers its input as b contiguous chunks of m, one from each stage-1

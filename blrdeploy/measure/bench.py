@@ -82,14 +82,21 @@ def parse_size(text: str) -> int:
 
 
 def limit_gpu_memory(limit: int, device: torch.device) -> dict:
-    """Caps what this process's caching allocator may hold on ``device`` (an 8 GB Jetson's memory on a larger GPU).
-    The CUDA context itself is outside the cap."""
+    """Caps what the bench may allocate on ``device`` at ``limit`` bytes (an 8 GB Jetson's memory on a larger GPU).
+    The allocator's cap is process-wide and counts every block it holds, so memory this process already holds
+    (tensors of earlier work, blocks cached for reuse, CUDA graph pools) is freed where it can be and added to the
+    cap: otherwise the same bench would fit or not depending on what ran before it. The CUDA context is outside."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    if limit > total:
-        raise ValueError(f"--memory-limit {limit / 1e9:.2f} GB is more than the GPU's {total / 1e9:.2f} GB")
-    torch.cuda.set_per_process_memory_fraction(limit / total, index)
-    return {"limit_bytes": limit, "device_bytes": total}
+    gc.collect()  # graphs and models of earlier runs that only a cycle still holds
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved(index)
+    if limit + held > total:
+        raise ValueError(
+            f"--memory-limit {limit / 1e9:.2f} GB is more than the GPU's free {(total - held) / 1e9:.2f} GB"
+        )
+    torch.cuda.set_per_process_memory_fraction((limit + held) / total, index)
+    return {"limit_bytes": limit, "device_bytes": total, "held_bytes": held}
 
 
 def human_bytes(n: float) -> str:

@@ -1,4 +1,18 @@
-"""Each structure's forward, its PyTorch reference and its dense form (DESIGN §3).
+"""Each structure's forward, its PyTorch reference and its dense form: the canonical definitions the kernels, the
+ONNX functions and the fits all agree with (the ``*_reference`` functions below are the authority).
+
+As ``torch.nn.Linear``: weight W (out, in), y = x @ W.T + bias, N tokens (every leading dim flattened).
+
+- **BLAST**, a b_out x b_in grid of blocks of p = out/b_out rows and q = in/b_in columns, rank r: U (b_out, p, r),
+  S (b_out, b_in, r), V (b_in, q, r); block (i, j) of W is U[i] diag(S[i, j]) V[j]^T. Forward in three stages:
+  z_j = x_j V[j] (V), w_i = sum_j S[i, j] * z_j (S), y_i = w_i U[i]^T (U). r (out + in + b_out b_in) parameters.
+- **Monarch** (Dao et al.'s form), b blocks of width R (R % b == 0): w1 (b, R, in/b) and w2 (b, out/b, R), both
+  block-diagonal; h = per-block x_k w1[k]^T, then h's flat index f goes to block f % b, row f // b, then per-block
+  o_l = h_l w2[l]^T; output row s*b + l comes from block l (interleaved). R (in + out) parameters; equivalently b x b
+  blocks of rank R/b each.
+- **Low-rank**: U (out, r), V (in, r), y = (x V) U^T.
+
+Block sizes must divide the dimensions: anything else is an error naming valid choices, never silent padding.
 
 A module's forward calls exactly one of ``blast_linear``, ``monarch_linear``, ``lowrank_linear``: during ONNX export
 that is one opaque ``com.blrdeploy`` node, otherwise the structure's op ``torch.ops.blrdeploy.*`` (see
@@ -186,3 +200,8 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
         _refuse_stacked(U, 2)
         return _onnx_node("LowRankLinear", x, [U, V], U.shape[0], bias)
     return torch.ops.blrdeploy.lowrank_linear(x, U, V, bias)
+
+
+# The ops the functions above call are registered by ``ops``, which reads this module's references: imported last,
+# so that whichever of the two is imported first, both are complete.
+from blrdeploy.structures import ops  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""Per-device bundles (DESIGN §4): everything a GPU needs to run a converted model without compiling anything.
+"""Per-device bundles: everything a GPU needs to run a converted model without compiling anything.
 
 A bundle directory holds::
 

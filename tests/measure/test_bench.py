@@ -97,7 +97,7 @@ def test_bench_command_on_cpu(tmp_path):
         (["llama-tiny", "--new-tokens", "1"], "at least 2"),
         (["gpt2-tiny", "--params-ratio", "0"], "must be in (0, 1)"),
         (["gpt2-tiny", "--device", "garbage"], "--device must be"),
-        (["gpt2-tiny", "-o", "/no-such-folder/x.json"], "does not exist"),
+        (["gpt2-tiny", "-o", "/dev/null/x.json"], "is a file, not a folder"),
         (["gpt2-tiny", "-o", "."], "is a directory"),
         (["vit-tiny", "--seq", "5"], "--seq is for token models"),
     ],
@@ -230,10 +230,13 @@ def test_bench_and_run_refuse_a_damaged_checkpoint_and_bad_run_arguments(tmp_pat
     save(bench.resolve("gpt2-tiny", dtype=torch.float32).variants[1].build(), ckpt)
     bad_names = tmp_path / "in.safetensors"
     save_file({"pixel_values": torch.zeros(1, 3, 8, 8)}, str(bad_names))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not a tensor file\xff" * 4)
     cases = [
         (["--input", str(bad_names)], "the model cannot run --input"),  # a GPT-2 given an image tensor
         (["--input", str(tmp_path)], "no such file"),
-        (["--output", str(tmp_path / "missing" / "o.safetensors")], "does not exist"),
+        (["--input", str(garbage)], f"--input {garbage} is not a readable .safetensors file"),
+        (["--output", str(bad_names / "o.safetensors")], "is a file, not a folder"),
         (["--repeat", "-1"], "--repeat must be 0 or more"),
     ]
     for args, message in cases:

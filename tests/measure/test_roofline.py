@@ -78,7 +78,9 @@ def test_roofline_command_table_json_png(tmp_path):
         (["llama-tiny", "--target", "h100", "--tokens", "0"], "--tokens must be positive"),
         (["no-such-model", "--target", "h100"], "neither a built-in model"),
         (["llama-tiny", "--target", "h100", "--tokens", "abc"], "--tokens takes comma-separated positive integers"),
-        (["llama-tiny", "--target", "h100", "--png", "/no-such-folder/x.png"], "does not exist"),
+        (["llama-tiny", "--target", "h100", "--png", "/dev/null/x.png"], "is a file, not a folder"),
+        (["llama-tiny", "--target", "h100", "--png", str(tmp_path / "notes.txt")], "must end in .png"),
+        (["llama-tiny", "--target", "h100", "--png", str(png)], "already exists; pass --overwrite"),
     ]:
         result = runner.invoke(app, ["roofline", *args])
         assert result.exit_code == 2 and message in result.output, result.output

@@ -62,7 +62,7 @@ def test_blast_dense_blocks_match_definition(gen):
 
 
 def test_monarch_matches_einsum_definition(gen):
-    """The DESIGN §3 text, written out literally, against the module."""
+    """The canonical forms (structures.functional's docstring), written out literally, against the module."""
     layer = MonarchLinear(20, 12, 4, 8, bias=False, dtype=torch.float64)
     _randomize(layer, gen)
     x = torch.randn(7, 20, generator=gen, dtype=torch.float64)
