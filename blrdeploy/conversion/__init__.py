@@ -3,8 +3,11 @@
 - ``convert``: ``ConvertConfig``, the per-layer plan ((b, r) for each linear) and the in-place swap.
 - ``pipeline``: the job behind ``blrdeploy convert``: open a model, plan, convert layer by layer, compare outputs
   with the dense model, write the checkpoint.
-- ``checkpoint``: the checkpoint directory (DESIGN §4): atomic save, ``load`` on the meta device, sha256 checks,
-  ``describe`` (``blrdeploy info``).
+- ``calibration``: the converted layers' input Gram matrices on real text, for fits to the layers' outputs.
+- ``allocate``: how ``--params-ratio`` is spread (``uniform`` per layer, or ``sensitivity``: one budget, ranks
+  by each layer's whitened spectrum, siblings sharing one rank) and its record.
+- ``checkpoint``: the checkpoint directory (its files as the README lists them): atomic save, ``load`` on the meta
+  device, sha256 checks, ``describe`` (``blrdeploy info``).
 - ``siblings``, ``blocks``, ``fusion``: launch-saving fusions applied on load (stacked sibling layers, SwiGLU and
   whole pre-norm blocks inside BLAST layers); ``fusion.fuse_family`` applies a family's in order.
 

@@ -1,4 +1,4 @@
-"""The converted-checkpoint directory (DESIGN §4): config.json, blr_config.json, model.safetensors.
+"""The converted-checkpoint directory: config.json, blr_config.json, model.safetensors.
 
 Written atomically (a sibling temp directory renamed into place, blr_config.json last); loaded by building the
 model on the meta device, swapping in BLR modules and assigning the stored tensors, so no dense weight of a
@@ -45,10 +45,6 @@ def copy_tokenizer(src: Path | None, dst: Path) -> list[str]:
     for name in copied:
         shutil.copyfile(Path(src) / name, Path(dst) / name)
     return copied
-
-
-def has_tokenizer(path: Path) -> bool:
-    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
 class CheckpointError(ValueError):
@@ -237,14 +233,15 @@ def verify(path: str | Path) -> None:
 
 
 def describe(path: str | Path, check_sha256: bool = False) -> dict:
-    """What ``blrdeploy info`` shows: layers, parameters before/after, size, worst layer error, agreement.
+    """What ``blrdeploy info`` shows: layers (each with its parameter ratio), parameters before/after, size, worst
+    layer error, agreement, and how the ratio was allocated (None for checkpoints written before it was recorded).
 
     With ``check_sha256`` the weights file is also checked against its recorded digest (a CheckpointError if not).
     """
     cfg = read_blr_config(path)
     if check_sha256:
         verify(path)
-    layers = cfg["layers"]
+    layers = [{**e, "ratio": e["params"] / max(1, e["in_features"] * e["out_features"])} for e in cfg["layers"]]
     errors = [e["relative_error"] for e in layers if e["relative_error"] is not None]
     summary = cfg.get("summary", {})
     return {
@@ -259,6 +256,7 @@ def describe(path: str | Path, check_sha256: bool = False) -> dict:
         "weights_bytes": cfg["weights"]["bytes"],
         "worst_relative_error": max(errors) if errors else None,
         "output_agreement": summary.get("output_agreement"),
+        "allocation": cfg.get("allocation"),
         "verified": check_sha256,
         "tool_versions": cfg.get("tool_versions"),
     }

@@ -1,7 +1,8 @@
 """Swap a model's dense linears for BLR layers factorized from their weights, in place, layer by layer.
 
 ``convert(model, ConvertConfig(...), filter_fn=None)`` is the API; ``plan`` says what it would do without
-touching a weight (it works on the meta device).
+touching a weight (it works on the meta device). Given calibration inputs (``calibration=`` token ids, or Grams
+from ``conversion.calibration``), each layer is fitted to its outputs on them instead of its weights.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from blrdeploy.conversion.allocate import ALLOCATIONS, allocate
+from blrdeploy.conversion.calibration import Grams, batched, collect_grams
 from blrdeploy.models.families import BUILTIN, BuiltinModel, Family, LayerSetting
 from blrdeploy.models.sources import family_of
+from blrdeploy.structures import factorize as fz
 from blrdeploy.structures import shapes
 from blrdeploy.structures.budget import STRUCTURES, choose_blocks_and_rank, structure_params
 from blrdeploy.structures.modules import BlastLinear, LowRankLinear, MonarchLinear, set_submodule
@@ -28,7 +32,9 @@ LayerProgress = Callable[[str, int, int], None]  # (layer name, layer index, lay
 @dataclass
 class ConvertConfig:
     """What to convert and how much. ``layers`` (pattern, b, r) entries win over ``preset``, which wins over
-    ``params_ratio``. ``include=None`` takes the model family's default layers."""
+    ``params_ratio``. ``include=None`` takes the model family's default layers. ``allocation`` spreads
+    ``params_ratio`` (``conversion.allocate``): ``uniform`` each layer at the ratio, ``sensitivity`` one budget for
+    them all by measured sensitivity, ``auto`` the latter when calibration inputs are given."""
 
     structure: str = "blast"
     params_ratio: float | None = 0.5
@@ -40,6 +46,7 @@ class ConvertConfig:
     seed: int = 0
     compute_dtype: str = "float32"  # of the fit; float64 costs 2-4x the time on a CPU for no visible gain here
     skip_incompatible: bool = False
+    allocation: str = "auto"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -53,6 +60,10 @@ class ConvertConfig:
             raise ValueError(f"compute_dtype must be float32 or float64, got {self.compute_dtype!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "sensitivity" and self.params_ratio is None:
+            raise ValueError("--allocation sensitivity spreads --params-ratio, and none was given")
         self.layers = tuple(tuple(entry) for entry in self.layers)
         self.include = None if self.include is None else tuple(self.include)
         self.exclude = tuple(self.exclude)
@@ -87,19 +98,23 @@ class LayerPlan:
     params: int
     relative_error: float | None = None
     seconds: float | None = None
+    output_relative_error: float | None = None  # on the calibration inputs, when calibrated
+    estimated_output_error: float | None = None  # the sensitivity allocation's estimate, from its spectrum
 
     @property
     def dense_params(self) -> int:
         return self.in_features * self.out_features
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "dense_params": self.dense_params}
+        return {**asdict(self), "dense_params": self.dense_params, "ratio": self.params / self.dense_params}
 
 
 @dataclass
 class Plan:
     layers: list[LayerPlan]
     skipped: list[dict] = field(default_factory=list)  # {"name", "reason"}
+    by_ratio: list[str] = field(default_factory=list)  # the layers params_ratio set (no preset or layers entry)
+    allocation: dict | None = None  # conversion.allocate's record, once allocated
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -172,6 +187,7 @@ def plan(
                     raise ValueError(f"layer {name}: no setting matches it and no --params-ratio was given")
                 choice = choose_blocks_and_rank(out_features, in_features, config.params_ratio, config.structure)
                 b, r = choice.num_blocks, choice.rank
+                result.by_ratio.append(name)
             else:
                 b, r = setting[1], setting[2]
                 _check_setting(config.structure, in_features, out_features, b, r)
@@ -198,16 +214,41 @@ def _check_setting(structure: str, in_features: int, out_features: int, b, r) ->
         LowRankLinear(in_features, out_features, r, bias=False, device="meta")
 
 
-def build_layer(entry: LayerPlan, weight: torch.Tensor, bias, config: ConvertConfig, fit_progress=None):
+def build_layer(
+    entry: LayerPlan,
+    weight: torch.Tensor,
+    bias,
+    config: ConvertConfig,
+    fit_progress=None,
+    gram: torch.Tensor | None = None,
+    damping: float = fz.DEFAULT_DAMPING,
+):
+    """The BLR layer fitted to ``weight`` (out, in); with ``gram`` (the layer's input XᵀX, (in, in)), fitted to
+    its outputs on those inputs instead (damped by ``damping`` times the Gram's mean diagonal)."""
     compute = getattr(torch, config.compute_dtype)
     if entry.structure == "blast":
+        calibrated = {} if gram is None else {"gram": gram, "damping": damping}
         return BlastLinear.from_dense(
             weight, entry.num_blocks, entry.rank, bias=bias, steps=config.steps, seed=config.seed,
-            progress=fit_progress, compute_dtype=compute,
+            progress=fit_progress, compute_dtype=compute, **calibrated,
         )  # fmt: skip
+    if gram is None:
+        if entry.structure == "monarch":
+            return MonarchLinear.from_dense(weight, entry.num_blocks, entry.rank, bias=bias, compute_dtype=compute)
+        return LowRankLinear.from_dense(weight, entry.rank, bias=bias, compute_dtype=compute)
+    out, inn = weight.shape
+    bias = None if bias is None else bias.detach().to(weight.device)
     if entry.structure == "monarch":
-        return MonarchLinear.from_dense(weight, entry.num_blocks, entry.rank, bias=bias, compute_dtype=compute)
-    return LowRankLinear.from_dense(weight, entry.rank, bias=bias, compute_dtype=compute)
+        layer = MonarchLinear(inn, out, entry.num_blocks, entry.rank, bias=bias is not None, device="meta")
+        w1, w2, result = fz.monarch_whitened(weight, entry.num_blocks, entry.rank, gram, damping=damping,
+                                             compute_dtype=compute)  # fmt: skip
+        factors = {"w1": w1, "w2": w2}
+    else:
+        layer = LowRankLinear(inn, out, entry.rank, bias=bias is not None, device="meta")
+        U, V, result = fz.lowrank_whitened(weight, entry.rank, gram, damping=damping, compute_dtype=compute)
+        factors = {"U": U, "V": V}
+    # from_dense's own last step (modules.py's from_dense takes no Gram for these two)
+    return layer._adopt(factors, bias, weight.dtype, result)
 
 
 def check_finite_tensors(model: nn.Module) -> None:
@@ -231,10 +272,18 @@ def convert_layers(
     device: str | torch.device | None = None,
     layer_progress: LayerProgress | None = None,
     fit_progress=None,
+    grams: Grams | None = None,
+    damping: float = fz.DEFAULT_DAMPING,
 ) -> Plan:
-    """Replaces each planned layer in place; fills in relative_error and seconds. The dense weight of a layer is
-    dropped as soon as its replacement is in, so peak memory stays near one copy of the model."""
+    """Replaces each planned layer in place; fills in relative_error and seconds (and, with ``grams``, the
+    calibration output_relative_error of each layer fitted to its inputs' Gram). The dense weight of a layer is
+    dropped as soon as its replacement is in, so peak memory stays near one copy of the model; so is a Gram once
+    the last layer reading it is done."""
     check_finite_tensors(model)
+    if grams is not None:
+        missing = [e.name for e in the_plan.layers if e.name not in grams]
+        if missing:
+            raise ValueError(f"no calibration Gram for layer {missing[0]}")
     for index, entry in enumerate(the_plan.layers):
         if layer_progress is not None:
             layer_progress(entry.name, index, len(the_plan.layers))
@@ -244,12 +293,16 @@ def convert_layers(
         weight = weight.T if entry.kind == "conv1d" else weight
         compute = torch.device(device) if device is not None else home_device
         t0 = time.perf_counter()
-        layer = build_layer(entry, weight.to(compute), dense.bias, config, fit_progress)
+        gram = None if grams is None else grams[entry.name].to(compute)
+        layer = build_layer(entry, weight.to(compute), dense.bias, config, fit_progress, gram, damping)
         layer = layer.to(device=home_device, dtype=home_dtype)
         entry.seconds = time.perf_counter() - t0
         entry.relative_error = layer.fit_result.relative_error
+        entry.output_relative_error = layer.fit_result.output_relative_error
         set_submodule(model, entry.name, layer)
-        del dense, weight
+        del dense, weight, gram
+        if grams is not None:
+            grams.release(entry.name)
     return the_plan
 
 
@@ -260,8 +313,19 @@ def convert(
     *,
     device: str | torch.device | None = None,
     builtin_model: BuiltinModel | None = None,
+    calibration: torch.Tensor | Grams | None = None,
+    damping: float = fz.DEFAULT_DAMPING,
 ) -> Plan:
-    """Convert ``model`` in place (torchao's ``quantize_`` shape); returns what was done, per layer."""
+    """Convert ``model`` in place (torchao's ``quantize_`` shape); returns what was done, per layer.
+
+    ``calibration``: token ids (windows, seq_len) the dense model is run on first (or Grams collected already,
+    :func:`conversion.calibration.collect_grams`): each layer is then fitted to its outputs on those inputs, and
+    ``config.allocation="auto"`` spreads the ratio by sensitivity (the plan's ``allocation`` records how)."""
     config = config or ConvertConfig()
-    the_plan = plan(model, config, family_of(model), builtin_model, filter_fn)
-    return convert_layers(model, the_plan, config, device)
+    family = family_of(model)
+    the_plan = plan(model, config, family, builtin_model, filter_fn)
+    grams = calibration
+    if isinstance(calibration, torch.Tensor):
+        grams = collect_grams(model, [e.name for e in the_plan.layers], batched(calibration))
+    allocate(model, the_plan, config, family, grams, damping=damping, device=device)
+    return convert_layers(model, the_plan, config, device, grams=grams, damping=damping)

@@ -13,11 +13,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from blrdeploy.conversion.allocate import allocate
+from blrdeploy.conversion.calibration import (
+    DEFAULT_DAMPING,
+    DEFAULT_TOKENS,
+    CalibrationOptions,
+    batched,
+    calibration_record,
+    calibration_windows,
+    collect_grams,
+)
 from blrdeploy.conversion.checkpoint import CHECKPOINT, checkpoint_files, save
 from blrdeploy.conversion.convert import ConvertConfig, Plan, convert_layers, plan
 from blrdeploy.files import check_output_dir, file_sha256
-from blrdeploy.models.families import BUILTIN, Family, LayerSetting
-from blrdeploy.models.outputs import agreement, model_output
+from blrdeploy.models.families import BUILTIN, Family, LayerSetting, token_inputs
+from blrdeploy.models.outputs import agreement, disagreement, model_output
 from blrdeploy.models.sources import (
     Source,
     build_builtin,
@@ -30,12 +40,14 @@ from blrdeploy.models.sources import (
 )
 
 DEFAULT_MODEL = "gpt2-mini"
+_CALIBRATION_SUMMARY = ("path", "tokens", "windows", "seq_len", "damping")  # the rest only in blr_config.json
 
 
 @dataclass
 class Callbacks:
     layer: object = None  # (name, index, count) before each layer
     fit: object = None  # (step, steps, rel_error) during a BLAST fit
+    calibration: object = None  # (tokens done, tokens in all) while the dense model runs on calibration text
 
 
 def unique_params(model: nn.Module) -> tuple[int, int]:
@@ -161,6 +173,7 @@ def _plan_summary(source: Source, the_plan: Plan) -> dict:
         "compression": params / max(1, params - saved),
         "layers": [e.to_dict() for e in the_plan.layers],
         "skipped": the_plan.skipped,
+        "allocation": the_plan.allocation,
     }
 
 
@@ -175,12 +188,18 @@ def run_convert(
     dry_run: bool = False,
     allow_unknown: bool = False,
     callbacks: Callbacks | None = None,
+    calibration: CalibrationOptions | None = None,
 ) -> dict:
+    """``calibration``: fit each layer to its outputs on that text (its input Gram, collected by running the dense
+    model once) instead of its weights; the checkpoint records the text's sha256, the tokens and each layer's
+    calibration output error. Every check on the text and the tokenizer runs before any fit. ``config.allocation``
+    spreads the ratio (``conversion.allocate``; ``auto``: by sensitivity when calibrated), recorded as "allocation"."""
     callbacks = callbacks or Callbacks()
     allow_unknown = allow_unknown or config.include is not None
     if dry_run:
         source = _meta_source(model_arg, allow_unknown)
         the_plan = plan(source.model, config, source.family, source.builtin)
+        allocate(source.model, the_plan, config, source.family, calibrated=calibration is not None)
         return {"dry_run": True, **_plan_summary(source, the_plan)}
 
     if output is not None:
@@ -188,16 +207,43 @@ def run_convert(
     t0 = time.perf_counter()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    windows = None
+    if calibration is not None:  # every check on the text before the model loads
+        model_dir = None if model_arg in BUILTIN else model_arg
+        model_config = read_config(Path(model_arg)) if model_dir is not None else {}
+        fed = identify(model_config, allow_unknown)[2] if model_dir is not None else None
+        if fed is not None and not fed.tokens:
+            raise ValueError(f"--calibration runs the model on text; {fed.name} models are not fed tokens")
+        text, windows = calibration_windows(model_dir, model_config, calibration.path, calibration.seq_len,
+                                            calibration.tokens)  # fmt: skip
     source = open_source(model_arg, device=device, dtype=dtype, seed=config.seed, allow_unknown=allow_unknown)
     record = source_record(source) if output is not None else None  # fingerprints the weights just loaded
     model = source.model
     the_plan = plan(model, config, source.family, source.builtin)
+    grams = None
+    if windows is not None:
+        names = [e.name for e in the_plan.layers]
+        grams = collect_grams(
+            model, names, batched(windows), progress=callbacks.calibration, total_tokens=windows.numel()
+        )
     params_before, bytes_before = unique_params(model)
     family: Family | None = source.family
     inputs = family.sample(model, 2, config.seed) if family and family.sample else None
+    if inputs is None and isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int):
+        inputs = token_inputs(model, 2, config.seed)  # a family we do not know (--include): token ids still check it
     reference = model_output(model, inputs) if inputs is not None else None
 
-    convert_layers(model, the_plan, config, device, callbacks.layer, callbacks.fit)
+    groups = grams.groups() if grams is not None else None
+    damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
+    allocation = allocate(model, the_plan, config, family, grams, damping=damping, device=device)
+    convert_layers(model, the_plan, config, device, callbacks.layer, callbacks.fit, grams=grams, damping=damping)
+    calibrated = None
+    if calibration is not None:
+        per_layer = [
+            {"name": e.name, "relative_error": e.relative_error, "output_relative_error": e.output_relative_error}
+            for e in the_plan.layers
+        ]
+        calibrated = calibration_record(text, windows, calibration.damping, per_layer, groups)
 
     params_after, bytes_after = unique_params(model)
     summary = {
@@ -211,15 +257,28 @@ def run_convert(
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "compression": params_before / params_after,
+        "allocation": allocation,
         "layers_converted": len(the_plan.layers),
         "worst_relative_error": max(e.relative_error for e in the_plan.layers),
         "mean_relative_error": sum(e.relative_error for e in the_plan.layers) / len(the_plan.layers),
         "output_agreement": agreement(model_output(model, inputs), reference) if inputs is not None else None,
+        "warnings": [],
+        "calibration": None if calibrated is None else {k: calibrated[k] for k in _CALIBRATION_SUMMARY},
         "seconds": None,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
     }
+    warning = disagreement(summary["output_agreement"])
+    if warning is not None:
+        summary["warnings"].append(warning)
+    if calibrated is not None:
+        out_errors = [e.output_relative_error for e in the_plan.layers]
+        summary["worst_output_relative_error"] = max(out_errors)
+        summary["mean_output_relative_error"] = sum(out_errors) / len(out_errors)
     if output is not None:
         extra = {"conversion": config.to_dict(), "summary": {k: v for k, v in summary.items() if k != "seconds"}}
+        extra["allocation"] = allocation
+        if calibrated is not None:
+            extra["calibration"] = calibrated
         tokenizer = None if source.builtin is not None else Path(source.id)
         save(model, output, source=record, extra=extra, overwrite=overwrite, tokenizer_from=tokenizer)
     summary["seconds"] = time.perf_counter() - t0
@@ -248,20 +307,32 @@ def convert_job(
     overwrite: bool = False,
     dry_run: bool = False,
     callbacks: Callbacks | None = None,
+    calibration: Path | None = None,
+    calibration_tokens: int = DEFAULT_TOKENS,
+    seq_len: int | None = None,
+    damping: float | None = None,
+    allocation: str = "auto",
 ) -> dict:
     """``blrdeploy convert`` with its defaults: the model ``gpt2-mini``; ``params_ratio`` 0.5 unless a preset or a
-    layers file chooses (b, r) instead; the output ``./<model>-<structure>``; a dry run plans on the meta device."""
+    layers file chooses (b, r) instead; the output ``./<model>-<structure>``; a dry run plans on the meta device.
+    ``calibration``: a text file, folder or .jsonl to fit the layers' outputs on (``calibration_tokens`` of it, in
+    windows of ``seq_len``, default the model's context up to 2048; ``damping`` default 1e-2). ``allocation``: auto,
+    uniform or sensitivity (``conversion.allocate``)."""
     model_arg = model_arg or DEFAULT_MODEL
     settings = load_layer_settings(layers_file) if layers_file is not None else ()
     ratio = params_ratio if params_ratio is not None else (None if preset or settings else 0.5)
     config = ConvertConfig(
         structure=structure, params_ratio=ratio, preset=preset, layers=settings,
         include=tuple(include) if include else None, exclude=tuple(exclude), steps=steps, seed=seed,
-        skip_incompatible=skip_incompatible,
+        skip_incompatible=skip_incompatible, allocation=allocation,
     )  # fmt: skip
+    options = None
+    if calibration is not None:
+        damping = DEFAULT_DAMPING if damping is None else damping
+        options = CalibrationOptions(calibration, calibration_tokens, seq_len, damping)
     if output is None and not dry_run:
         output = Path(f"{Path(model_arg).name}-{structure}")
     return run_convert(
         model_arg, output, config, device="meta" if dry_run else device, dtype=dtype, overwrite=overwrite,
-        dry_run=dry_run, callbacks=callbacks,
+        dry_run=dry_run, callbacks=callbacks, calibration=options,
     )  # fmt: skip

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from blrdeploy.conversion.checkpoint import has_tokenizer, load, read_blr_config, verify
+from blrdeploy.conversion.checkpoint import load, read_blr_config, verify
 from blrdeploy.kernels.dtypes import dtype_named
 from blrdeploy.measure.bench import limit_gpu_memory, parse_size
 from blrdeploy.models.outputs import model_output, sample_inputs
+from blrdeploy.models.text import has_tokenizer
 
 
 class RunError(ValueError):
@@ -44,8 +46,11 @@ def load_checkpoint(checkpoint: Path, device: str, dtype: str, fuse_siblings: bo
 
 
 def read_feed(path: Path) -> dict[str, torch.Tensor]:
-    """A model's inputs by name from a .safetensors file."""
-    return load_file(str(path))
+    """A model's inputs by name from a .safetensors file; a RunError naming the file when it is not one."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise RunError(f"--input {path} is not a readable .safetensors file: {str(exc).splitlines()[0]}") from None
 
 
 def sample_feed(model: nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@
 - ``sources``: building a model from a built-in name, a Hugging Face or diffusers directory, or a saved config.
 - ``outputs``: the shared yardstick: a family's seeded sample inputs, a model's main output, the numeric
   comparison (relative error, cosine) and the tolerances every room judges by.
+- ``text``: real text (a .txt, .jsonl or a folder of them), the model's own tokenizer, token windows: what
+  ``convert --calibration`` and ``eval`` both read.
 
-Imports nothing else of blrdeploy; transformers and diffusers load only when a model needs them.
+Imports nothing else of blrdeploy but ``files``; transformers and diffusers load only when a model needs them.
 """

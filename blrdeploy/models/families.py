@@ -69,7 +69,8 @@ def install_hint(package: str, who: str = "this") -> str:
 # ------------------------------------------------------------------------------------------------ sample inputs
 
 
-def _token_inputs(model, batch: int, seed: int, seq: int = 16) -> dict:
+def token_inputs(model, batch: int, seed: int, seq: int = 16) -> dict:
+    """Seeded token ids any model with a ``config.vocab_size`` takes (a family's, or one converted with --include)."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", seq)
@@ -102,7 +103,7 @@ FAMILIES: dict[str, Family] = {
             "llama",
             ("llama",),
             include=("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"),
-            sample=_token_inputs,
+            sample=token_inputs,
             tokens=True,
             siblings=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
             swiglu_mlps=("LlamaMLP",),
@@ -112,7 +113,7 @@ FAMILIES: dict[str, Family] = {
             "gpt2",
             ("gpt2",),
             include=("*.attn.c_attn", "*.mlp.c_fc", "*.mlp.c_proj"),
-            sample=_token_inputs,
+            sample=token_inputs,
             tokens=True,
         ),
         Family(

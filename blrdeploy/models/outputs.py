@@ -75,3 +75,21 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tolerance: float | 
 def agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
     check = compare("output", out, ref, None)
     return {"relative_error": check.relative_error, "cosine_similarity": check.cosine_similarity}
+
+
+# Below this cosine to dense on the family's seeded inputs a converted model is said to be broken. On a real 135M
+# Llama (bench/NOTES.md, issue 21) every conversion whose perplexity was 5x dense or worse scored 0.68 or less
+# (weight-only fits: -0.35 to 0.39); seeded token ids are not text, so this is an alarm, not a measure of quality.
+AGREEMENT_COSINE = 0.9
+
+
+def disagreement(agree: dict | None) -> str | None:
+    """The warning a conversion prints when its outputs disagree with dense on seeded inputs; None when they agree
+    (or were not compared)."""
+    if not agree or agree.get("cosine_similarity") is None or agree["cosine_similarity"] >= AGREEMENT_COSINE:
+        return None
+    return (
+        f"the converted model's outputs disagree with dense on seeded inputs (cosine {agree['cosine_similarity']:.2f}"
+        f", relative error {agree['relative_error']:.2f}): it may no longer work. Measure it on real text "
+        "(blrdeploy eval, or convert --eval) and fit to real inputs (--calibration)"
+    )

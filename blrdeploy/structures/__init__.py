@@ -6,6 +6,7 @@
 - ``modules``: ``BlastLinear``, ``MonarchLinear``, ``LowRankLinear`` (``BLRLinear`` is what they share).
 - ``factorize``: fitting a dense matrix (BLAST's preconditioned gradient descent, Monarch's projection, SVD).
 - ``budget`` and ``shapes``: parameter counts, the (b, r) choice for a budget, which dimensions a structure takes.
+- ``allocation``: one parameter budget spread over many layers' ranks by their spectra (greedy marginal gain).
 - ``tradeoffs``: one matrix, every structure at one budget (``blrdeploy factorize``).
 
 Imports only ``blrdeploy.kernels`` (and torch, safetensors).

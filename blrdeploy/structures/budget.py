@@ -1,4 +1,5 @@
-"""Choosing (num_blocks, rank) from a parameter budget ratio rho (DESIGN §3)."""
+"""Choosing (num_blocks, rank) from a parameter budget ratio rho: r ≈ rho·out·in / (out + in + b²) in multiples of 16,
+b so that each block is 64-256 wide (tensor-core friendly)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ def pick_num_blocks(out_features: int, in_features: int) -> int:
     return min(common, key=distance)
 
 
+def rank_step(structure: str, out_features: int, in_features: int, num_blocks: int | None) -> int:
+    """The multiple the budget rule rounds ranks to: RANK_MULTIPLE, for Monarch the least multiple of b too (its
+    width is b blocks of R/b), or b alone when that exceeds the layer's rank."""
+    if structure != "monarch":
+        return RANK_MULTIPLE
+    step = math.lcm(num_blocks, RANK_MULTIPLE)
+    return num_blocks if step > min(out_features, in_features) else step
+
+
 def choose_blocks_and_rank(out_features: int, in_features: int, ratio: float, structure: str = "blast") -> BudgetChoice:
     """(num_blocks, rank) for a layer so that its parameters are about ``ratio`` x the dense out*in."""
     shapes.check_features(in_features, out_features)
@@ -69,9 +79,7 @@ def choose_blocks_and_rank(out_features: int, in_features: int, ratio: float, st
     max_rank = min(out_features, in_features)
     b = None if structure == "lowrank" else pick_num_blocks(out_features, in_features)
     extra = b * b if structure == "blast" else 0
-    step = math.lcm(b, RANK_MULTIPLE) if structure == "monarch" else RANK_MULTIPLE
-    if structure == "monarch" and step > max_rank:
-        step = b
+    step = rank_step(structure, out_features, in_features, b)
     raw = budget / (out_features + in_features + extra)
     rank = round(raw / step) * step
     if rank == 0:  # layers too small for the preferred multiple: the nearest valid rank instead

@@ -19,6 +19,40 @@ def test_version_and_help():
     assert result.exit_code == 0 and "--params-ratio" in result.output
 
 
+def test_version_and_import_load_no_torch():
+    """``blrdeploy --version`` and ``import blrdeploy`` answer in milliseconds: torch (seconds) loads on first use."""
+    code = (
+        "import sys; sys.argv = ['blrdeploy', '--version']; import blrdeploy; from blrdeploy.__main__ import main; "
+        "main(); print('torch' in sys.modules); blrdeploy.load; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["blrdeploy", __version__, "False", "True"]
+
+
+def test_help_shows_no_value_for_a_flag():
+    """Newer typer prints ``--json <bool>`` as if the flag took a value; ours take none."""
+    for command in ([], *([name] for name in ("convert", "bench", "run", "package", "roofline", "export"))):
+        result = runner.invoke(app, [*command, "--help"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output and "--help" in result.output, command
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    from blrdeploy.cli import common
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    for load, threads in ((0.2, 4), (1.6, 2), (3.9, 1), (12.0, 1)):
+        monkeypatch.setattr(common.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert common.cpu_threads(None) == threads, load
+    assert common.cpu_threads(3) == 3  # asked for: as asked, whatever the load
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert common.cpu_threads(None) == 2  # the user's own setting wins over the guess
+    result = runner.invoke(app, ["--threads", "0", "info", "x"])
+    assert result.exit_code == 2 and result.output.strip() == "error: --threads must be 1 or more, got 0"
+
+
 def test_python_dash_m_equals_script(tmp_path):
     out = subprocess.run([sys.executable, "-m", "blrdeploy", "--version"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

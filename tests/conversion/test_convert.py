@@ -191,7 +191,8 @@ def test_unknown_architecture_converts_with_include(tmp_path):
     ).save_pretrained(str(tmp_path / "bert"))
     cfg = ConvertConfig(structure="lowrank", include=("*.intermediate.dense",))
     summary = run_convert(str(tmp_path / "bert"), tmp_path / "out", cfg)
-    assert summary["layers_converted"] == 1 and summary["output_agreement"] is None
+    assert summary["layers_converted"] == 1  # no family, yet its outputs are checked on seeded token ids (#21)
+    assert summary["output_agreement"]["cosine_similarity"] > 0.99 and not summary["warnings"]
     assert isinstance(load(tmp_path / "out").encoder.layer[0].intermediate.dense, LowRankLinear)
 
 
