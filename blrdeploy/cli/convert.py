@@ -49,9 +49,9 @@ _EVAL = (
     "on it beside its dense source as `blrdeploy eval` does, and warn when it is far from dense."
 )
 _ALLOCATION = (
-    "How --params-ratio is spread: uniform (every layer at the ratio), sensitivity (one budget for all converted "
-    "layers, more rank where it removes more output error per parameter), or auto: sensitivity with --calibration, "
-    "uniform without."
+    "How --params-ratio is spread: uniform (every layer at the ratio), or sensitivity (one budget for all converted "
+    "layers, more rank where it removes more output error per parameter; lower layer errors, but measured worse "
+    "perplexity so far: see bench/NOTES.md)."
 )
 _SEQ_LEN = "Calibration window in tokens. Default: the model's context, at most 2048."
 _DAMPING = "Calibration damping: the Gram G gets lambda*I, lambda = DAMPING * mean(diag G)."
@@ -89,7 +89,7 @@ def convert(
     ] = DEFAULT_TOKENS,
     seq_len: Annotated[int | None, typer.Option(help=_SEQ_LEN)] = None,
     damping: Annotated[float, typer.Option(help=_DAMPING)] = DEFAULT_DAMPING,
-    allocation: Annotated[str, typer.Option(help=_ALLOCATION)] = "auto",
+    allocation: Annotated[str, typer.Option(help=_ALLOCATION)] = "uniform",
     eval_data: Annotated[Path | None, typer.Option("--eval", help=_EVAL)] = None,
     eval_tokens: Annotated[int, typer.Option(help="With --eval: tokens of held-out text to score.")] = 16384,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,

@@ -6,7 +6,10 @@
   (``structures.allocation``). A layer's error curve is its whitened spectrum: the singular values of W L,
   L L^T = G + lambda I, with G its calibration Gram (of W itself without one). b stays as the rule chose it; only
   ranks move, in the rule's kernel-friendly steps.
-- ``auto`` (the default): sensitivity when calibration inputs are given, uniform otherwise.
+
+``uniform`` is the default. Sensitivity lowers the summed layer output error (on a real 135M Llama, low-rank at 0.5
+with calibration: mean 0.270 -> 0.230) yet raised perplexity (499 -> 1,123, bench/NOTES.md): equal weight for every
+layer's relative error is the wrong objective for the model's loss, so it is opt-in until it is measured better.
 
 Sibling layers the family stacks on load (q/k/v, gate/up: ``models.families``, ``conversion.siblings``) get one
 rank per group, their errors summed: stacking needs equal factor shapes, and a different rank per member would
@@ -32,17 +35,15 @@ if TYPE_CHECKING:
     from blrdeploy.conversion.convert import ConvertConfig, LayerPlan, Plan
     from blrdeploy.models.families import Family
 
-ALLOCATIONS = ("auto", "uniform", "sensitivity")
+ALLOCATIONS = ("uniform", "sensitivity")
 STACKED = frozenset(cls.structure for cls in STACKABLE)  # Monarch layers are never stacked: no shared rank needed
 MIN_RANK_FRACTION = 4  # a layer keeps at least 1/4 of its uniform rank (and one rank step)
 
 
-def resolve_allocation(requested: str, calibrated: bool) -> str:
-    """``uniform`` or ``sensitivity``: what ``auto`` means with or without calibration inputs."""
+def resolve_allocation(requested: str) -> str:
+    """``requested``, checked."""
     if requested not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {requested!r}; choose one of {', '.join(ALLOCATIONS)}")
-    if requested == "auto":
-        return "sensitivity" if calibrated else "uniform"
     return requested
 
 
@@ -119,7 +120,6 @@ def allocate(
     family: Family | None = None,
     grams: Grams | None = None,
     *,
-    calibrated: bool | None = None,
     damping: float = fz.DEFAULT_DAMPING,
     device: str | torch.device | None = None,
 ) -> dict:
@@ -127,15 +127,12 @@ def allocate(
     and returns the record blr_config.json keeps as "allocation" (also set as ``the_plan.allocation``).
 
     ``model`` holds the dense weights (sensitivity reads them: a meta-device model is refused); ``grams``, when
-    given, whiten each spectrum (damped by ``damping`` as the fits are). ``calibrated`` (default: whether ``grams``
-    is given) is what ``auto`` goes by: a dry run with calibration text has no Grams but means sensitivity."""
+    given, whiten each spectrum (damped by ``damping`` as the fits are)."""
     t0 = time.perf_counter()
-    method = resolve_allocation(config.allocation, grams is not None if calibrated is None else calibrated)
+    method = resolve_allocation(config.allocation)
     by_ratio = set(the_plan.by_ratio)
     entries = [e for e in the_plan.layers if e.name in by_ratio]
     groups = sibling_groups(entries, family)
-    if method == "sensitivity" and not entries and config.allocation == "auto":
-        method = "uniform"  # every layer has a fixed (b, r): there is no ratio to spread
     if method == "sensitivity":
         if not entries:
             raise ValueError(
@@ -169,9 +166,8 @@ def _allocate_by_sensitivity(model, entries, groups, config, grams, damping, dev
     for entry in entries:
         weight = model.get_submodule(entry.name).weight
         if weight.is_meta:
-            chosen = "auto (with --calibration: sensitivity)" if config.allocation == "auto" else "sensitivity"
             raise ValueError(
-                f"--allocation {chosen} measures each layer's weights: a --dry-run has none (plan with "
+                "--allocation sensitivity measures each layer's weights: a --dry-run has none (plan with "
                 "--allocation uniform)"
             )
         where = torch.device(device) if device is not None else weight.device

@@ -46,7 +46,7 @@ class ConvertConfig:
     seed: int = 0
     compute_dtype: str = "float32"  # of the fit; float64 costs 2-4x the time on a CPU for no visible gain here
     skip_incompatible: bool = False
-    allocation: str = "auto"
+    allocation: str = "uniform"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -320,7 +320,7 @@ def convert(
 
     ``calibration``: token ids (windows, seq_len) the dense model is run on first (or Grams collected already,
     :func:`conversion.calibration.collect_grams`): each layer is then fitted to its outputs on those inputs, and
-    ``config.allocation="auto"`` spreads the ratio by sensitivity (the plan's ``allocation`` records how)."""
+    ``config.allocation="sensitivity"`` spreads the ratio by sensitivity (the plan's ``allocation`` records how)."""
     config = config or ConvertConfig()
     family = family_of(model)
     the_plan = plan(model, config, family, builtin_model, filter_fn)

@@ -193,13 +193,13 @@ def run_convert(
     """``calibration``: fit each layer to its outputs on that text (its input Gram, collected by running the dense
     model once) instead of its weights; the checkpoint records the text's sha256, the tokens and each layer's
     calibration output error. Every check on the text and the tokenizer runs before any fit. ``config.allocation``
-    spreads the ratio (``conversion.allocate``; ``auto``: by sensitivity when calibrated), recorded as "allocation"."""
+    spreads the ratio (``conversion.allocate``: uniform, or by sensitivity when asked), recorded as "allocation"."""
     callbacks = callbacks or Callbacks()
     allow_unknown = allow_unknown or config.include is not None
     if dry_run:
         source = _meta_source(model_arg, allow_unknown)
         the_plan = plan(source.model, config, source.family, source.builtin)
-        allocate(source.model, the_plan, config, source.family, calibrated=calibration is not None)
+        allocate(source.model, the_plan, config, source.family)
         return {"dry_run": True, **_plan_summary(source, the_plan)}
 
     if output is not None:
@@ -311,12 +311,12 @@ def convert_job(
     calibration_tokens: int = DEFAULT_TOKENS,
     seq_len: int | None = None,
     damping: float | None = None,
-    allocation: str = "auto",
+    allocation: str = "uniform",
 ) -> dict:
     """``blrdeploy convert`` with its defaults: the model ``gpt2-mini``; ``params_ratio`` 0.5 unless a preset or a
     layers file chooses (b, r) instead; the output ``./<model>-<structure>``; a dry run plans on the meta device.
     ``calibration``: a text file, folder or .jsonl to fit the layers' outputs on (``calibration_tokens`` of it, in
-    windows of ``seq_len``, default the model's context up to 2048; ``damping`` default 1e-2). ``allocation``: auto,
+    windows of ``seq_len``, default the model's context up to 2048; ``damping`` default 1e-2). ``allocation``:
     uniform or sensitivity (``conversion.allocate``)."""
     model_arg = model_arg or DEFAULT_MODEL
     settings = load_layer_settings(layers_file) if layers_file is not None else ()

@@ -1,5 +1,5 @@
 """Budget allocation (``convert --allocation``): the greedy allocation on planted spectra, sibling groups sharing a
-rank (and still fusing on load), uniform and auto reproducing today's plan, sensitivity beating uniform on output
+rank (and still fusing on load), uniform (the default) reproducing today's plan, sensitivity beating uniform on output
 error at equal parameters, the record in blr_config.json and ``info``, and bad input in one line."""
 
 import copy
@@ -95,18 +95,16 @@ def test_bounds_and_refusals():
 # ------------------------------------------------------------------------------------------------- on models
 
 
-def test_uniform_and_auto_without_calibration_are_todays_plan():
+def test_uniform_and_the_default_are_todays_plan():
     model = build_builtin("gpt2-tiny", seed=1).model
     expected = []
     for e in plan(model, ConvertConfig(structure="monarch", params_ratio=0.4), family_of(model)).layers:
         choice = choose_blocks_and_rank(e.out_features, e.in_features, 0.4, "monarch")  # the per-layer rule
         expected.append((e.name, choice.num_blocks, choice.rank, choice.params))
-    for allocation in ("auto", "uniform"):
-        done = convert(
-            copy.deepcopy(model), ConvertConfig(structure="monarch", params_ratio=0.4, allocation=allocation)
-        )
+    for kw in ({}, {"allocation": "uniform"}):
+        done = convert(copy.deepcopy(model), ConvertConfig(structure="monarch", params_ratio=0.4, **kw))
         assert [(e.name, e.num_blocks, e.rank, e.params) for e in done.layers] == expected
-        assert done.allocation["method"] == "uniform" and done.allocation["requested"] == allocation
+        assert done.allocation["method"] == "uniform" and done.allocation["requested"] == "uniform"
     # uniform stays uniform with calibration inputs too
     llama = build_builtin("llama-tiny", seed=1).model.eval()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -154,7 +152,7 @@ def test_siblings_share_a_rank_and_still_fuse_on_load(tmp_path):
     gen = torch.Generator().manual_seed(1)
     model = _planted_llama(gen)
     ids = torch.randint(0, 128, (4, 32), generator=gen)
-    config = ConvertConfig(structure="lowrank", params_ratio=0.5)
+    config = ConvertConfig(structure="lowrank", params_ratio=0.5, allocation="sensitivity")
     the_plan = plan(model, config, family_of(model))
     grams = collect_grams(model, [e.name for e in the_plan.layers], batched(ids))
     # without the family's sibling groups, the planted layers get other ranks than their siblings
@@ -165,7 +163,7 @@ def test_siblings_share_a_rank_and_still_fuse_on_load(tmp_path):
     assert rank["model.layers.0.mlp.up_proj"] != rank["model.layers.0.mlp.gate_proj"]
 
     done = convert(model, config, calibration=ids)
-    assert done.allocation["method"] == "sensitivity" and done.allocation["requested"] == "auto"
+    assert done.allocation["method"] == "sensitivity" and done.allocation["requested"] == "sensitivity"
     assert len(done.allocation["shared_rank"]) == 4
     rank = {e.name: e.rank for e in done.layers}
     for i in range(2):
@@ -241,12 +239,13 @@ def test_convert_records_the_allocation_and_info_shows_it(tmp_path):
     llama_with_tokenizer(src)
     text = write_text(tmp_path / "calib.jsonl", 400)
     args = ["convert", str(src), "-o", str(out), "--structure", "lowrank", "--params-ratio", "0.5"]
-    res = runner.invoke(app, [*args, "--calibration", str(text), "--calibration-tokens", "128", "--seq-len", "32"])
+    res = runner.invoke(app, [*args, "--calibration", str(text), "--calibration-tokens", "128", "--seq-len", "32",
+                              "--allocation", "sensitivity"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "converted layers: " in res.stdout and "; allocation sensitivity, budget 0.5)" in res.stdout
     cfg = json.loads((out / "blr_config.json").read_text())
     record = cfg["allocation"]
-    assert record["method"] == "sensitivity" and record["requested"] == "auto" and record["budget_ratio"] == 0.5
+    assert record["method"] == "sensitivity" and record["requested"] == "sensitivity" and record["budget_ratio"] == 0.5
     dense = sum(e["in_features"] * e["out_features"] for e in cfg["layers"])
     assert record["achieved_ratio"] == pytest.approx(sum(e["params"] for e in cfg["layers"]) / dense)
     assert record["achieved_ratio"] <= 0.5 and record["proxy"] == "whitened spectrum"
@@ -265,7 +264,7 @@ def test_bad_allocation_gives_one_line_and_writes_nothing(tmp_path):
     cases = [
         (
             ["gpt2-tiny", "--allocation", "bogus"],
-            "unknown allocation 'bogus'; choose one of auto, uniform, sensitivity",
+            "unknown allocation 'bogus'; choose one of uniform, sensitivity",
         ),
         (["llama-tiny", "--allocation", "sensitivity", "--dry-run"], "a --dry-run has none"),
         (
