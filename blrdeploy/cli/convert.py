@@ -72,7 +72,9 @@ def convert(
         list[str] | None, typer.Option(help="Glob of layer names to convert (repeatable). Default: the family's.")
     ] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Glob of layer names to keep dense (repeatable).")] = None,
-    steps: Annotated[int, typer.Option(help="BLAST optimization steps per layer.")] = 300,
+    steps: Annotated[
+        int, typer.Option(help="BLAST optimization steps per layer, at most: a fit stops once it stalls.")
+    ] = 300,
     device: Annotated[str, typer.Option(help="Where to factorize: auto (GPU when present), cpu, cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help=_DTYPE)] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for built-in weights, BLAST init and the comparison inputs.")] = 0,
@@ -97,7 +99,7 @@ def convert(
     """Convert a model's linears to BLAST, Monarch or low-rank layers and write a converted checkpoint.
 
     With no MODEL it converts the built-in gpt2-mini (GPT-2's architecture, 4 layers of width 384, seeded random
-    weights) so the whole flow can be seen on a CPU in about two minutes.
+    weights) so the whole flow can be seen on a CPU in well under a minute.
     """
     dev = resolve_device(device) if not dry_run else "meta"
     if eval_data is not None and (dry_run or eval_tokens < 1):
