@@ -91,3 +91,17 @@ def test_imports_inside_functions_say_why():
                 if not _says_why(lines, n)
             ]
     assert not unexplained, "imports inside functions without a '# deferred: why' comment:\n" + "\n".join(unexplained)
+
+
+def test_the_code_cites_no_document_the_repository_lacks():
+    """Comments and docstrings point at what a reader can open: the design document is not in the repository
+    (#24 item 13), so nothing cites it; the structures' canonical forms live in structures/functional.py."""
+    cited = [
+        f"{path.relative_to(REPO)}:{n}"
+        for room in ("blrdeploy", *ROOMS_OUTSIDE, "tests", "bench")
+        for path in sorted((REPO / room).rglob("*.py"))
+        if path.resolve() != Path(__file__).resolve()
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "DESIGN" in line
+    ]
+    assert not cited, "citations of a DESIGN document the repository does not have:\n" + "\n".join(cited)

@@ -1,4 +1,4 @@
-"""``blrdeploy eval``: how much of a model's behaviour a conversion kept, measured on its outputs (DESIGN §7).
+"""``blrdeploy eval``: how much of a model's behaviour a conversion kept, measured on its outputs.
 
 - Causal LMs: perplexity over non-overlapping windows of ``seq_len`` tokens of real text (the first token of each
   window unscored: it has no context in the window), the documents tokenized with the model's own tokenizer and

@@ -1,4 +1,4 @@
-"""Dense -> structured factorization (DESIGN §3).
+"""Dense -> structured factorization into the canonical forms of ``structures.functional``.
 
 BLAST: preconditioned alternating gradient descent (Lee et al., NeurIPS 2024), batched over blocks, on the
 weight's device, from the better of the truncated SVD and BLAST's algebraic solution, stopping once it stalls.
@@ -7,7 +7,7 @@ float32 on a GPU unless told otherwise; BLAST in float32, moving to float64 only
 return factors in the dtype of the input weight.
 
 Given ``gram`` = XᵀX of the layer's calibration inputs (in, in), each fit minimizes the calibration output error
-||(W − Ŵ)Xᵀ||_F² = tr(E G Eᵀ) instead of ||W − Ŵ||_F² (DESIGN §7), with G damped to G + λI,
+||(W − Ŵ)Xᵀ||_F² = tr(E G Eᵀ) instead of ||W − Ŵ||_F² (the layer's output error), with G damped to G + λI,
 λ = damping·mean(diag G): low-rank exactly (whitened SVD, SVD-LLM); Monarch and BLAST by whitening each input
 block (exact per block), then block-coordinate sweeps on the full Gram (see their functions). Each reports both
 errors.
@@ -348,8 +348,8 @@ def _damped_right_solve(B: torch.Tensor, G: torch.Tensor, damping: torch.Tensor)
 
 
 def _damping(G: torch.Tensor, delta: float, rel_err: float) -> torch.Tensor:
-    # DESIGN's eps = delta*||W - W_hat||, made scale-free: relative to the Gram's mean diagonal, so it means the
-    # same whatever the magnitude of the factors. It fades with the residual, turning each step into plain ALS
+    # The BLAST paper's eps = delta*||W - W_hat||, made scale-free: relative to the Gram's mean diagonal, so it means
+    # the same whatever the magnitude of the factors. It fades with the residual, turning each step into plain ALS
     # near the solution; the floor keeps the Cholesky factorization defined when a Gram is singular (r > p).
     mean_diag = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
     floor = 100 * torch.finfo(G.dtype).eps
