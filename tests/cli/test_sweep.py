@@ -139,6 +139,14 @@ CASES = [
         ["verify-bundle", "{corrupt_bundle}"],
         id="verify-bundle-corrupt_file",
     ),
+    # eval MODEL --data TEXT (writes nothing: no output cases; the checkpoint here has no tokenizer, so its --data
+    # cases stop at that, one line too: tests/cli/test_eval.py sweeps bad text on a model that has one)
+    pytest.param(["eval", "{missing}", "--data", "{garbage}"], id="eval-missing_path"),
+    pytest.param(["eval", "{empty}", "--data", "{garbage}"], id="eval-empty_dir"),
+    pytest.param(["eval", "{corrupt_ckpt}", "--data", "{garbage}"], id="eval-corrupt_file"),
+    pytest.param(["eval", "{ckpt}", "--data", "{missing}", "--device", "cpu"], id="eval-data_missing_path"),
+    pytest.param(["eval", "{ckpt}", "--data", "{empty}", "--device", "cpu"], id="eval-data_empty_dir"),
+    pytest.param(["eval", "{ckpt}", "--data", "{garbage}", "--device", "cpu"], id="eval-data_corrupt_file"),
     # tune --bundle BUNDLE
     pytest.param(["tune", "--bundle", "{missing}"], id="tune-missing_path"),
     pytest.param(["tune", "--bundle", "{empty}"], id="tune-empty_dir"),
