@@ -116,27 +116,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replaces ``path`` with ``data`` in one rename (fsynced file and folder): readers see the old or the new
     file, and a failed write leaves the old one, with no temp file or made folder behind."""
     path = Path(path)
-    tmp = None
-    try:
-        with made_parents(path):
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would hide the file from the user's group
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:  # the rename itself is durable before anything that relies on it (retune deletes old files next)
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:  # the rename itself is durable before anything that relies on it (retune deletes old files next)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # of the file asked for, not the temp
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -24,6 +24,7 @@ from blrdeploy.conversion import checkpoint
 from blrdeploy.conversion.calibration import DEFAULT_TOKENS
 from blrdeploy.conversion.pipeline import convert_job
 from blrdeploy.measure import evaluate
+from blrdeploy.models.text import MAX_SEQ_LEN
 from blrdeploy.structures.factorize import DEFAULT_DAMPING
 
 # The longer option helps, kept out of the signature so that the command's options read one to a line.
@@ -53,7 +54,7 @@ _ALLOCATION = (
     "layers, more rank where it removes more output error per parameter; lower layer errors, but measured worse "
     "perplexity so far: see bench/NOTES.md)."
 )
-_SEQ_LEN = "Calibration window in tokens. Default: the model's context, at most 2048."
+_SEQ_LEN = f"Calibration window in tokens. Default: the model's context, at most {MAX_SEQ_LEN}."
 _DAMPING = "Calibration damping: the Gram G gets lambda*I, lambda = DAMPING * mean(diag G)."
 
 

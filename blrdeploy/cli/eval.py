@@ -13,6 +13,7 @@ from rich.table import Table
 
 from blrdeploy.cli.common import DTYPE_LIST, console, emit_json, one_line_errors, parse_dtype, resolve_device
 from blrdeploy.measure import evaluate as ev
+from blrdeploy.models.text import MAX_SEQ_LEN
 
 _DATA = (
     'Text to evaluate on: a .txt file (one document), a .jsonl file with a "text" field per line, or a folder of '
@@ -22,7 +23,7 @@ _AGAINST = (
     "auto: compare with the dense model a checkpoint was converted from when it is at hand and unchanged; dense: "
     "the same, and a missing or changed source is an error; none: the model alone."
 )
-_SEQ_LEN = f"Tokens per window (LMs) or chunk (encoders). Default: the model's context, at most {ev.MAX_SEQ_LEN}."
+_SEQ_LEN = f"Tokens per window (LMs) or chunk (encoders). Default: the model's context, at most {MAX_SEQ_LEN}."
 
 
 class _Bar:

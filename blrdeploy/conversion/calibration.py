@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blrdeploy.models.text import Text, TextError, context_of, load_tokenizer, read_text, token_stream, windows
+from blrdeploy.models.text import Text, TextError, default_seq_len, load_tokenizer, read_text, token_stream, windows
 from blrdeploy.structures.factorize import DEFAULT_DAMPING
 
 DEFAULT_TOKENS = 32768
-MAX_SEQ_LEN = 2048  # the default window: the model's context, at most this
 BATCH_TOKENS = 8192  # tokens per forward: windows are batched up to this many
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -43,7 +42,7 @@ def calibration_windows(model_dir: str | Path | None, config, path: str | Path, 
     except TextError as exc:
         raise TextError(f"--calibration: {exc}") from None
     tokenizer = load_tokenizer(model_dir, "--calibration")
-    seq_len = seq_len or min(context_of(config) or MAX_SEQ_LEN, MAX_SEQ_LEN)
+    seq_len = seq_len or default_seq_len(config)
     if tokens < seq_len:
         raise TextError(f"--calibration-tokens {tokens} is less than one window of --seq-len {seq_len}")
     ids = token_stream(tokenizer, text.documents, limit=tokens)

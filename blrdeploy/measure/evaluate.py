@@ -32,12 +32,19 @@ from blrdeploy.conversion.pipeline import open_recorded_source, unique_params
 from blrdeploy.models.families import BUILTIN, FAMILIES, Family
 from blrdeploy.models.outputs import compare, main_output
 from blrdeploy.models.sources import builtin_config, identify, open_source, read_config
-from blrdeploy.models.text import TextError, context_of, load_tokenizer, read_text, token_stream, windows
+from blrdeploy.models.text import (
+    TextError,
+    context_of,
+    default_seq_len,
+    load_tokenizer,
+    read_text,
+    token_stream,
+    windows,
+)
 
 AGAINST = ("auto", "dense", "none")
 DEFAULT_MAX_TOKENS = 65536
 DEFAULT_BATCH = 4
-MAX_SEQ_LEN = 2048  # the default window: the model's context, capped here (the published LLaMA numbers use 2048)
 # Log-softmax rows per chunk: chunk * vocab elements in float32 stay near 64 MiB (a 49k vocabulary at 2048 tokens
 # in one piece would be 400 MB per copy, and the KL needs three).
 _CHUNK_ELEMENTS = 1 << 24
@@ -322,7 +329,7 @@ def _seq_len(spec: _Spec, tokenizer, seq_len: int | None) -> int:
         if context is not None and seq_len > context:
             raise EvalError(f"--seq-len {seq_len} exceeds {spec.arg}'s context of {context} positions")
         return seq_len
-    limits = [MAX_SEQ_LEN, context or MAX_SEQ_LEN]
+    limits = [default_seq_len(spec.config)]
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 2 <= tok_max < 10**8:  # transformers' "no limit" is a huge int
         limits.append(tok_max)

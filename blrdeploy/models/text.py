@@ -18,6 +18,7 @@ from blrdeploy.files import file_sha256
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")  # a directory with either carries a tokenizer
+MAX_SEQ_LEN = 2048  # the default window: the model's context, capped here (the published LLaMA numbers use 2048)
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 
 
@@ -134,3 +135,8 @@ def context_of(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def default_seq_len(config) -> int:
+    """The window calibration and eval use unless told: the model's context, at most MAX_SEQ_LEN."""
+    return min(context_of(config) or MAX_SEQ_LEN, MAX_SEQ_LEN)
