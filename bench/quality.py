@@ -6,7 +6,8 @@ already in the output JSON are skipped, so an interrupted run resumes; the JSON 
 cell. At the end (or with --table-only) it prints one row per structure x ratio x method.
 
 Methods: weight-only (fit the weights), calibrated (--calibration: fit the layer outputs on the calibration text),
-allocation (calibrated + --allocation sensitivity; skipped, not recorded, while `convert --help` has no --allocation).
+allocation (calibrated + --allocation sensitivity; skipped, not recorded, while `convert --help` has no --allocation),
+sequential (calibrated + --sequential: block by block on the converted model's own inputs), sequential+allocation.
 
 Example (the causal LM, 8 cells):
     python bench/quality.py --model /work/data/lm --structures lowrank,monarch --ratios 0.8,0.5 \
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("weight-only", "calibrated", "allocation")
+METHODS = ("weight-only", "calibrated", "allocation", "sequential", "sequential+allocation")
 
 
 def sha256(path: Path) -> str:
@@ -45,7 +46,7 @@ def sha256(path: Path) -> str:
 def commit() -> str:
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
-    c = head.stdout.strip() or "unknown"
+    c = head.stdout.strip() or os.environ.get("BLRDEPLOY_COMMIT", "unknown")  # a copy without .git (the GPU machine)
     return c + ("-dirty" if status.stdout.strip() else "")
 
 
@@ -115,11 +116,13 @@ def cell_key(structure: str, ratio: float, method: str) -> str:
 def convert_cmd(a, structure: str, ratio: float, method: str, out_dir: Path, steps: int | None) -> list[str]:
     cmd = [*a.cli, "convert", a.model, "-o", str(out_dir), "--structure", structure, "--params-ratio", f"{ratio:g}",
            "--device", a.device, "--overwrite", "--json"]  # fmt: skip
-    if method in ("calibrated", "allocation"):
+    if method != "weight-only":
         cmd += ["--calibration", a.calibration, "--calibration-tokens", str(a.calibration_tokens),
                 "--seq-len", str(a.seq_len)]  # fmt: skip
     if a.allocation_flag:  # explicit: convert's default (auto) is sensitivity whenever --calibration is given
-        cmd += ["--allocation", "sensitivity" if method == "allocation" else "uniform"]
+        cmd += ["--allocation", "sensitivity" if method.endswith("allocation") else "uniform"]
+    if method.startswith("sequential"):
+        cmd += ["--sequential"]
     if steps is not None and structure == "blast":
         cmd += ["--steps", str(steps)]
     for pattern in a.include or ():
@@ -243,6 +246,8 @@ def expected_method(method: str, effective: str) -> str:
     """Which method a cell really measured, from the allocation its convert reports."""
     if method == "weight-only":
         return method
+    if method.startswith("sequential"):
+        return "sequential+allocation" if effective == "sensitivity" else "sequential"
     return "allocation" if effective == "sensitivity" else "calibrated"
 
 

@@ -54,6 +54,10 @@ _ALLOCATION = (
     "layers, more rank where it removes more output error per parameter; lower layer errors, but measured worse "
     "perplexity so far: see bench/NOTES.md)."
 )
+_SEQUENTIAL = (
+    "With --calibration: convert block by block, each layer fitted on the inputs the converted layers before it "
+    "give, to the dense model's outputs (about four more passes over the calibration text)."
+)
 _SEQ_LEN = f"Calibration window in tokens. Default: the model's context, at most {MAX_SEQ_LEN}."
 _DAMPING = "Calibration damping: the Gram G gets lambda*I, lambda = DAMPING * mean(diag G)."
 
@@ -93,6 +97,7 @@ def convert(
     seq_len: Annotated[int | None, typer.Option(help=_SEQ_LEN)] = None,
     damping: Annotated[float, typer.Option(help=_DAMPING)] = DEFAULT_DAMPING,
     allocation: Annotated[str, typer.Option(help=_ALLOCATION)] = "uniform",
+    sequential: Annotated[bool, typer.Option(help=_SEQUENTIAL)] = False,
     eval_data: Annotated[Path | None, typer.Option("--eval", help=_EVAL)] = None,
     eval_tokens: Annotated[int, typer.Option(help="With --eval: tokens of held-out text to score.")] = 16384,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
@@ -115,6 +120,7 @@ def convert(
                 device=dev, dtype=parse_dtype(dtype), overwrite=overwrite, dry_run=dry_run,
                 callbacks=_with_calibration_lines(callbacks), calibration=calibration,
                 calibration_tokens=calibration_tokens, seq_len=seq_len, damping=damping, allocation=allocation,
+                sequential=sequential,
             )  # fmt: skip
     if eval_data is not None:
         summary["eval"] = _held_out_quality(summary, eval_data, eval_tokens, dev)

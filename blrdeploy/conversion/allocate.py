@@ -7,9 +7,15 @@
   L L^T = G + lambda I, with G its calibration Gram (of W itself without one). b stays as the rule chose it; only
   ranks move, in the rule's kernel-friendly steps.
 
-``uniform`` is the default. Sensitivity lowers the summed layer output error (on a real 135M Llama, low-rank at 0.5
-with calibration: mean 0.270 -> 0.230) yet raised perplexity (499 -> 1,123, bench/NOTES.md): equal weight for every
-layer's relative error is the wrong objective for the model's loss, so it is opt-in until it is measured better.
+``uniform`` is the default. The unweighted proxy (every layer's relative error squared at weight 1) lowers the summed
+layer output error (on a real 135M Llama, low-rank at 0.5 with calibration: mean 0.270 -> 0.230) yet raised
+perplexity (499 -> 1,123; BLAST at 0.8: 24.3 -> 36.0; bench/NOTES.md): equal weight for every layer's relative error
+is the wrong objective for the model's loss. With calibration text, layer l's error is weighted by w_l = h_l * E_l
+(``sensitivities``, from ``conversion.sensitivity``): to second order the loss grows by 1/2 sum_t dy_t^T H dy_t over
+the tokens, H ~ h_l I (the Fisher of the layer's output, averaged over its channels; h_l = mean ||dL/dy_l||^2 /
+out_features), so the layer costs ~ 1/2 h_l ||dW X||^2 = 1/2 N h_l E_l relative_error^2 over N tokens, E_l = the sum
+of its whitened spectrum squared ~ tr(W G W^T), its output energy per token. This loss-weighted proxy has not been
+measured against uniform on perplexity yet: ``sensitivity`` stays opt-in until it is.
 
 Sibling layers the family stacks on load (q/k/v, gate/up: ``models.families``, ``conversion.siblings``) get one
 rank per group, their errors summed: stacking needs equal factor shapes, and a different rank per member would
@@ -122,12 +128,15 @@ def allocate(
     *,
     damping: float = fz.DEFAULT_DAMPING,
     device: str | torch.device | None = None,
+    sensitivities: dict[str, float] | None = None,
 ) -> dict:
     """Applies ``config.allocation`` to ``the_plan`` in place (ranks and params of the layers the budget rule set)
     and returns the record blr_config.json keeps as "allocation" (also set as ``the_plan.allocation``).
 
     ``model`` holds the dense weights (sensitivity reads them: a meta-device model is refused); ``grams``, when
-    given, whiten each spectrum (damped by ``damping`` as the fits are)."""
+    given, whiten each spectrum (damped by ``damping`` as the fits are). ``sensitivities`` (layer name -> h_l,
+    ``conversion.sensitivity.output_sensitivity``), when given, weigh each layer's error by h_l times its spectrum's
+    energy (sensitivity only; uniform ignores them); every layer the allocation moves needs one."""
     t0 = time.perf_counter()
     method = resolve_allocation(config.allocation)
     by_ratio = set(the_plan.by_ratio)
@@ -139,7 +148,7 @@ def allocate(
                 "--allocation sensitivity spreads --params-ratio over the layers it sets; every layer here has a "
                 "fixed (b, r) from --preset or --layers"
             )
-        _allocate_by_sensitivity(model, entries, groups, config, grams, damping, device)
+        _allocate_by_sensitivity(model, entries, groups, config, grams, damping, device, sensitivities)
     dense = sum(e.dense_params for e in the_plan.layers)
     record = {
         "method": method,
@@ -152,13 +161,25 @@ def allocate(
     }
     if method == "sensitivity":
         proxy = "whitened spectrum" if grams is not None else "weight spectrum"
+        proxy = "loss-weighted " + proxy if sensitivities is not None else proxy
         record["proxy"] = proxy + (" (low-rank curve for BLAST)" if config.structure == "blast" else "")
     the_plan.allocation = record
     return record
 
 
-def _allocate_by_sensitivity(model, entries, groups, config, grams, damping, device) -> None:
+def _allocate_by_sensitivity(model, entries, groups, config, grams, damping, device, sensitivities) -> None:
     compute = getattr(torch, config.compute_dtype)
+    if sensitivities is not None:
+        missing = next((e.name for e in entries if e.name not in sensitivities), None)
+        if missing is not None:
+            raise ValueError(f"--allocation sensitivity: no loss sensitivity for layer {missing}")
+        bad = next(
+            (e.name for e in entries if not (math.isfinite(sensitivities[e.name]) and sensitivities[e.name] >= 0)), None
+        )
+        if bad is not None:
+            raise ValueError(
+                f"--allocation sensitivity: layer {bad}'s loss sensitivity {sensitivities[bad]} is not finite and >= 0"
+            )
     # One Cholesky per shared input: q/k/v (gate/up) share a Gram and come one after another in the plan; only the
     # last is kept (a 7B model's would take GBs).
     whitenings: dict[tuple, torch.Tensor] = {}
@@ -189,9 +210,14 @@ def _allocate_by_sensitivity(model, entries, groups, config, grams, damping, dev
     dense = [e.dense_params for e in entries]
     per_rank = [structure_params(e.structure, e.out_features, e.in_features, e.num_blocks, 1) for e in entries]
     budget = math.floor(config.params_ratio * sum(dense))
+    weights = None
+    if sensitivities is not None:  # h_l * E_l: the loss's curvature in the output times the output's energy
+        weights = [
+            sensitivities[e.name] * float(s.double().square().sum()) for e, s in zip(entries, spectra, strict=True)
+        ]
     ranks = allocate_ranks(
         spectra, per_rank, dense, budget, step=[s for s, _, _ in bounds], min_rank=[lo for _, lo, _ in bounds],
-        max_rank=[hi for _, _, hi in bounds], groups=groups,
+        max_rank=[hi for _, _, hi in bounds], groups=groups, weights=weights,
     )  # fmt: skip
     for entry, rank, spectrum in zip(entries, ranks, spectra, strict=True):
         entry.rank = rank

@@ -178,10 +178,16 @@ def batched(windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> list[tor
 
 
 def calibration_record(
-    text: Text, windows: torch.Tensor, damping: float, layers: list[dict], groups: list[list[str]]
+    text: Text,
+    windows: torch.Tensor,
+    damping: float,
+    layers: list[dict],
+    groups: list[list[str]],
+    sequential: bool = False,
 ) -> dict:
     """blr_config.json's "calibration": what the fit saw (the text's files and sha256, tokens, windows) and each
-    layer's calibration output error next to its weight error."""
+    layer's calibration output error next to its weight error. ``sequential``: the layers were fitted block by
+    block on the converted model's inputs, and each output error is against the dense model's output there."""
     return {
         "path": text.path,
         "files": text.files,
@@ -189,6 +195,7 @@ def calibration_record(
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
         "damping": damping,
+        "sequential": sequential,
         "shared_inputs": [g for g in groups if len(g) > 1],
         "layers": layers,
     }
@@ -202,6 +209,7 @@ class CalibrationOptions:
     tokens: int = DEFAULT_TOKENS
     seq_len: int | None = None  # None: the model's context, at most MAX_SEQ_LEN
     damping: float = DEFAULT_DAMPING
+    sequential: bool = False  # fit block by block on the converted model's own inputs (conversion.sequential)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)

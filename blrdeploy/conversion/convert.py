@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from blrdeploy.conversion import sequential
 from blrdeploy.conversion.allocate import ALLOCATIONS, allocate
 from blrdeploy.conversion.calibration import Grams, batched, collect_grams
+from blrdeploy.conversion.sensitivity import output_sensitivity, sensitivity_batches
 from blrdeploy.models.families import BUILTIN, BuiltinModel, Family, LayerSetting
 from blrdeploy.models.sources import family_of
 from blrdeploy.structures import factorize as fz
@@ -287,22 +289,80 @@ def convert_layers(
     for index, entry in enumerate(the_plan.layers):
         if layer_progress is not None:
             layer_progress(entry.name, index, len(the_plan.layers))
-        dense = model.get_submodule(entry.name)
-        home_device, home_dtype = dense.weight.device, dense.weight.dtype
-        weight = dense.weight.detach()
-        weight = weight.T if entry.kind == "conv1d" else weight
-        compute = torch.device(device) if device is not None else home_device
-        t0 = time.perf_counter()
-        gram = None if grams is None else grams[entry.name].to(compute)
-        layer = build_layer(entry, weight.to(compute), dense.bias, config, fit_progress, gram, damping)
-        layer = layer.to(device=home_device, dtype=home_dtype)
-        entry.seconds = time.perf_counter() - t0
-        entry.relative_error = layer.fit_result.relative_error
-        entry.output_relative_error = layer.fit_result.output_relative_error
-        set_submodule(model, entry.name, layer)
-        del dense, weight, gram
+        gram = None if grams is None else grams[entry.name]
+        convert_one(model, entry, config, device, fit_progress, gram=gram, damping=damping)
+        del gram
         if grams is not None:
             grams.release(entry.name)
+    return the_plan
+
+
+def convert_one(
+    model: nn.Module,
+    entry: LayerPlan,
+    config: ConvertConfig,
+    device: str | torch.device | None = None,
+    fit_progress=None,
+    *,
+    gram: torch.Tensor | None = None,
+    damping: float = fz.DEFAULT_DAMPING,
+    target: torch.Tensor | None = None,
+) -> nn.Module:
+    """Fits one planned layer and swaps it in (on the layer's own device and dtype); fills in the entry's
+    relative_error (always against the dense weight), output_relative_error and seconds. ``target``: the matrix
+    to fit instead of the dense weight (``conversion.sequential``'s compensated weight)."""
+    dense = model.get_submodule(entry.name)
+    home_device, home_dtype = dense.weight.device, dense.weight.dtype
+    weight = dense.weight.detach()
+    weight = weight.T if entry.kind == "conv1d" else weight
+    compute = torch.device(device) if device is not None else home_device
+    t0 = time.perf_counter()
+    fitted = weight if target is None else target
+    gram = None if gram is None else gram.to(compute)
+    layer = build_layer(entry, fitted.to(compute), dense.bias, config, fit_progress, gram, damping)
+    layer = layer.to(device=home_device, dtype=home_dtype)
+    entry.seconds = time.perf_counter() - t0
+    entry.relative_error = layer.fit_result.relative_error
+    if target is not None:
+        w = weight.double()
+        entry.relative_error = float(torch.linalg.norm(layer.to_dense().detach().double() - w) / torch.linalg.norm(w))
+    entry.output_relative_error = layer.fit_result.output_relative_error
+    set_submodule(model, entry.name, layer)
+    return layer
+
+
+def convert_layers_sequential(
+    model: nn.Module,
+    the_plan: Plan,
+    config: ConvertConfig,
+    batches: list,
+    device: str | torch.device | None = None,
+    layer_progress: LayerProgress | None = None,
+    fit_progress=None,
+    damping: float = fz.DEFAULT_DAMPING,
+) -> Plan:
+    """``convert_layers`` block by block on calibration ``batches`` (``conversion.sequential``): each layer fitted
+    on the inputs the already converted layers before it give, to the dense model's outputs. Each entry's
+    output_relative_error is then against the dense model's output at that layer, drift included."""
+    check_finite_tensors(model)
+    entries = {e.name: e for e in the_plan.layers}
+    done: list[str] = []
+
+    def fit(name: str, target: torch.Tensor, gram: torch.Tensor) -> nn.Module:
+        if layer_progress is not None:
+            layer_progress(name, len(done), len(entries))
+        done.append(name)
+        return convert_one(model, entries[name], config, device, fit_progress, gram=gram, damping=damping,
+                           target=target)  # fmt: skip
+
+    def dense_weight(module: nn.Module) -> torch.Tensor:
+        return module.weight.detach().T if _is_conv1d(module) else module.weight.detach()
+
+    errors = sequential.convert_sequential(
+        model, list(entries), batches, fit, damping=damping, dense_weight=dense_weight
+    )
+    for name, error in errors.items():
+        entries[name].output_relative_error = error
     return the_plan
 
 
@@ -315,17 +375,31 @@ def convert(
     builtin_model: BuiltinModel | None = None,
     calibration: torch.Tensor | Grams | None = None,
     damping: float = fz.DEFAULT_DAMPING,
+    sequential: bool = False,
 ) -> Plan:
     """Convert ``model`` in place (torchao's ``quantize_`` shape); returns what was done, per layer.
 
     ``calibration``: token ids (windows, seq_len) the dense model is run on first (or Grams collected already,
     :func:`conversion.calibration.collect_grams`): each layer is then fitted to its outputs on those inputs, and
-    ``config.allocation="sensitivity"`` spreads the ratio by sensitivity (the plan's ``allocation`` records how)."""
+    ``config.allocation="sensitivity"`` spreads the ratio by sensitivity (the plan's ``allocation`` records how).
+    ``sequential``: fit block by block on the inputs the converted layers give (``conversion.sequential``; needs
+    ``calibration`` as token ids)."""
     config = config or ConvertConfig()
     family = family_of(model)
     the_plan = plan(model, config, family, builtin_model, filter_fn)
+    if sequential and not isinstance(calibration, torch.Tensor):
+        raise ValueError("sequential conversion runs the model block by block: give calibration token ids")
     grams = calibration
-    if isinstance(calibration, torch.Tensor):
+    if isinstance(calibration, torch.Tensor) and not (sequential and config.allocation == "uniform"):
         grams = collect_grams(model, [e.name for e in the_plan.layers], batched(calibration))
-    allocate(model, the_plan, config, family, grams, damping=damping, device=device)
+    elif sequential:
+        grams = None  # the sequential pass collects its own statistics
+    sensitivities = None
+    if isinstance(calibration, torch.Tensor) and config.allocation == "sensitivity":
+        names = [e.name for e in the_plan.layers]
+        sensitivities = output_sensitivity(model, names, sensitivity_batches(calibration))
+    allocate(model, the_plan, config, family, grams, damping=damping, device=device, sensitivities=sensitivities)
+    if sequential:
+        del grams
+        return convert_layers_sequential(model, the_plan, config, batched(calibration), device, damping=damping)
     return convert_layers(model, the_plan, config, device, grams=grams, damping=damping)

@@ -24,7 +24,8 @@ from blrdeploy.conversion.calibration import (
     collect_grams,
 )
 from blrdeploy.conversion.checkpoint import CHECKPOINT, checkpoint_files, save
-from blrdeploy.conversion.convert import ConvertConfig, Plan, convert_layers, plan
+from blrdeploy.conversion.convert import ConvertConfig, Plan, convert_layers, convert_layers_sequential, plan
+from blrdeploy.conversion.sensitivity import output_sensitivity, sensitivity_batches
 from blrdeploy.files import check_output_dir, file_sha256
 from blrdeploy.models.families import BUILTIN, Family, LayerSetting, token_inputs
 from blrdeploy.models.outputs import agreement, disagreement, model_output
@@ -40,7 +41,8 @@ from blrdeploy.models.sources import (
 )
 
 DEFAULT_MODEL = "gpt2-mini"
-_CALIBRATION_SUMMARY = ("path", "tokens", "windows", "seq_len", "damping")  # the rest only in blr_config.json
+# the rest only in blr_config.json
+_CALIBRATION_SUMMARY = ("path", "tokens", "windows", "seq_len", "damping", "sequential")
 
 
 @dataclass
@@ -221,7 +223,9 @@ def run_convert(
     model = source.model
     the_plan = plan(model, config, source.family, source.builtin)
     grams = None
-    if windows is not None:
+    sequential = calibration is not None and calibration.sequential
+    # --sequential collects its own statistics block by block; the dense Grams only when the allocation reads them
+    if windows is not None and not (sequential and config.allocation == "uniform"):
         names = [e.name for e in the_plan.layers]
         grams = collect_grams(
             model, names, batched(windows), progress=callbacks.calibration, total_tokens=windows.numel()
@@ -233,17 +237,28 @@ def run_convert(
         inputs = token_inputs(model, 2, config.seed)  # a family we do not know (--include): token ids still check it
     reference = model_output(model, inputs) if inputs is not None else None
 
-    groups = grams.groups() if grams is not None else None
+    groups = grams.groups() if grams is not None else []
     damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
-    allocation = allocate(model, the_plan, config, family, grams, damping=damping, device=device)
-    convert_layers(model, the_plan, config, device, callbacks.layer, callbacks.fit, grams=grams, damping=damping)
+    sensitivities = None
+    if windows is not None and config.allocation == "sensitivity":
+        sensitivities = output_sensitivity(model, [e.name for e in the_plan.layers], sensitivity_batches(windows))
+    allocation = allocate(
+        model, the_plan, config, family, grams, damping=damping, device=device, sensitivities=sensitivities
+    )
+    if sequential:
+        grams = None  # the allocation's Grams are done with: free them before the block-by-block pass
+        convert_layers_sequential(
+            model, the_plan, config, batched(windows), device, callbacks.layer, callbacks.fit, damping=damping
+        )
+    else:
+        convert_layers(model, the_plan, config, device, callbacks.layer, callbacks.fit, grams=grams, damping=damping)
     calibrated = None
     if calibration is not None:
         per_layer = [
             {"name": e.name, "relative_error": e.relative_error, "output_relative_error": e.output_relative_error}
             for e in the_plan.layers
         ]
-        calibrated = calibration_record(text, windows, calibration.damping, per_layer, groups)
+        calibrated = calibration_record(text, windows, calibration.damping, per_layer, groups, sequential)
 
     params_after, bytes_after = unique_params(model)
     summary = {
@@ -312,12 +327,14 @@ def convert_job(
     seq_len: int | None = None,
     damping: float | None = None,
     allocation: str = "uniform",
+    sequential: bool = False,
 ) -> dict:
     """``blrdeploy convert`` with its defaults: the model ``gpt2-mini``; ``params_ratio`` 0.5 unless a preset or a
     layers file chooses (b, r) instead; the output ``./<model>-<structure>``; a dry run plans on the meta device.
     ``calibration``: a text file, folder or .jsonl to fit the layers' outputs on (``calibration_tokens`` of it, in
     windows of ``seq_len``, default the model's context up to 2048; ``damping`` default 1e-2). ``allocation``:
-    uniform or sensitivity (``conversion.allocate``)."""
+    uniform or sensitivity (``conversion.allocate``). ``sequential``: fit block by block on the converted model's
+    own inputs (``conversion.sequential``; needs ``calibration``)."""
     model_arg = model_arg or DEFAULT_MODEL
     settings = load_layer_settings(layers_file) if layers_file is not None else ()
     ratio = params_ratio if params_ratio is not None else (None if preset or settings else 0.5)
@@ -329,7 +346,9 @@ def convert_job(
     options = None
     if calibration is not None:
         damping = DEFAULT_DAMPING if damping is None else damping
-        options = CalibrationOptions(calibration, calibration_tokens, seq_len, damping)
+        options = CalibrationOptions(calibration, calibration_tokens, seq_len, damping, sequential)
+    elif sequential:
+        raise ValueError("--sequential fits each layer on calibration text: give --calibration PATH")
     if output is None and not dry_run:
         output = Path(f"{Path(model_arg).name}-{structure}")
     return run_convert(

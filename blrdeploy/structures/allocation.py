@@ -4,19 +4,22 @@ per parameter, instead of every layer at the same ratio.
 A layer is described by its spectrum: the singular values of its (whitened) weight, whose discarded energy
 ``sum_{t >= r} s_t^2 / sum_t s_t^2`` at rank r is its relative output error squared (exactly for a whitened
 truncated SVD, Eckart-Young). Its parameters are linear in the rank (``structures.budget.structure_params``), so a
-rank step costs the same at every rank. :func:`allocate_ranks` minimizes the summed error squared under the budget by
-greedy marginal gain: every layer starts at its lowest rank, then the step that removes the most error per parameter
-is taken, until no step fits. Sorted singular values make each layer's error convex in its rank, so the greedy
-order is the optimum's up to the last step's granularity (a knapsack's rounding).
+rank step costs the same at every rank. :func:`allocate_ranks` minimizes the summed error squared, each layer's
+optionally weighted (by how much the model's loss reads that layer's output: ``conversion.sensitivity``), under the
+budget by greedy marginal gain: every layer starts at its lowest rank, then the step that removes the most error per
+parameter is taken, until no step fits. Sorted singular values make each layer's error convex in its rank (and a
+weight >= 0 keeps it so), so the greedy order is the optimum's up to the last step's granularity (a knapsack's
+rounding).
 
 Layers given as one group share one rank (kernels stack siblings only when their factor shapes match): the group
-steps together, its error the sum of its members', its cost the sum of theirs. Nothing here knows a model; the
-spectra come from ``conversion.allocate``.
+steps together, its error the (weighted) sum of its members', its cost the sum of theirs. Nothing here knows a
+model; the spectra and weights come from ``conversion.allocate``.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 
 import torch
@@ -57,15 +60,18 @@ def allocate_ranks(
     step: Sequence[int] | int,
     max_rank: Sequence[int] | None = None,
     groups: Sequence[Sequence[int]] = (),
+    weights: Sequence[float] | None = None,
 ) -> list[int]:
-    """The rank of each layer minimizing sum_i discarded_fraction(spectra[i], rank_i) subject to
-    sum_i params_per_rank[i] * rank_i <= budget.
+    """The rank of each layer minimizing sum_i weights[i] * discarded_fraction(spectra[i], rank_i) subject to
+    sum_i params_per_rank[i] * rank_i <= budget (``weights`` None: all ones, the plain sum of relative errors
+    squared; finite and >= 0, one per layer).
 
     Layer i takes ranks min_rank[i] + k * step[i]: at least ``min_rank``, at most ``max_rank`` (default: the most
     whose parameters stay under ``dense_params``, and no more than its spectrum's length). ``groups``: lists of
     layer indices that share one rank (same step; the group's bounds are the tightest of its members'); every other
-    layer is a group of its own. The result spends the budget to within one step of the cheapest layer that could
-    still grow. A ValueError when the lowest ranks alone exceed the budget, or on inconsistent input."""
+    layer is a group of its own; a group's error is its members' weighted sum. The result spends the budget to within
+    one step of the cheapest layer that could still grow. A ValueError when the lowest ranks alone exceed the
+    budget, or on inconsistent input."""
     n = len(spectra)
     per_rank = _broadcast(params_per_rank, n, "params_per_rank")
     dense = _broadcast(dense_params, n, "dense_params")
@@ -73,6 +79,12 @@ def allocate_ranks(
     steps = _broadcast(step, n, "step")
     if any(s < 1 for s in steps) or any(c < 1 for c in per_rank) or any(r < 0 for r in lo):
         raise ValueError("steps and params_per_rank must be >= 1 and min ranks >= 0")
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != n:
+            raise ValueError(f"weights has {len(weights)} entries for {n} layers")
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError("weights must be finite and >= 0")
     if max_rank is None:
         most = [min((dense[i] - 1) // per_rank[i], len(spectra[i])) for i in range(n)]
         hi = [lo[i] + (most[i] - lo[i]) // steps[i] * steps[i] for i in range(n)]
@@ -95,6 +107,8 @@ def allocate_ranks(
     units += [[i] for i in range(n) if member_of[i] < 0]
 
     tails = [_tails(s) for s in spectra]
+    if weights is not None:
+        tails = [[w * t for t in tail] for w, tail in zip(weights, tails, strict=True)]
 
     def loss(members: list[int], rank: int) -> float:
         return sum(tails[i][min(rank, len(tails[i]) - 1)] for i in members)

@@ -248,7 +248,7 @@ def test_convert_records_the_allocation_and_info_shows_it(tmp_path):
     assert record["method"] == "sensitivity" and record["requested"] == "sensitivity" and record["budget_ratio"] == 0.5
     dense = sum(e["in_features"] * e["out_features"] for e in cfg["layers"])
     assert record["achieved_ratio"] == pytest.approx(sum(e["params"] for e in cfg["layers"]) / dense)
-    assert record["achieved_ratio"] <= 0.5 and record["proxy"] == "whitened spectrum"
+    assert record["achieved_ratio"] <= 0.5 and record["proxy"] == "loss-weighted whitened spectrum"
     assert f"(ratio {record['achieved_ratio']:.4f}; allocation sensitivity" in res.stdout
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0, info.output

