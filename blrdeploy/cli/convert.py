@@ -56,7 +56,7 @@ _ALLOCATION = (
 )
 _SEQUENTIAL = (
     "With --calibration: convert block by block, each layer fitted on the inputs the converted layers before it "
-    "give, to the dense model's outputs (about four more passes over the calibration text)."
+    "give, to the dense model's outputs (about three more passes over the calibration text)."
 )
 _SEQ_LEN = f"Calibration window in tokens. Default: the model's context, at most {MAX_SEQ_LEN}."
 _DAMPING = "Calibration damping: the Gram G gets lambda*I, lambda = DAMPING * mean(diag G)."

@@ -120,7 +120,8 @@ class _Collector:
         return pre_hook
 
 
-def _forward_kwargs(model: nn.Module) -> dict:
+def forward_kwargs(model: nn.Module) -> dict:
+    """``use_cache=False`` where the model's forward takes it: calibration passes keep no KV cache."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -144,7 +145,7 @@ def collect_grams(
     collector = _Collector(grams, torch.float64 if device.type == "cpu" else torch.float32)
     names = list(layer_names)
     handles = [model.get_submodule(n).register_forward_pre_hook(collector.hook(n)) for n in names]
-    extra = _forward_kwargs(model)
+    extra = forward_kwargs(model)
     done = 0
     try:
         with torch.no_grad():

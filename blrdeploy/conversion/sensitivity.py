@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sized
 import torch
 from torch import nn
 
-from blrdeploy.conversion.calibration import _forward_kwargs, batched
+from blrdeploy.conversion.calibration import batched, forward_kwargs
 
 SensitivityProgress = Callable[[int, int], None]  # (tokens done, tokens in all)
 TOKENS = 8192  # the calibration tokens the backward passes read: two 4096-token halves differed by ~15% per layer
@@ -117,7 +117,7 @@ def output_sensitivity(
             raise ValueError(f"the model has no layer {name!r}") from None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
-    extra = _forward_kwargs(model)
+    extra = forward_kwargs(model)
     total = sum(_batch_tokens(b) for b in batches) if isinstance(batches, Sized) else None
     sums: dict[str, torch.Tensor] = {}
     tokens = dict.fromkeys(names, 0)

@@ -21,8 +21,9 @@ the drift of everything before it.
 
 The block's inputs other than the hidden state (attention masks, position embeddings) are captured per block and per
 batch from one dense forward, so models whose blocks differ in those (sliding-window layers) are served too. The
-cost is about four extra forwards of the model over the calibration text, plus the fits; the dense and converted
-hidden states of the calibration batches are kept (two copies of (tokens, width)).
+cost is about three extra forwards of the model over the calibration text, plus the fits. Kept in memory: the dense
+and converted hidden states of the calibration batches (two copies of (tokens, width)) and, for the block being
+converted, the dense inputs of its layers (tokens x the sum of its groups' widths).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from blrdeploy.conversion.calibration import _forward_kwargs
+from blrdeploy.conversion.calibration import forward_kwargs
 from blrdeploy.structures import factorize as fz
 
 Fit = Callable[[str, torch.Tensor, torch.Tensor], nn.Module]  # (layer name, target, G_c) -> the swapped-in layer
@@ -93,7 +94,7 @@ def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches, devi
         return hook
 
     handles = [b.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    extra = _forward_kwargs(model)
+    extra = forward_kwargs(model)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -133,6 +134,20 @@ def _run_to(block: nn.Module, layer: nn.Module | None, hidden: torch.Tensor, cal
     if not box:
         raise ValueError("--sequential: a layer the block was expected to call was not reached")
     return box[0]
+
+
+def _dense_pass(block: nn.Module, leaders: list[str], hidden: list, calls: list) -> tuple[dict[str, list], list]:
+    """({leader: its input per batch}, the block's output per batch): the dense block run once per batch."""
+    inputs: dict[str, list] = {name: [] for name in leaders}
+    handles = [
+        block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0])) for n in leaders
+    ]
+    try:
+        outputs = [_run_to(block, None, h, c) for h, c in zip(hidden, calls, strict=True)]
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, outputs
 
 
 def _groups(block: nn.Module, relative: list[str], hidden: torch.Tensor, call) -> list[list[str]]:
@@ -235,11 +250,13 @@ def convert_sequential(
             dense_block = copy.deepcopy(block)
             prefix = f"{list_name}.{index}."
             relative = [n[len(prefix) :] for n in mine]
+            groups = _groups(block, relative, hidden_c[0], calls[index][0])
+            # One dense pass gives every group's X_d and the block's dense output: the dense block never changes.
+            dense_inputs, new_d = _dense_pass(dense_block, [g[0] for g in groups], hidden_d, calls[index])
             untouched = hidden_c is hidden_d  # nothing converted before this group: X_c is X_d
-            for group in _groups(block, relative, hidden_c[0], calls[index][0]):
+            for group in groups:
                 stats = None
-                for hd, hc, call in zip(hidden_d, hidden_c, calls[index], strict=True):
-                    xd = _run_to(dense_block, dense_block.get_submodule(group[0]), hd, call)
+                for xd, hc, call in zip(dense_inputs.pop(group[0]), hidden_c, calls[index], strict=True):
                     xc = xd if untouched else _run_to(block, block.get_submodule(group[0]), hc, call)
                     stats = _accumulate(stats, xc, xd, acc_dtype)
                 for rel in group:
@@ -249,7 +266,6 @@ def convert_sequential(
                     errors[prefix + rel] = drift_error(w, layer.to_dense().detach().to(w), stats)
                 del stats
                 untouched = False
-            new_d = [_run_to(dense_block, None, h, c) for h, c in zip(hidden_d, calls[index], strict=True)]
             hidden_c = [_run_to(block, None, h, c) for h, c in zip(hidden_c, calls[index], strict=True)]
             hidden_d = new_d
             del dense_block

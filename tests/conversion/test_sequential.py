@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from blrdeploy import ConvertConfig, convert
 from blrdeploy.cli import app
+from blrdeploy.conversion import calibration as cal
 from blrdeploy.conversion import sequential as seq
-from blrdeploy.conversion.convert import plan
+from blrdeploy.conversion.convert import convert_layers_sequential, plan
 from blrdeploy.models.sources import build_builtin, family_of
 from blrdeploy.structures import factorize as fz
 
@@ -119,3 +120,28 @@ def test_convert_sequential_cli_records_it_and_refuses_without_text(tmp_path):
     bare = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "o2"), "--sequential"])
     assert bare.exit_code == 2 and "give --calibration PATH" in bare.output
     assert len(bare.output.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
+
+
+def test_sequential_on_an_encoder_with_an_attention_mask():
+    """A BERT encoder (blocks called with an attention mask, returning tuples): the sequential conversion's hidden
+    states are nearer dense than the one-shot conversion's on the calibration batch."""
+    from test_sensitivity import tiny_bert
+
+    ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0  # a padded row: the captured mask must reach every block
+    batch = [{"input_ids": ids, "attention_mask": mask}]
+    config = ConvertConfig(structure="lowrank", layers=(("*", None, 8),), params_ratio=None, include=("encoder.*",))
+    dense, oneshot, sequential = tiny_bert(), tiny_bert(), tiny_bert()
+    names = [e.name for e in plan(dense, config, family_of(dense)).layers]
+    grams = cal.collect_grams(oneshot, names, batch)
+    convert(oneshot, config, calibration=grams)
+    the_plan = plan(sequential, config, family_of(sequential))
+    convert_layers_sequential(sequential, the_plan, config, batch)
+
+    def hidden(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+
+    reference = hidden(dense)
+    assert torch.linalg.norm(hidden(sequential) - reference) < torch.linalg.norm(hidden(oneshot) - reference)
