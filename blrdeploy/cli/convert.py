@@ -50,9 +50,9 @@ _EVAL = (
     "on it beside its dense source as `blrdeploy eval` does, and warn when it is far from dense."
 )
 _ALLOCATION = (
-    "How --params-ratio is spread: uniform (every layer at the ratio), or sensitivity (one budget for all converted "
-    "layers, more rank where it removes more output error per parameter; lower layer errors, but measured worse "
-    "perplexity so far: see bench/NOTES.md)."
+    "How --params-ratio is spread: uniform (every layer at the ratio), sensitivity (one budget for all converted "
+    "layers, more rank where it removes more of the loss's error per parameter, weighted by the loss gradient at "
+    "each layer when --calibration is given), or auto: sensitivity with --calibration, else uniform."
 )
 _SEQUENTIAL = (
     "With --calibration: convert block by block, each layer fitted on the inputs the converted layers before it "
@@ -96,7 +96,7 @@ def convert(
     ] = DEFAULT_TOKENS,
     seq_len: Annotated[int | None, typer.Option(help=_SEQ_LEN)] = None,
     damping: Annotated[float, typer.Option(help=_DAMPING)] = DEFAULT_DAMPING,
-    allocation: Annotated[str, typer.Option(help=_ALLOCATION)] = "uniform",
+    allocation: Annotated[str, typer.Option(help=_ALLOCATION)] = "auto",
     sequential: Annotated[bool, typer.Option(help=_SEQUENTIAL)] = False,
     eval_data: Annotated[Path | None, typer.Option("--eval", help=_EVAL)] = None,
     eval_tokens: Annotated[int, typer.Option(help="With --eval: tokens of held-out text to score.")] = 16384,

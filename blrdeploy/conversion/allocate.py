@@ -41,15 +41,18 @@ if TYPE_CHECKING:
     from blrdeploy.conversion.convert import ConvertConfig, LayerPlan, Plan
     from blrdeploy.models.families import Family
 
-ALLOCATIONS = ("uniform", "sensitivity")
+ALLOCATIONS = ("auto", "uniform", "sensitivity")
 STACKED = frozenset(cls.structure for cls in STACKABLE)  # Monarch layers are never stacked: no shared rank needed
 MIN_RANK_FRACTION = 4  # a layer keeps at least 1/4 of its uniform rank (and one rank step)
 
 
-def resolve_allocation(requested: str) -> str:
-    """``requested``, checked."""
+def resolve_allocation(requested: str, calibrated: bool = False, by_ratio: bool = True) -> str:
+    """``requested``, checked; ``auto`` is ``sensitivity`` when calibration text gives the loss weights and some
+    layer is set by the ratio, else ``uniform`` (the weight-only proxy was never measured better than uniform)."""
     if requested not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {requested!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if requested == "auto":
+        return "sensitivity" if calibrated and by_ratio else "uniform"
     return requested
 
 
@@ -138,9 +141,9 @@ def allocate(
     ``conversion.sensitivity.output_sensitivity``), when given, weigh each layer's error by h_l times its spectrum's
     energy (sensitivity only; uniform ignores them); every layer the allocation moves needs one."""
     t0 = time.perf_counter()
-    method = resolve_allocation(config.allocation)
     by_ratio = set(the_plan.by_ratio)
     entries = [e for e in the_plan.layers if e.name in by_ratio]
+    method = resolve_allocation(config.allocation, sensitivities is not None, bool(entries))
     groups = sibling_groups(entries, family)
     if method == "sensitivity":
         if not entries:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from blrdeploy.conversion import sequential
-from blrdeploy.conversion.allocate import ALLOCATIONS, allocate
+from blrdeploy.conversion.allocate import ALLOCATIONS, allocate, resolve_allocation
 from blrdeploy.conversion.calibration import Grams, batched, collect_grams
 from blrdeploy.conversion.sensitivity import output_sensitivity, sensitivity_batches
 from blrdeploy.models.families import BUILTIN, BuiltinModel, Family, LayerSetting
@@ -48,7 +48,7 @@ class ConvertConfig:
     seed: int = 0
     compute_dtype: str = "float32"  # of the fit; float64 costs 2-4x the time on a CPU for no visible gain here
     skip_incompatible: bool = False
-    allocation: str = "uniform"
+    allocation: str = "auto"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -390,12 +390,14 @@ def convert(
     if sequential and not isinstance(calibration, torch.Tensor):
         raise ValueError("sequential conversion runs the model block by block: give calibration token ids")
     grams = calibration
-    if isinstance(calibration, torch.Tensor) and not (sequential and config.allocation == "uniform"):
+    tokens = isinstance(calibration, torch.Tensor)
+    weighted = resolve_allocation(config.allocation, tokens, bool(the_plan.by_ratio)) == "sensitivity"
+    if tokens and (weighted or not sequential):
         grams = collect_grams(model, [e.name for e in the_plan.layers], batched(calibration))
     elif sequential:
         grams = None  # the sequential pass collects its own statistics
     sensitivities = None
-    if isinstance(calibration, torch.Tensor) and config.allocation == "sensitivity":
+    if tokens and weighted:
         names = [e.name for e in the_plan.layers]
         sensitivities = output_sensitivity(model, names, sensitivity_batches(calibration))
     allocate(model, the_plan, config, family, grams, damping=damping, device=device, sensitivities=sensitivities)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blrdeploy.conversion.allocate import allocate
+from blrdeploy.conversion.allocate import allocate, resolve_allocation
 from blrdeploy.conversion.calibration import (
     DEFAULT_DAMPING,
     DEFAULT_TOKENS,
@@ -224,8 +224,9 @@ def run_convert(
     the_plan = plan(model, config, source.family, source.builtin)
     grams = None
     sequential = calibration is not None and calibration.sequential
+    weighted = resolve_allocation(config.allocation, windows is not None, bool(the_plan.by_ratio)) == "sensitivity"
     # --sequential collects its own statistics block by block; the dense Grams only when the allocation reads them
-    if windows is not None and not (sequential and config.allocation == "uniform"):
+    if windows is not None and (weighted or not sequential):
         names = [e.name for e in the_plan.layers]
         grams = collect_grams(
             model, names, batched(windows), progress=callbacks.calibration, total_tokens=windows.numel()
@@ -240,7 +241,7 @@ def run_convert(
     groups = grams.groups() if grams is not None else []
     damping = calibration.damping if calibration is not None else DEFAULT_DAMPING
     sensitivities = None
-    if windows is not None and config.allocation == "sensitivity":
+    if windows is not None and weighted:
         sensitivities = output_sensitivity(model, [e.name for e in the_plan.layers], sensitivity_batches(windows))
     allocation = allocate(
         model, the_plan, config, family, grams, damping=damping, device=device, sensitivities=sensitivities
@@ -326,14 +327,14 @@ def convert_job(
     calibration_tokens: int = DEFAULT_TOKENS,
     seq_len: int | None = None,
     damping: float | None = None,
-    allocation: str = "uniform",
+    allocation: str = "auto",
     sequential: bool = False,
 ) -> dict:
     """``blrdeploy convert`` with its defaults: the model ``gpt2-mini``; ``params_ratio`` 0.5 unless a preset or a
     layers file chooses (b, r) instead; the output ``./<model>-<structure>``; a dry run plans on the meta device.
     ``calibration``: a text file, folder or .jsonl to fit the layers' outputs on (``calibration_tokens`` of it, in
     windows of ``seq_len``, default the model's context up to 2048; ``damping`` default 1e-2). ``allocation``:
-    uniform or sensitivity (``conversion.allocate``). ``sequential``: fit block by block on the converted model's
+    auto, uniform or sensitivity (``conversion.allocate``). ``sequential``: fit block by block on the converted model's
     own inputs (``conversion.sequential``; needs ``calibration``)."""
     model_arg = model_arg or DEFAULT_MODEL
     settings = load_layer_settings(layers_file) if layers_file is not None else ()

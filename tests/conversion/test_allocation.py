@@ -95,7 +95,7 @@ def test_bounds_and_refusals():
 # ------------------------------------------------------------------------------------------------- on models
 
 
-def test_uniform_and_the_default_are_todays_plan():
+def test_uniform_and_the_default_without_calibration_are_todays_plan():
     model = build_builtin("gpt2-tiny", seed=1).model
     expected = []
     for e in plan(model, ConvertConfig(structure="monarch", params_ratio=0.4), family_of(model)).layers:
@@ -104,7 +104,8 @@ def test_uniform_and_the_default_are_todays_plan():
     for kw in ({}, {"allocation": "uniform"}):
         done = convert(copy.deepcopy(model), ConvertConfig(structure="monarch", params_ratio=0.4, **kw))
         assert [(e.name, e.num_blocks, e.rank, e.params) for e in done.layers] == expected
-        assert done.allocation["method"] == "uniform" and done.allocation["requested"] == "uniform"
+        assert done.allocation["method"] == "uniform"
+        assert done.allocation["requested"] == kw.get("allocation", "auto")
     # uniform stays uniform with calibration inputs too
     llama = build_builtin("llama-tiny", seed=1).model.eval()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -112,6 +113,11 @@ def test_uniform_and_the_default_are_todays_plan():
     ranks = [(e.name, e.rank) for e in plan(llama, config, family_of(llama)).layers]
     done = convert(llama, config, calibration=ids)
     assert [(e.name, e.rank) for e in done.layers] == ranks and done.allocation["method"] == "uniform"
+    # the default (auto) with calibration inputs: the loss-weighted budget
+    auto = convert(build_builtin("llama-tiny", seed=1).model.eval(), ConvertConfig("lowrank", 0.5), calibration=ids)
+    assert auto.allocation["method"] == "sensitivity" and auto.allocation["requested"] == "auto"
+    assert auto.allocation["proxy"] == "loss-weighted whitened spectrum"
+    assert auto.allocation["achieved_ratio"] <= 0.5
 
 
 def test_sensitivity_without_calibration_reads_the_weights():
@@ -264,7 +270,7 @@ def test_bad_allocation_gives_one_line_and_writes_nothing(tmp_path):
     cases = [
         (
             ["gpt2-tiny", "--allocation", "bogus"],
-            "unknown allocation 'bogus'; choose one of uniform, sensitivity",
+            "unknown allocation 'bogus'; choose one of auto, uniform, sensitivity",
         ),
         (["llama-tiny", "--allocation", "sensitivity", "--dry-run"], "a --dry-run has none"),
         (

@@ -238,7 +238,7 @@ def test_allocate_weighs_by_the_sensitivities():
         allocate(model, copy.deepcopy(base), config, None, None, sensitivities={names[0]: math.nan, names[1]: 1.0})
     # uniform ignores them
     uniform = copy.deepcopy(base)
-    record = allocate(model, uniform, ConvertConfig(structure="lowrank", params_ratio=0.5, include=("layers.*",)),
+    record = allocate(model, uniform, ConvertConfig("lowrank", 0.5, include=("layers.*",), allocation="uniform"),
                       None, None, sensitivities={names[0]: 1e-3, names[1]: 0.1})  # fmt: skip
     assert [e.rank for e in uniform.layers] == [e.rank for e in base.layers] and record["proxy"] is None
 
