@@ -201,7 +201,9 @@ def compensated_target(weight: torch.Tensor, stats: LayerStats, damping: float) 
     w = weight.double()
     # M^T = (G_c + lambda I)^-1 (C + lambda I) W^T
     m = torch.linalg.solve(gc + lam * eye, (cross + lam * eye) @ w.T).T
-    return m.to(weight.dtype), gc.to(weight.dtype)
+    # at least float32: a bf16 model's M and G_c rounded to bf16 would lose the digits the whitening needs
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return m.to(dtype), gc.to(dtype)
 
 
 def drift_error(weight: torch.Tensor, approx: torch.Tensor, stats: LayerStats) -> float:

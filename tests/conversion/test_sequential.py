@@ -48,6 +48,10 @@ def test_compensated_target_is_the_drift_objective_in_whitened_form():
     assert direct(m) <= direct(a1) and direct(m) <= direct(w)  # M is the unconstrained minimizer
     no_drift, _ = seq.compensated_target(w, _stats(xd, xd), damping)
     torch.testing.assert_close(no_drift, w, rtol=1e-9, atol=1e-9)  # no drift: the one-shot target
+    half = seq.LayerStats(*(t.float() for t in (xc.T @ xc, xc.T @ xd, xd.T @ xd)), n)
+    m16, g16 = seq.compensated_target(w.bfloat16(), half, damping)  # a bf16 model's target keeps float32 digits
+    assert m16.dtype == g16.dtype == torch.float32
+    torch.testing.assert_close(m16.double(), seq.compensated_target(w.bfloat16().double(), _stats(xc, xd), damping)[0])
 
 
 def test_drift_error_matches_the_outputs():
