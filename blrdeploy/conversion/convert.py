@@ -117,6 +117,7 @@ class Plan:
     skipped: list[dict] = field(default_factory=list)  # {"name", "reason"}
     by_ratio: list[str] = field(default_factory=list)  # the layers params_ratio set (no preset or layers entry)
     allocation: dict | None = None  # conversion.allocate's record, once allocated
+    shared_inputs: list[list[str]] = field(default_factory=list)  # a sequential conversion's groups of one input
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -358,11 +359,12 @@ def convert_layers_sequential(
     def dense_weight(module: nn.Module) -> torch.Tensor:
         return module.weight.detach().T if _is_conv1d(module) else module.weight.detach()
 
-    errors = sequential.convert_sequential(
+    errors, groups = sequential.convert_sequential(
         model, list(entries), batches, fit, damping=damping, dense_weight=dense_weight
     )
     for name, error in errors.items():
         entries[name].output_relative_error = error
+    the_plan.shared_inputs = groups
     return the_plan
 
 

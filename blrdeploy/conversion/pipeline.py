@@ -193,15 +193,21 @@ def run_convert(
     calibration: CalibrationOptions | None = None,
 ) -> dict:
     """``calibration``: fit each layer to its outputs on that text (its input Gram, collected by running the dense
-    model once) instead of its weights; the checkpoint records the text's sha256, the tokens and each layer's
-    calibration output error. Every check on the text and the tokenizer runs before any fit. ``config.allocation``
-    spreads the ratio (``conversion.allocate``: uniform, or by sensitivity when asked), recorded as "allocation"."""
+    model once; with ``calibration.sequential`` block by block on the converted model's own inputs,
+    ``conversion.sequential``) instead of its weights; the checkpoint records the text's sha256, the tokens and each
+    layer's calibration output error. Every check on the text and the tokenizer runs before any fit.
+    ``config.allocation`` spreads the ratio (``conversion.allocate``; auto: by loss-weighted sensitivity when there is
+    calibration text, which costs one backward pass over part of it, else uniform), recorded as "allocation"."""
     callbacks = callbacks or Callbacks()
     allow_unknown = allow_unknown or config.include is not None
     if dry_run:
         source = _meta_source(model_arg, allow_unknown)
         the_plan = plan(source.model, config, source.family, source.builtin)
-        allocate(source.model, the_plan, config, source.family)
+        record = allocate(source.model, the_plan, config, source.family)
+        if calibration is not None and config.allocation == "auto" and the_plan.by_ratio:
+            # the loss-weighted ranks need the weights and the text: a dry run shows the uniform ranks in their place
+            record.update(method="sensitivity", note="ranks are set at conversion from the calibration text; the "
+                          "plan shows each layer at the ratio")  # fmt: skip
         return {"dry_run": True, **_plan_summary(source, the_plan)}
 
     if output is not None:
@@ -222,6 +228,11 @@ def run_convert(
     record = source_record(source) if output is not None else None  # fingerprints the weights just loaded
     model = source.model
     the_plan = plan(model, config, source.family, source.builtin)
+    if config.allocation == "sensitivity" and not the_plan.by_ratio:  # before the calibration passes, not after
+        raise ValueError(
+            "--allocation sensitivity spreads --params-ratio over the layers it sets; every layer here has a fixed "
+            "(b, r) from --preset or --layers"
+        )
     grams = None
     sequential = calibration is not None and calibration.sequential
     weighted = resolve_allocation(config.allocation, windows is not None, bool(the_plan.by_ratio)) == "sensitivity"
@@ -251,6 +262,7 @@ def run_convert(
         convert_layers_sequential(
             model, the_plan, config, batched(windows), device, callbacks.layer, callbacks.fit, damping=damping
         )
+        groups = the_plan.shared_inputs
     else:
         convert_layers(model, the_plan, config, device, callbacks.layer, callbacks.fit, grams=grams, damping=damping)
     calibrated = None

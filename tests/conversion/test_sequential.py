@@ -70,8 +70,9 @@ def test_block_stack_finds_the_blocks_and_refuses_layers_outside():
     list_name, blocks, by_block = seq.block_stack(model, names)
     assert list_name == "model.layers" and len(blocks) == 2 and sorted(by_block) == [0, 1]
     assert len(by_block[0]) == 7 and all(n.startswith("model.layers.1.") for n in by_block[1])
-    with pytest.raises(ValueError, match="lm_head is not inside one stack of blocks"):
-        seq.block_stack(model, ["lm_head", *names])
+    for order in (["lm_head", *names], [*names, "lm_head"]):  # named wherever it comes
+        with pytest.raises(ValueError, match="layer lm_head is not inside one stack of blocks.*--exclude it"):
+            seq.block_stack(model, order)
 
 
 def _logits(model, ids):
@@ -124,6 +125,63 @@ def test_convert_sequential_cli_records_it_and_refuses_without_text(tmp_path):
     bare = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "o2"), "--sequential"])
     assert bare.exit_code == 2 and "give --calibration PATH" in bare.output
     assert len(bare.output.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
+
+
+def test_recorded_error_is_the_converted_models_output_against_dense():
+    """Each layer's recorded error is ||y_c - y_d|| / ||y_d|| of its output in the converted model against the dense
+    model's, on the calibration tokens, measured here with hooks on both models."""
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(8))
+    config = ConvertConfig(structure="lowrank", layers=(("*", None, 8),), params_ratio=None)
+    dense, converted = tiny_llama(), tiny_llama()
+    done = convert(converted, config, calibration=ids, sequential=True)
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.up_proj"):
+        outs = []
+        for model in (dense, converted):
+            handle = model.get_submodule(name).register_forward_hook(
+                lambda m, a, out, outs=outs: outs.append(out.double())
+            )
+            _logits(model, ids)
+            handle.remove()
+        measured = float(torch.linalg.norm(outs[1] - outs[0]) / torch.linalg.norm(outs[0]))
+        recorded = next(e.output_relative_error for e in done.layers if e.name == name)
+        assert recorded == pytest.approx(measured, rel=1e-4), name
+
+
+def test_default_allocation_with_fixed_ranks_and_calibration_is_uniform_and_runs_no_backward(monkeypatch):
+    """--allocation auto with --layers (no layer set by the ratio) and calibration text: nothing to spread, so no
+    loss-sensitivity pass either."""
+    from blrdeploy.conversion import convert as convert_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the sensitivity pass ran")
+
+    monkeypatch.setattr(convert_module, "output_sensitivity", refuse)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
+    config = ConvertConfig(structure="lowrank", layers=(("*", None, 8),), params_ratio=None)
+    for sequential in (False, True):
+        done = convert(tiny_llama(), config, calibration=ids, sequential=sequential)
+        assert done.allocation["method"] == "uniform" and done.allocation["requested"] == "auto"
+
+
+def test_block_chain_reproduces_the_encoder_with_its_mask():
+    """The captured block calls (a padded attention mask among them), replayed block by block, give the model's
+    own output: what the sequential pass runs is the model."""
+    from test_sensitivity import tiny_bert
+
+    model = tiny_bert()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    _, blocks, _ = seq.block_stack(model, ["encoder.layer.1.output.dense"])
+    hidden, calls = seq._capture_block_inputs(model, blocks, 1, [{"input_ids": ids, "attention_mask": mask}], "cpu")
+    h = hidden[0]
+    for index in range(2):
+        h = seq._run_to(blocks[index], None, h, calls[index][0])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(h, expected)
+    unmasked = model(input_ids=ids).last_hidden_state
+    assert not torch.allclose(unmasked[0, :7], expected[0, :7], atol=1e-4)  # the mask matters here
 
 
 def test_sequential_on_an_encoder_with_an_attention_mask():
