@@ -171,8 +171,9 @@ def _print_conversion(summary: dict) -> None:
     calib = summary.get("calibration")
     if calib:
         out.print(
-            f"layer output error on {calib['tokens']:,} calibration tokens ({calib['windows']} x {calib['seq_len']}):"
-            f" mean {summary['mean_output_relative_error']:.4f}, worst {summary['worst_output_relative_error']:.4f}"
+            f"layer output error on {calib['tokens']:,} calibration tokens ({calib['windows']} x {calib['seq_len']})"
+            + (", against dense, drift included" if calib.get("sequential") else "")
+            + f": mean {summary['mean_output_relative_error']:.4f}, worst {summary['worst_output_relative_error']:.4f}"
         )
     agree = summary["output_agreement"]
     if agree:

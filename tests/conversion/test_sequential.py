@@ -122,6 +122,9 @@ def test_convert_sequential_cli_records_it_and_refuses_without_text(tmp_path):
     assert json.loads(res.stdout)["calibration"]["sequential"] is True
     record = json.loads((out / "blr_config.json").read_text())["calibration"]
     assert record["sequential"] is True and len(record["layers"]) == 14
+    shown = runner.invoke(app, [*args[:3], str(tmp_path / "o3"), *args[4:], "--calibration-tokens", "64",
+                                "--seq-len", "32", "--sequential"])  # fmt: skip
+    assert shown.exit_code == 0 and "64 calibration tokens (2 x 32), against dense, drift included" in shown.stdout
     bare = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "o2"), "--sequential"])
     assert bare.exit_code == 2 and "give --calibration PATH" in bare.output
     assert len(bare.output.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
