@@ -7,15 +7,16 @@
   L L^T = G + lambda I, with G its calibration Gram (of W itself without one). b stays as the rule chose it; only
   ranks move, in the rule's kernel-friendly steps.
 
-``uniform`` is the default. The unweighted proxy (every layer's relative error squared at weight 1) lowers the summed
-layer output error (on a real 135M Llama, low-rank at 0.5 with calibration: mean 0.270 -> 0.230) yet raised
-perplexity (499 -> 1,123; BLAST at 0.8: 24.3 -> 36.0; bench/NOTES.md): equal weight for every layer's relative error
-is the wrong objective for the model's loss. With calibration text, layer l's error is weighted by w_l = h_l * E_l
+``auto`` (the default) is ``sensitivity`` when calibration text is given and some layer is set by the ratio, else
+``uniform``. With calibration text, layer l's relative error squared is weighted by w_l = h_l * E_l
 (``sensitivities``, from ``conversion.sensitivity``): to second order the loss grows by 1/2 sum_t dy_t^T H dy_t over
 the tokens, H ~ h_l I (the Fisher of the layer's output, averaged over its channels; h_l = mean ||dL/dy_l||^2 /
-out_features), so the layer costs ~ 1/2 h_l ||dW X||^2 = 1/2 N h_l E_l relative_error^2 over N tokens, E_l = the sum
-of its whitened spectrum squared ~ tr(W G W^T), its output energy per token. This loss-weighted proxy has not been
-measured against uniform on perplexity yet: ``sensitivity`` stays opt-in until it is.
+out_features), so the layer costs ~ 1/2 h_l ||dW X||^2 = 1/2 N h_l E_l relative_error^2 over N tokens, E_l the sum
+of its whitened spectrum squared ~ tr(W G W^T), its output energy per token. The unweighted proxy (every layer's
+relative error at weight 1) lowered the summed layer error yet raised perplexity on a real 135M Llama (low-rank 0.5:
+499 -> 1,123); the loss-weighted one lowered it in every pair measured (bench/NOTES.md, "Sequential calibration and
+loss-weighted allocation"). Without calibration text ``sensitivity`` still reads the weights' own spectra,
+unweighted: opt-in only.
 
 Sibling layers the family stacks on load (q/k/v, gate/up: ``models.families``, ``conversion.siblings``) get one
 rank per group, their errors summed: stacking needs equal factor shapes, and a different rank per member would
