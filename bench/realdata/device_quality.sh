@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench/quality.py on the lent GPU machine (issue #21): the real LM of bench/realdata/README.md, rebuilt there from
 # its GGUF, and the real text, carried in two calls because one call carries at most 64 MiB:
-#   call 1 carries .data/p1 (gguf.part00, the gguf package, text/{calib,eval}.jsonl),
-#   call 2 carries .data/p2 (gguf.part01, convert_gguf.py with /tmp paths) and runs this script.
+#   call 1 carries .data/p1 (gguf.part00, the gguf package, text/{calib,eval}.jsonl) and runs
+#     `cp -r .data/p1 /tmp/p1` (a path not named in the next call's carry does not stay in the checkout; /tmp does),
+#   call 2 carries .data/p2 (gguf.part01, convert_gguf.py with /tmp paths) and runs this script, which takes p1 back.
 # (split -b 49500000 -d the GGUF; .data/ is in .git/info/exclude.) A later call on the still-warm machine finds /tmp/lm
 # and the results made so far, and resumes: quality.py skips the cells already in its JSON.
 # Usage: bench/realdata/device_quality.sh SECONDS GROUP... ; a GROUP is structures:ratios:methods[:steps], one
@@ -11,6 +12,8 @@ set -u
 budget=$1; shift
 repo=$(pwd)
 out=${OUT:-/tmp/out}
+[ -d .data/p1 ] || cp -r /tmp/p1 .data/p1 || { echo "no .data/p1: carry it in an earlier call and copy it to /tmp/p1"; exit 1; }
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 mkdir -p "$out" /tmp/q
 python -m pip install -q --no-deps --no-build-isolation -e . >/tmp/q/pip.log 2>&1 || { tail /tmp/q/pip.log; exit 1; }
 if [ ! -f /tmp/lm/model.safetensors ]; then
@@ -29,7 +32,7 @@ for group in "$@"; do
   (cd /tmp && timeout "$budget" python -P "$repo/bench/quality.py" --model /tmp/lm --calibration "$text/calib.jsonl" \
     --eval-data "$text/eval.jsonl" --structures "$structures" --ratios "$ratios" --methods "$methods" \
     --device cuda --threads 4 --work "/tmp/q/work_$name" --out "/tmp/q/quality_$name.json" "${extra[@]}" \
-    --note "H200, one of $# quality.py processes sharing the GPU" >"/tmp/q/log_$name.txt" 2>&1) &
+    --note "$gpu, one of $# quality.py processes sharing the GPU" >"/tmp/q/log_$name.txt" 2>&1) &
   pids+=($!)
 done
 wait "${pids[@]}"
