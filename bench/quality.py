@@ -7,7 +7,8 @@ cell. At the end (or with --table-only) it prints one row per structure x ratio 
 
 Methods: weight-only (fit the weights), calibrated (--calibration: fit the layer outputs on the calibration text),
 allocation (calibrated + --allocation sensitivity; skipped, not recorded, while `convert --help` has no --allocation),
-sequential (calibrated + --sequential: block by block on the converted model's own inputs), sequential+allocation.
+sequential (calibrated + --sequential: block by block on the converted model's own inputs), sequential+allocation;
+METHOD+healed (METHOD's checkpoint, then `blrdeploy heal` on the calibration text, then eval of the healed one).
 
 Example (the causal LM, 8 cells):
     python bench/quality.py --model /work/data/lm --structures lowrank,monarch --ratios 0.8,0.5 \
@@ -32,7 +33,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("weight-only", "calibrated", "allocation", "sequential", "sequential+allocation")
+METHODS = (
+    "weight-only",
+    "calibrated",
+    "allocation",
+    "sequential",
+    "sequential+allocation",
+    "allocation+healed",
+    "sequential+allocation+healed",
+)
+HEALED = "+healed"  # a method ending so converts as the method before it, then runs `blrdeploy heal` on the result
 
 
 def sha256(path: Path) -> str:
@@ -114,6 +124,7 @@ def cell_key(structure: str, ratio: float, method: str) -> str:
 
 
 def convert_cmd(a, structure: str, ratio: float, method: str, out_dir: Path, steps: int | None) -> list[str]:
+    method = method.removesuffix(HEALED)
     cmd = [*a.cli, "convert", a.model, "-o", str(out_dir), "--structure", structure, "--params-ratio", f"{ratio:g}",
            "--device", a.device, "--overwrite", "--json"]  # fmt: skip
     if method != "weight-only":
@@ -128,6 +139,17 @@ def convert_cmd(a, structure: str, ratio: float, method: str, out_dir: Path, ste
     for pattern in a.include or ():
         cmd += ["--include", pattern]
     return cmd
+
+
+def heal_cmd(a, ckpt: Path, out_dir: Path) -> list[str]:
+    return [*a.cli, "heal", str(ckpt), "--data", a.calibration, "-o", str(out_dir), "--steps", str(a.heal_steps),
+            "--lr", f"{a.heal_lr:g}", "--batch", str(a.heal_batch), "--seq-len", str(a.seq_len),
+            "--device", a.device, "--overwrite", "--json"]  # fmt: skip
+
+
+def summarize_heal(h: dict) -> dict:
+    keep = ("loss", "tokens_seen", "trainable_params", "trained", "options", "seconds", "tokens_per_second", "plan")
+    return {k: h[k] for k in keep if k in h}
 
 
 def eval_cmd(a, ckpt: Path) -> list[str]:
@@ -214,8 +236,28 @@ def run_cell(a, structure: str, ratio: float, method: str) -> dict:
         cell["error"] = f"convert JSON unreadable: {out[-500:]} {tail(log)}"
         return cell
     effective = effective_allocation(cell)
-    if expected_method(cell["method"], effective) != cell["method"]:
+    base = cell["method"].removesuffix(HEALED)
+    if expected_method(base, effective) != base:
         cell["warning"] = f"convert used allocation {effective!r}, not what method {method!r} means"
+    if method.endswith(HEALED):
+        healed = Path(a.work) / f"{name}_healed"
+        cmd = heal_cmd(a, ckpt, healed)
+        print(f"[{key}] heal: {shlex.join(cmd)}", flush=True)
+        log = logs / f"{name}.heal.log"
+        cell["heal_command"] = shlex.join(cmd)
+        rc, out, secs = run(cmd, log, None)
+        cell["heal_wall_seconds"] = round(secs, 1)
+        if rc != 0:
+            cell["error"] = f"heal exit {rc}: {tail(log)}"
+            return cell
+        try:
+            cell["heal"] = summarize_heal(json.loads(out))
+        except json.JSONDecodeError:
+            cell["error"] = f"heal JSON unreadable: {out[-500:]} {tail(log)}"
+            return cell
+        if not a.keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt = healed
     cmd = eval_cmd(a, ckpt)
     print(f"[{key}] eval: {shlex.join(cmd)}", flush=True)
     log = logs / f"{name}.eval.log"
@@ -256,7 +298,7 @@ def reconcile(results: dict) -> None:
     cells ran with convert's default --allocation auto, which is sensitivity when --calibration is given."""
     cells = results["cells"]
     for key, c in list(cells.items()):
-        if c.get("error"):
+        if c.get("error") or c["method"].endswith(HEALED):  # healed cells always passed --allocation
             continue
         eff = effective_allocation(c)
         real = expected_method(c["method"], eff)
@@ -292,10 +334,10 @@ def table(results: dict) -> str:
     enc = any((cells[k].get("eval") or {}).get("kind") == "encoder" for k in keys)
     if enc:
         head = ["structure", "ratio", "method", "alloc", "steps", "params after", "cos mean", "cos min", "convert s",
-                "eval s", "out err mean", "w err mean"]  # fmt: skip
+                "heal s", "eval s", "out err mean", "w err mean"]  # fmt: skip
     else:
         head = ["structure", "ratio", "method", "alloc", "steps", "params after", "ppl dense", "ppl conv", "x dense",
-                "top-1 agr", "KL nats/tok", "convert s", "eval s", "out err mean", "w err mean"]  # fmt: skip
+                "top-1 agr", "KL nats/tok", "convert s", "heal s", "eval s", "out err mean", "w err mean"]  # fmt: skip
     rows = []
     for k in keys:
         c = cells[k]
@@ -306,6 +348,7 @@ def table(results: dict) -> str:
                 fmt(cv.get("params_after"), "{:,}")]  # fmt: skip
         tail_ = [
             fmt(cv.get("seconds"), "{:.0f}"),
+            fmt((c.get("heal") or {}).get("seconds"), "{:.0f}"),
             fmt(ev.get("seconds"), "{:.0f}"),
             fmt(cv.get("mean_output_relative_error"), "{:.4f}"),
             fmt(cv.get("mean_relative_error"), "{:.4f}"),
@@ -336,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=16384, help="eval --max-tokens")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=None, help="BLAST --steps (default: the CLI's)")
+    p.add_argument("--heal-steps", type=int, default=200, help="heal --steps (the +healed methods)")
+    p.add_argument("--heal-lr", type=float, default=1e-4, help="heal --lr")
+    p.add_argument("--heal-batch", type=int, default=4, help="heal --batch")
     p.add_argument(
         "--convert-timeout",
         type=float,

@@ -12,7 +12,7 @@ import torch
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from blrdeploy.cli import bench, bundle, convert, eval, factorize, onnx, roofline
+from blrdeploy.cli import bench, bundle, convert, eval, factorize, heal, onnx, roofline
 from blrdeploy.cli.common import cpu_threads
 from blrdeploy.version import __version__
 
@@ -74,6 +74,7 @@ app.command("info", cls=_Command)(convert.info)
 app.command("export", cls=_Command)(onnx.export)
 app.command("validate", cls=_Command)(onnx.validate)
 app.command("eval", cls=_Command)(eval.eval_command)
+app.command("heal", cls=_Command)(heal.heal)
 app.command("bench", cls=_Command)(bench.bench)
 app.command("package", cls=_Command)(bundle.package)
 app.command("verify-bundle", cls=_Command)(bundle.verify_bundle)

@@ -9,6 +9,8 @@
 - ``sensitivity``: how much the loss reads each layer's output (one backward pass), the allocation's weights.
 - ``allocate``: how ``--params-ratio`` is spread (``uniform`` per layer, or ``sensitivity``: one budget, ranks
   by each layer's whitened spectrum weighted by its loss sensitivity, siblings sharing one rank) and its record.
+- ``heal``: ``blrdeploy heal``: a short distillation of a converted checkpoint toward its dense source on text
+  (the BLR factors trained, resumable from a state file, the result written atomically as a checkpoint).
 - ``checkpoint``: the checkpoint directory (its files as the README lists them): atomic save, ``load`` on the meta
   device, sha256 checks, ``describe`` (``blrdeploy info``).
 - ``siblings``, ``blocks``, ``fusion``: launch-saving fusions applied on load (stacked sibling layers, SwiGLU and

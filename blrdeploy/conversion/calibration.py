@@ -33,21 +33,30 @@ GramProgress = Callable[[int, int], None]  # (tokens done, tokens in all)
 # ------------------------------------------------------------------------------------------------ the text
 
 
-def calibration_windows(model_dir: str | Path | None, config, path: str | Path, seq_len: int | None, tokens: int):
-    """(text, (windows, seq_len) token ids) for ``convert --calibration``: the text at ``path`` (models.text),
-    tokenized with the model's own tokenizer, as many non-overlapping windows of ``seq_len`` (default: the model's
-    context, at most MAX_SEQ_LEN) as fit in ``tokens``. Every check is made here, before the model loads."""
+def calibration_windows(
+    model_dir: str | Path | None,
+    config,
+    path: str | Path,
+    seq_len: int | None,
+    tokens: int,
+    option: str = "--calibration",
+    tokens_option: str = "--calibration-tokens",
+):
+    """(text, (windows, seq_len) token ids) for ``convert --calibration`` (and ``heal --data``, whose options the
+    errors then name): the text at ``path`` (models.text), tokenized with the model's own tokenizer, as many
+    non-overlapping windows of ``seq_len`` (default: the model's context, at most MAX_SEQ_LEN) as fit in
+    ``tokens``. Every check is made here, before the model loads."""
     try:
         text = read_text(path)
     except TextError as exc:
-        raise TextError(f"--calibration: {exc}") from None
-    tokenizer = load_tokenizer(model_dir, "--calibration")
+        raise TextError(f"{option}: {exc}") from None
+    tokenizer = load_tokenizer(model_dir, option)
     seq_len = seq_len or default_seq_len(config)
     if tokens < seq_len:
-        raise TextError(f"--calibration-tokens {tokens} is less than one window of --seq-len {seq_len}")
+        raise TextError(f"{tokens_option} {tokens} is less than one window of --seq-len {seq_len}")
     ids = token_stream(tokenizer, text.documents, limit=tokens)
     if len(ids) < seq_len:
-        raise TextError(f"calibration text {path} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
+        raise TextError(f"{option} text {path} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
     return text, windows(ids, seq_len, tokens)
 
 

@@ -91,6 +91,17 @@ def blr_layers(model: nn.Module) -> list[dict]:
     return layers
 
 
+def _same_layers(own: list[dict], given: list[dict] | None) -> list[dict]:
+    """``given`` where it names the model's BLR layers with their shapes, else ``own``; a mismatch is a defect."""
+    if given is None:
+        return own
+    shape = ("name", "structure", "in_features", "out_features", "num_blocks", "rank", "bias", "params")
+    own = json.loads(json.dumps(own))  # as read back: tuples (BLAST's (b_out, b_in)) become lists
+    if sorted([e[k] for k in shape] for e in own) != sorted([e.get(k) for k in shape] for e in given):
+        raise ValueError("save(layers=...) does not describe the model's BLR layers")
+    return given
+
+
 def _sibling_members(group_name: str, group) -> list[tuple[str, int]]:
     """(the member's module path, its index in the stack) for a Siblings group registered at ``group_name``."""
     parent = group_name.rpartition(".")[0]
@@ -149,10 +160,13 @@ def save(
     extra: dict | None = None,
     overwrite: bool = False,
     tokenizer_from: Path | None = None,
+    layers: list[dict] | None = None,
 ) -> Path:
     """Write a converted model. ``source`` describes where it came from (id, family, library, class);
     by default it is read off the model. ``extra`` adds fields to blr_config.json (e.g. the conversion config).
-    ``tokenizer_from``: a source checkpoint directory whose tokenizer files are copied along."""
+    ``tokenizer_from``: a source checkpoint directory whose tokenizer files are copied along. ``layers``: the
+    layer entries to record instead of the model's own (heal keeps the conversion's, fit errors included, for
+    a model whose modules no longer carry them); they must describe the same modules."""
 
     path = Path(path)
     library = "diffusers" if type(model).__module__.startswith("diffusers") else "transformers"
@@ -175,7 +189,7 @@ def save(
             "format_version": FORMAT_VERSION,
             "source": source,
             "dtypes": dtypes,
-            "layers": blr_layers(model),
+            "layers": _same_layers(blr_layers(model), layers),
             "tied": aliases,
             "non_persistent_buffers": buffers,
             "weights": {"file": WEIGHTS, "bytes": weights.stat().st_size, "sha256": file_sha256(weights)},

@@ -31,7 +31,7 @@ from blrdeploy.conversion.checkpoint import BLR_CONFIG, load, read_blr_config, v
 from blrdeploy.conversion.pipeline import open_recorded_source, unique_params
 from blrdeploy.models.families import BUILTIN, FAMILIES, Family
 from blrdeploy.models.outputs import compare, main_output
-from blrdeploy.models.sources import builtin_config, identify, open_source, read_config
+from blrdeploy.models.sources import builtin_config, identify, is_causal_lm, open_source, read_config
 from blrdeploy.models.text import (
     TextError,
     context_of,
@@ -48,7 +48,6 @@ DEFAULT_BATCH = 4
 # Log-softmax rows per chunk: chunk * vocab elements in float32 stay near 64 MiB (a 49k vocabulary at 2048 tokens
 # in one piece would be 400 MB per copy, and the KL needs three).
 _CHUNK_ELEMENTS = 1 << 24
-_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers' naming of next-token heads
 
 Progress = Callable[[int, int], None]  # (done, total) units of work: windows, chunks or sample batches
 
@@ -150,7 +149,7 @@ def model_kind(library: str, class_name: str, family: Family | None) -> str:
         return {"vit": "image", "dit": "latent"}.get(family.name, "samples")
     if library != "transformers":
         raise EvalError(f"eval knows causal LMs, encoders and the vit/dit families; {class_name} is none of them")
-    return "causal-lm" if class_name.endswith(_CAUSAL_SUFFIXES) else "encoder"
+    return "causal-lm" if is_causal_lm(class_name) else "encoder"
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -28,6 +28,13 @@ BUILTIN_CLASS = {
     "vit": ("transformers", "ViTForImageClassification"),
     "dit": ("diffusers", "DiTTransformer2DModel"),
 }
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers' naming of next-token heads
+
+
+def is_causal_lm(class_name: str) -> bool:
+    """Whether a transformers class (by name) predicts the next token: eval scores its perplexity, heal distills
+    its logits."""
+    return class_name.endswith(CAUSAL_SUFFIXES)
 
 
 @dataclass

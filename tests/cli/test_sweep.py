@@ -76,6 +76,7 @@ def _snapshot(*roots: Path) -> dict[str, str]:
 BENCH = ["--device", "cpu", "--modes", "eager", "--no-decode", "--budget", "0.01", "--batch", "1", "--seq", "8"]
 CONVERT = ["--structure", "lowrank", "--steps", "2", "--device", "cpu"]
 RUN = ["--device", "cpu", "--dtype", "float32", "--repeat", "0"]
+HEAL = ["--data", "{garbage}", "--device", "cpu", "--steps", "1"]
 
 CASES = [
     # factorize: its one input is --weights
@@ -147,6 +148,14 @@ CASES = [
     pytest.param(["eval", "{ckpt}", "--data", "{missing}", "--device", "cpu"], id="eval-data_missing_path"),
     pytest.param(["eval", "{ckpt}", "--data", "{empty}", "--device", "cpu"], id="eval-data_empty_dir"),
     pytest.param(["eval", "{ckpt}", "--data", "{garbage}", "--device", "cpu"], id="eval-data_corrupt_file"),
+    # heal CKPT --data TEXT -o OUT (the checkpoint has no tokenizer: the output cases must stop before the text)
+    pytest.param(["heal", "{missing}", *HEAL, "-o", "{fresh}"], id="heal-missing_path"),
+    pytest.param(["heal", "{empty}", *HEAL, "-o", "{fresh}"], id="heal-empty_dir"),
+    pytest.param(["heal", "{corrupt_ckpt}", *HEAL, "-o", "{fresh}"], id="heal-corrupt_file"),
+    pytest.param(["heal", "{ckpt}", *HEAL, "-o", "{user_dir}"], id="heal-existing_output_dir"),
+    pytest.param(["heal", "{ckpt}", *HEAL, "-o", "{user_file}"], id="heal-existing_output_file"),
+    pytest.param(["heal", "{ckpt}", *HEAL, "-o", "{unwritable}"], id="heal-unwritable_output"),
+    pytest.param(["heal", "{ckpt}", "--data", "{missing}", "--device", "cpu", "-o", "{fresh}"], id="heal-data_missing"),
     # tune --bundle BUNDLE
     pytest.param(["tune", "--bundle", "{missing}"], id="tune-missing_path"),
     pytest.param(["tune", "--bundle", "{empty}"], id="tune-empty_dir"),

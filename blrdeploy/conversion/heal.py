@@ -1,0 +1,391 @@
+"""``blrdeploy heal``: a short distillation of a converted model back toward the dense model it came from.
+
+A calibrated conversion fits each layer on its own; what is left is the error the layers make together. Healing
+trains the BLR factors (and, if asked, the biases and norms) on text so that the converted model's outputs match
+the dense model's: the mean per-token KL(dense || converted) of the next-token distributions for causal LMs, the
+relative squared error of the last hidden states for encoders. Everything else stays frozen.
+
+The student is the checkpoint loaded in float32 (the master weights the optimizer updates); on a GPU the forward
+runs under bfloat16 autocast. The teacher is the source the checkpoint records (checked against its fingerprint),
+in the student's compute dtype, without gradients. The text is cut into windows once, before any model loads; the
+windows of step s are a function of (seed, s) alone, so a run resumed from its state file sees the batches an
+uninterrupted run would, and ends with the same weights.
+
+Nothing is written to the output until the last step is done: the checkpoint goes in atomically (an interrupted
+heal leaves an existing checkpoint at the output as it was). Every ``save_every`` steps the trainable tensors,
+the optimizer and the losses so far go to a state file beside the output (``OUT.heal-state.pt``), written
+atomically; a later run with the same checkpoint, text and options resumes from it, and a finished run removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blrdeploy.conversion.calibration import calibration_windows, forward_kwargs
+from blrdeploy.conversion.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    checkpoint_files,
+    load,
+    read_blr_config,
+    save,
+    verify,
+)
+from blrdeploy.conversion.pipeline import open_recorded_source
+from blrdeploy.files import atomic_file, check_output_dir
+from blrdeploy.models.outputs import agreement, main_output
+from blrdeploy.models.sources import is_causal_lm, read_config
+from blrdeploy.models.text import default_seq_len, load_tokenizer
+from blrdeploy.structures.modules import BLRLinear
+
+STATE_SUFFIX = ".heal-state.pt"
+DEFAULT_STEPS = 200
+DEFAULT_LR = 1e-4
+DEFAULT_BATCH = 4  # windows per step
+DEFAULT_SAVE_EVERY = 50
+WARMUP = 0.05  # of the steps: the learning rate rises linearly, then follows a cosine down to FINAL_LR of it
+FINAL_LR = 0.1
+CLIP = 1.0  # gradient norm: one bad batch must not undo the conversion's fit
+
+Progress = Callable[[dict], None]  # called after every step with {"step", "steps", "loss", "tokens_per_second"}
+
+
+class HealError(ValueError):
+    """Bad input to heal: one line for the user, nothing written."""
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
+    batch: int = DEFAULT_BATCH
+    seq_len: int | None = None  # None: the model's context, at most MAX_SEQ_LEN
+    tokens: int | None = None  # text read, in tokens; None: enough for every step to see new windows
+    train_norms: bool = False  # also biases and normalization weights (else the BLR factors only)
+    seed: int = 0
+    save_every: int = DEFAULT_SAVE_EVERY
+
+    def check(self) -> None:
+        if self.steps <= 0:
+            raise HealError(f"--steps must be at least 1, not {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise HealError(f"--lr must be a positive number, not {self.lr}")
+        if self.batch <= 0:
+            raise HealError(f"--batch must be at least 1, not {self.batch}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise HealError(f"--seq-len must be at least 2, not {self.seq_len}")
+        if self.tokens is not None and self.tokens <= 0:
+            raise HealError(f"--tokens must be positive, not {self.tokens}")
+        if self.save_every <= 0:
+            raise HealError(f"--save-every must be at least 1, not {self.save_every}")
+
+
+def state_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + STATE_SUFFIX)
+
+
+# ------------------------------------------------------------------------------------------------ what trains
+
+
+def trainable(model: nn.Module, train_norms: bool) -> dict[str, nn.Parameter]:
+    """The parameters healing updates, by name: every BLR layer's factors; with ``train_norms`` also every bias
+    and every normalization layer's weights. The rest (embeddings, heads, dense layers) is frozen."""
+    chosen = {}
+    for module_name, module in model.named_modules():
+        is_blr = isinstance(module, BLRLinear)
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if (is_blr and name != "bias") or (train_norms and (name == "bias" or is_norm)):
+                chosen[f"{module_name}.{name}" if module_name else name] = param
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Causal LMs: mean over tokens of KL(teacher || student) of the next-token distributions, in nats. Encoders:
+    ||h_s - h_t||² / ||h_t||² over the batch's last hidden states. Both in float32."""
+    s, t = student_out.float(), teacher_out.float()
+    if causal:
+        log_s = F.log_softmax(s.flatten(0, -2), dim=-1)
+        log_t = F.log_softmax(t.flatten(0, -2), dim=-1)
+        return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+
+
+def learning_rate(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over WARMUP of the steps, then a cosine from ``lr`` down to FINAL_LR * ``lr``."""
+    warm = max(1, round(WARMUP * steps))
+    if step < warm:
+        return lr * (step + 1) / warm
+    done = (step - warm) / max(1, steps - warm)
+    return lr * (FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def batch_windows(step: int, count: int, batch: int, seed: int) -> torch.Tensor:
+    """The window indices of ``step``: consecutive slices of a seeded permutation per pass over the windows, so
+    they depend on (seed, step) alone, and a resumed run sees what an uninterrupted one would."""
+    picks = []
+    for k in range(step * batch, (step + 1) * batch):
+        epoch, at = divmod(k, count)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        picks.append(order[at])
+    return torch.stack(picks)
+
+
+# ------------------------------------------------------------------------------------------------ the text
+
+
+def _text_windows(checkpoint: Path, config: dict, causal: bool, data: Path, options: HealOptions):
+    """(text, windows) of token ids: for causal LMs non-overlapping windows of the token stream; for encoders the
+    same, each wrapped in the tokenizer's special tokens ([CLS] ... [SEP]), as the encoder saw its inputs."""
+    seq_len = options.seq_len or default_seq_len(config)
+    tokens = options.tokens or options.steps * options.batch * seq_len
+    if causal:
+        return calibration_windows(checkpoint, config, data, seq_len, tokens, option="--data", tokens_option="--tokens")
+    tokenizer = load_tokenizer(checkpoint, "--data")
+    template = tokenizer("", verbose=False)["input_ids"]  # the special tokens alone, e.g. [CLS] [SEP]
+    if seq_len <= len(template) + 1:
+        raise HealError(f"--seq-len {seq_len} leaves no room beside the tokenizer's {len(template)} special tokens")
+    inner = seq_len - len(template)
+    text, plain = calibration_windows(
+        checkpoint, config, data, inner, tokens * inner // seq_len or inner, option="--data", tokens_option="--tokens"
+    )
+    starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+    lead = 1 if template and template[0] in starts else 0  # [CLS] (or BOS) before the text, the rest after it
+    wrapped = [template[:lead] + row.tolist() + template[lead:] for row in plain]
+    return text, torch.tensor(wrapped, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------ the state file
+
+
+def _state_key(checkpoint_sha: str, data_sha: str, options: HealOptions, windows: torch.Tensor) -> dict:
+    """What a state file must match to be resumed: the same checkpoint, text, options and windows."""
+    resumable = {k: v for k, v in asdict(options).items() if k != "save_every"}
+    return {"checkpoint_sha256": checkpoint_sha, "data_sha256": data_sha, "options": resumable,
+            "windows": list(windows.shape)}  # fmt: skip
+
+
+def _load_state(path: Path, key: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say which, never guess
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = f"{path} is not a heal state this blrdeploy can read ({reason}): move it away to start over"
+        raise HealError(message) from None
+    if not isinstance(state, dict) or state.get("key") != key:
+        raise HealError(
+            f"{path} holds the state of a different heal (checkpoint, text or options differ): move it away to "
+            "start over, or rerun with the options it was made with"
+        )
+    return state
+
+
+def _save_state(path: Path, key: dict, step: int, params: dict, optimizer, losses: list[float]) -> None:
+    state = {
+        "key": key,
+        "step": step,
+        "params": {name: p.detach().cpu().clone() for name, p in params.items()},
+        "optimizer": optimizer.state_dict(),
+        "losses": list(losses),
+    }
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+# ------------------------------------------------------------------------------------------------ heal
+
+
+def _text_sha256(text) -> str:
+    """One digest for the text read: its files' names and sha256 (models.text), in their order."""
+    return hashlib.sha256(json.dumps(text.files, sort_keys=True).encode()).hexdigest()
+
+
+def heal(
+    checkpoint: str | Path,
+    data: str | Path,
+    output: str | Path,
+    options: HealOptions = HealOptions(),
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    on_plan: Callable[[dict], None] | None = None,
+) -> dict:
+    """Distill the converted ``checkpoint`` toward its dense source on the text at ``data``; write the healed
+    checkpoint to ``output``. Returns the summary (losses, tokens, time, the plan). Every input is checked before
+    any model loads; a HealError (or CheckpointError, TextError) says what is wrong in one line. ``on_plan`` gets
+    the plan (:func:`plan`) before the models load, ``progress`` a line's worth after every step."""
+    t0 = time.perf_counter()
+    options.check()
+    checkpoint, data, output = Path(checkpoint), Path(data), Path(output)
+    cfg = read_blr_config(checkpoint)
+    check_output_dir(output, overwrite, checkpoint_files, CHECKPOINT)
+    config = read_config(checkpoint)
+    src = cfg["source"]
+    if src.get("library") != "transformers":
+        raise HealError(f"heal knows causal LMs and text encoders; {src.get('class')} is neither")
+    causal = is_causal_lm(src.get("class", ""))
+    text, windows = _text_windows(checkpoint, config, causal, data, options)
+    verify(checkpoint)  # the weights are the ones written: healing a corrupt file would hide it
+    key = _state_key(cfg["weights"]["sha256"], _text_sha256(text), options, windows)
+    state_file = state_path(output)
+    state = _load_state(state_file, key)
+
+    the_plan = plan(cfg, windows, options, device)
+    _check_fits(the_plan, device)
+    if on_plan is not None:
+        on_plan({**the_plan, "resume_at_step": None if state is None else state["step"]})
+    seed = (cfg.get("conversion") or {}).get("seed", 0)
+    try:
+        source, _ = open_recorded_source(src, seed=seed, dtype=torch.float32)
+    except ValueError as exc:
+        raise HealError(f"heal needs the dense model {checkpoint} was converted from: {exc}") from None
+    on_gpu = torch.device(device).type == "cuda"
+    compute = torch.bfloat16 if on_gpu else torch.float32
+    teacher = source.model.to(device=device, dtype=compute).eval().requires_grad_(False)
+    student = load(checkpoint, device=device, dtype=torch.float32, fuse_siblings=False)
+    student.requires_grad_(False)
+    params = trainable(student, options.train_norms)
+    if not params:
+        raise CheckpointError(f"{checkpoint} has no BLR layer to heal")
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params.values(), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    start, losses = 0, []
+    if state is not None:
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = state["step"], list(state["losses"])
+
+    kwargs = forward_kwargs(student)
+    probe = windows[: min(2, windows.shape[0])].to(device)  # the same two windows before and after: a quick check
+    before = _agreement(student, teacher, probe, kwargs, on_gpu, compute)
+    tokens_per_step = options.batch * windows.shape[1]
+    tick = time.perf_counter()
+    for step in range(start, options.steps):
+        ids = windows[batch_windows(step, windows.shape[0], options.batch, options.seed)].to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, options.steps, options.lr)
+        with torch.no_grad():
+            target = main_output(teacher(input_ids=ids, **kwargs))
+        with torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
+            out = main_output(student(input_ids=ids, **kwargs))
+        loss = distill_loss(out, target, causal)
+        if not torch.isfinite(loss):
+            raise HealError(
+                f"the distillation loss became {loss.item()} at step {step + 1} (learning rate "
+                f"{optimizer.param_groups[0]['lr']:.3g}): lower --lr; nothing was written"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), CLIP)
+        optimizer.step()
+        losses.append(loss.item())
+        now = time.perf_counter()
+        if progress is not None:
+            progress({"step": step + 1, "steps": options.steps, "loss": losses[-1],
+                      "tokens_per_second": tokens_per_step / max(now - tick, 1e-9)})  # fmt: skip
+        tick = now
+        if (step + 1) % options.save_every == 0 and step + 1 < options.steps:
+            _save_state(state_file, key, step + 1, params, optimizer, losses)
+
+    after = _agreement(student, teacher, probe, kwargs, on_gpu, compute)
+    dtypes = cfg.get("dtypes") or ["float32"]
+    if len(dtypes) == 1 and dtypes[0] != "float32":
+        student = student.to(getattr(torch, dtypes[0]))
+    record = {
+        "from": str(checkpoint.resolve()),
+        "from_sha256": cfg["weights"]["sha256"],
+        "data": {"path": str(data.resolve()), "files": text.files, "documents": len(text.documents)},
+        "options": asdict(options),
+        "windows": list(windows.shape),
+        "tokens_seen": options.steps * tokens_per_step,
+        "trained": "BLR factors, biases and norms" if options.train_norms else "BLR factors",
+        "trainable_params": sum(p.numel() for p in params.values()),
+        "loss": {"first": losses[0], "last": losses[-1], "curve": _curve(losses)},
+        "output_agreement": {"windows": probe.shape[0], "before": before, "after": after},
+        "device": str(device),
+        "resumed_at_step": start or None,
+    }
+    extra = {k: v for k, v in cfg.items() if k not in ("format_version", "source", "dtypes", "layers", "tied",
+             "non_persistent_buffers", "weights", "tool_versions", "created")}  # fmt: skip
+    extra["healing"] = record
+    save(student, output, source=src, extra=extra, overwrite=overwrite, tokenizer_from=checkpoint,
+         layers=cfg["layers"])  # fmt: skip
+    state_file.unlink(missing_ok=True)  # ours, and finished with: a later run must not resume a done heal
+    return {**record, "plan": the_plan, "output": str(output), "seconds": time.perf_counter() - t0,
+            "tokens_per_second": record["tokens_seen"] / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
+
+
+def _agreement(student, teacher, ids, kwargs, on_gpu, compute) -> dict:
+    """Relative error and cosine of the student's main output against the teacher's on ``ids``."""
+    with torch.no_grad(), torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
+        out = main_output(student(input_ids=ids, **kwargs)).float().cpu()
+        ref = main_output(teacher(input_ids=ids, **kwargs)).float().cpu()
+    return agreement(out, ref)
+
+
+def _curve(losses: list[float], points: int = 50) -> list[list[float]]:
+    """(step, mean loss over the steps since the previous point) at about ``points`` points: a readable curve."""
+    size = max(1, math.ceil(len(losses) / points))
+    return [[min(i + size, len(losses)), sum(losses[i : i + size]) / len(losses[i : i + size])]
+            for i in range(0, len(losses), size)]  # fmt: skip
+
+
+def plan(cfg: dict, windows: torch.Tensor, options: HealOptions, device: str) -> dict:
+    """What the run will hold, from the checkpoint's own record before anything loads: the teacher in the compute
+    dtype (bfloat16 on a GPU), the float32 student, and a float32 gradient and AdamW's two float32 moments per
+    trained parameter. Activations come on top; they scale with --batch x --seq-len."""
+    summary = cfg.get("summary") or {}
+    layers = cfg["layers"]
+    factored = sum(e["params"] for e in layers)
+    dense = sum(e["in_features"] * e["out_features"] for e in layers)
+    before = summary.get("params_before")
+    after = summary.get("params_after") or (None if before is None else before - dense + factored)
+    compute_bytes = 2 if torch.device(device).type == "cuda" else 4
+    out = {
+        "teacher_params": before,
+        "student_params": after,
+        "trainable_params": factored,  # the factors; biases and norms (--train-norms) add a little
+        "windows": windows.shape[0],
+        "seq_len": windows.shape[1],
+        "steps": options.steps,
+        "batch": options.batch,
+        "device": str(device),
+    }
+    if before is not None and after is not None:
+        out["bytes_before_activations"] = before * compute_bytes + after * 4 + factored * 12
+    return out
+
+
+def _check_fits(the_plan: dict, device: str) -> None:
+    """On a GPU, refuse with the numbers, before loading, a run whose weights and optimizer alone would not fit."""
+    need = the_plan.get("bytes_before_activations")
+    if torch.device(device).type != "cuda" or need is None:
+        return
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    if need > free:
+        gib = 2**30
+        raise HealError(
+            f"heal needs {need / gib:.1f} GiB for teacher, student, gradients and optimizer before activations; "
+            f"{device} has {free / gib:.1f} GiB free of {total / gib:.1f} GiB"
+        )

@@ -1,0 +1,198 @@
+"""``heal``: a few distillation steps on tiny models (a Llama with a word tokenizer, a BERT encoder) lower the loss
+against dense on text the tests write; a run resumed from its state file ends with the same weights as one run
+straight through; an interrupted heal leaves the checkpoint at its output as it was; bad inputs are one line and
+write nothing."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from test_calibration import llama_with_tokenizer, write_text
+from typer.testing import CliRunner
+
+from blrdeploy.cli import app
+from blrdeploy.conversion import heal as healing
+from blrdeploy.conversion.checkpoint import load
+from blrdeploy.conversion.convert import ConvertConfig
+from blrdeploy.conversion.pipeline import run_convert
+from blrdeploy.models.outputs import main_output
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """(source dir, converted checkpoint, text): llama-tiny with a tokenizer, low-rank at ratio 0.3."""
+    tmp = tmp_path_factory.mktemp("heal")
+    llama_with_tokenizer(tmp / "src")
+    run_convert(str(tmp / "src"), tmp / "ckpt", ConvertConfig(structure="lowrank", params_ratio=0.3))
+    return tmp / "src", tmp / "ckpt", write_text(tmp / "text.jsonl", 3000, seed=4)
+
+
+def _files(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def _kl_on(ckpt, src, ids) -> float:
+    """Mean KL(dense || converted) of next-token distributions on ``ids``, computed here in float64."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(src).double().eval()
+    model = load(ckpt).double()
+    with torch.no_grad():
+        log_t = torch.log_softmax(main_output(dense(input_ids=ids)), -1)
+        log_s = torch.log_softmax(main_output(model(input_ids=ids)), -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean().item()
+
+
+def test_a_few_steps_bring_the_lm_closer_to_dense(lm, tmp_path):
+    src, ckpt, text = lm
+    held_out = write_text(tmp_path / "other.jsonl", 400, seed=9)
+    ids = torch.tensor([[int(w[1:]) for w in json.loads(line)["text"].split()][:32]
+                        for line in held_out.read_text().splitlines()])  # fmt: skip
+    summary = healing.heal(ckpt, text, tmp_path / "out", healing.HealOptions(steps=40, lr=3e-3, seq_len=32))
+    assert summary["loss"]["last"] < 0.7 * summary["loss"]["first"], summary["loss"]
+    before, after = _kl_on(ckpt, src, ids), _kl_on(tmp_path / "out", src, ids)
+    assert after < 0.8 * before, (before, after)  # on text it did not train on, too
+    cfg = json.loads((tmp_path / "out" / "blr_config.json").read_text())
+    original = json.loads((ckpt / "blr_config.json").read_text())
+    assert cfg["layers"] == original["layers"] and cfg["source"] == original["source"]
+    assert cfg["healing"]["tokens_seen"] == 40 * 4 * 32 and cfg["healing"]["trained"] == "BLR factors"
+    assert not healing.state_path(tmp_path / "out").exists()
+    # only the factors moved: embeddings and norms are the checkpoint's
+    old, new = load(ckpt).state_dict(), load(tmp_path / "out").state_dict()
+    moved = {k for k in old if not torch.equal(old[k], new[k])}
+    assert moved and all(k.endswith((".U", ".V", ".S", ".L", ".R")) or ".A" in k or ".B" in k for k in moved), moved
+
+
+def test_encoder_heals_toward_dense_hidden_states(tmp_path):
+    from test_sensitivity import tiny_bert
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    vocab = {"<cls>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<cls> $A <cls>", special_tokens=[("<cls>", 0)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", cls_token="<cls>", sep_token="<cls>",
+                            pad_token="<cls>").save_pretrained(tmp_path / "bert")  # fmt: skip
+    cfg = ConvertConfig(structure="blast", params_ratio=0.4, include=("*.intermediate.dense", "*.output.dense"))
+    run_convert(str(tmp_path / "bert"), tmp_path / "ckpt", cfg)
+    text = write_text(tmp_path / "t.jsonl", 2000, seed=2)
+    summary = healing.heal(tmp_path / "ckpt", text, tmp_path / "out", healing.HealOptions(steps=30, lr=3e-3,
+                                                                                           seq_len=16))  # fmt: skip
+    assert summary["loss"]["last"] < 0.7 * summary["loss"]["first"], summary["loss"]
+
+
+class _Stop(BaseException):
+    """Raised from the progress callback: the process dies at that step."""
+
+
+def _stop_at(step):
+    def progress(info):
+        if info["step"] == step:
+            raise _Stop
+
+    return progress
+
+
+def test_resumed_heal_equals_an_uninterrupted_one(lm, tmp_path):
+    _, ckpt, text = lm
+    options = healing.HealOptions(steps=12, lr=2e-3, seq_len=32, save_every=5)
+    healing.heal(ckpt, text, tmp_path / "straight", options)
+    with pytest.raises(_Stop):
+        healing.heal(ckpt, text, tmp_path / "resumed", options, progress=_stop_at(8))
+    assert healing.state_path(tmp_path / "resumed").is_file() and not (tmp_path / "resumed").exists()
+    seen = {}
+    summary = healing.heal(ckpt, text, tmp_path / "resumed", options, on_plan=seen.update)
+    assert seen["resume_at_step"] == 5 and summary["resumed_at_step"] == 5
+    a, b = load(tmp_path / "straight").state_dict(), load(tmp_path / "resumed").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight = json.loads((tmp_path / "straight" / "blr_config.json").read_text())["healing"]["loss"]
+    assert summary["loss"] == straight
+
+
+def test_interrupted_heal_leaves_the_previous_checkpoint_intact(lm, tmp_path):
+    _, ckpt, text = lm
+    out = tmp_path / "out"
+    healing.heal(ckpt, text, out, healing.HealOptions(steps=2, seq_len=32))
+    before = _files(out)
+    with pytest.raises(_Stop):
+        healing.heal(ckpt, text, out, healing.HealOptions(steps=6, seq_len=32), overwrite=True,
+                     progress=_stop_at(3))  # fmt: skip
+    assert _files(out) == before
+
+
+def test_a_state_file_of_another_heal_or_garbage_is_refused(lm, tmp_path):
+    _, ckpt, text = lm
+    out = tmp_path / "out"
+    with pytest.raises(_Stop):
+        healing.heal(ckpt, text, out, healing.HealOptions(steps=6, seq_len=32, save_every=2), progress=_stop_at(3))
+    with pytest.raises(healing.HealError, match="state of a different heal"):
+        healing.heal(ckpt, text, out, healing.HealOptions(steps=6, seq_len=32, lr=1e-3, save_every=2))
+    healing.state_path(out).write_bytes(b"\x00not a state")
+    with pytest.raises(healing.HealError, match="not a heal state"):
+        healing.heal(ckpt, text, out, healing.HealOptions(steps=6, seq_len=32, save_every=2))
+    assert healing.state_path(out).read_bytes() == b"\x00not a state" and not out.exists()
+
+
+def _heal(*args):
+    return runner.invoke(app, ["heal", *map(str, args), "--device", "cpu"])
+
+
+def test_cli_heals_prints_the_curve_and_the_result_loads(lm, tmp_path):
+    _, ckpt, text = lm
+    res = _heal(ckpt, "--data", text, "-o", tmp_path / "out", "--steps", "4", "--seq-len", "32",
+                "--eval", text, "--eval-tokens", "256")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "distillation loss:" in res.stdout and "loss curve" in res.stdout and "perplexity" in res.stdout
+    assert "heal plan: 4 steps of 4 x 32 tokens" in res.stderr
+    info = runner.invoke(app, ["info", str(tmp_path / "out")])
+    assert info.exit_code == 0, info.output
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("steps0", "--steps must be at least 1"),
+        ("lr_negative", "--lr must be a positive number"),
+        ("no_text", "is empty: it holds no text"),
+        ("binary_text", "--data"),
+        ("no_source", "heal needs the dense model"),
+        ("nan", "the distillation loss became nan"),
+        ("dense_dir", "blr_config.json"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_write_nothing(lm, tmp_path, case, message):
+    src, ckpt, text = lm
+    args = [ckpt, "--data", text, "-o", tmp_path / "out", "--steps", "3", "--seq-len", "32"]
+    if case == "steps0":
+        args[-3] = "0"
+    elif case == "lr_negative":
+        args += ["--lr", "-1"]
+    elif case == "no_text":
+        (tmp_path / "empty.txt").write_text("  \n")
+        args[2] = tmp_path / "empty.txt"
+    elif case == "binary_text":
+        (tmp_path / "bin.txt").write_bytes(b"\x00\xff\xfe" * 50)
+        args[2] = tmp_path / "bin.txt"
+    elif case == "no_source":
+        moved = tmp_path / "ckpt_copy"
+        shutil.copytree(ckpt, moved)
+        cfg = json.loads((moved / "blr_config.json").read_text())
+        cfg["source"]["id"] = str(tmp_path / "gone")
+        (moved / "blr_config.json").write_text(json.dumps(cfg))
+        args[0] = moved
+    elif case == "nan":
+        args += ["--lr", "1e30"]
+    elif case == "dense_dir":
+        args[0] = src
+    res = _heal(*args)
+    assert res.exit_code == 2, res.output
+    progress = ("heal ", "Loading weights")  # the plan and step lines, transformers' bar while the teacher loads
+    lines = [line for line in res.output.splitlines() if line.strip() and not line.startswith(progress)]
+    assert len(lines) == 1 and message in lines[0], res.output
+    assert not (tmp_path / "out").exists()
