@@ -12,7 +12,7 @@ import typer
 from blrdeploy.cli.common import console, emit_json, one_line_errors, resolve_device
 from blrdeploy.conversion import heal as healing
 from blrdeploy.measure import evaluate
-from blrdeploy.models.text import MAX_SEQ_LEN
+from blrdeploy.models.text import MAX_SEQ_LEN, read_text
 
 _DATA = (
     "Text to heal on (.txt, .jsonl with a 'text' field, or a folder of them): the --calibration text suits; "
@@ -107,6 +107,8 @@ def heal(
         f"{healing.state_path(output)} (run again to resume)"
     )
     with one_line_errors(interrupted=interrupted):
+        if eval_data is not None:  # a bad --eval text is said now, not after the heal
+            read_text(eval_data)
         summary = healing.heal(
             checkpoint, data, output, options, device=device, overwrite=overwrite, progress=_Lines(),
             on_plan=None if as_json else _print_plan,

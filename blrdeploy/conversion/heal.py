@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from blrdeploy.conversion.calibration import calibration_windows, forward_kwargs
@@ -43,7 +44,8 @@ from blrdeploy.conversion.checkpoint import (
 )
 from blrdeploy.conversion.pipeline import open_recorded_source
 from blrdeploy.files import atomic_file, check_output_dir
-from blrdeploy.models.outputs import agreement, main_output
+from blrdeploy.models.families import FAMILIES, token_inputs
+from blrdeploy.models.outputs import agreement, model_output
 from blrdeploy.models.sources import is_causal_lm, read_config
 from blrdeploy.models.text import default_seq_len, load_tokenizer
 from blrdeploy.structures.modules import BLRLinear
@@ -172,11 +174,13 @@ def _text_windows(checkpoint: Path, config: dict, causal: bool, data: Path, opti
 # ------------------------------------------------------------------------------------------------ the state file
 
 
-def _state_key(checkpoint_sha: str, data_sha: str, options: HealOptions, windows: torch.Tensor) -> dict:
-    """What a state file must match to be resumed: the same checkpoint, text, options and windows."""
+def _state_key(checkpoint_sha: str, data_sha: str, options: HealOptions, windows: torch.Tensor, gpu: bool) -> dict:
+    """What a state file must match to be resumed: the same checkpoint, text, options, token windows (a changed
+    tokenizer changes them) and compute (bfloat16 on a GPU, float32 on the CPU)."""
     resumable = {k: v for k, v in asdict(options).items() if k != "save_every"}
     return {"checkpoint_sha256": checkpoint_sha, "data_sha256": data_sha, "options": resumable,
-            "windows": list(windows.shape)}  # fmt: skip
+            "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
+            "compute": "bfloat16 on a GPU" if gpu else "float32 on the CPU"}  # fmt: skip
 
 
 def _load_state(path: Path, key: dict) -> dict | None:
@@ -238,12 +242,12 @@ def heal(
     check_output_dir(output, overwrite, checkpoint_files, CHECKPOINT)
     config = read_config(checkpoint)
     src = cfg["source"]
-    if src.get("library") != "transformers":
-        raise HealError(f"heal knows causal LMs and text encoders; {src.get('class')} is neither")
-    causal = is_causal_lm(src.get("class", ""))
+    causal = _is_causal(src)
     text, windows = _text_windows(checkpoint, config, causal, data, options)
     verify(checkpoint)  # the weights are the ones written: healing a corrupt file would hide it
-    key = _state_key(cfg["weights"]["sha256"], _text_sha256(text), options, windows)
+    on_gpu = torch.device(device).type == "cuda"
+    compute = torch.bfloat16 if on_gpu else torch.float32
+    key = _state_key(cfg["weights"]["sha256"], _text_sha256(text), options, windows, on_gpu)
     state_file = state_path(output)
     state = _load_state(state_file, key)
 
@@ -253,12 +257,12 @@ def heal(
         on_plan({**the_plan, "resume_at_step": None if state is None else state["step"]})
     seed = (cfg.get("conversion") or {}).get("seed", 0)
     try:
-        source, _ = open_recorded_source(src, seed=seed, dtype=torch.float32)
+        # loaded in the compute dtype (not cast after): float32 buffers such as rotary frequencies stay float32
+        source, _ = open_recorded_source(src, seed=seed, dtype=compute)
     except ValueError as exc:
         raise HealError(f"heal needs the dense model {checkpoint} was converted from: {exc}") from None
-    on_gpu = torch.device(device).type == "cuda"
-    compute = torch.bfloat16 if on_gpu else torch.float32
-    teacher = source.model.to(device=device, dtype=compute).eval().requires_grad_(False)
+    teacher = source.model.to(device).eval().requires_grad_(False)
+    stored = _stored_dtypes(checkpoint / cfg["weights"]["file"])
     student = load(checkpoint, device=device, dtype=torch.float32, fuse_siblings=False)
     student.requires_grad_(False)
     params = trainable(student, options.train_norms)
@@ -268,6 +272,9 @@ def heal(
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
+    kwargs = forward_kwargs(student)
+    probe = windows[: min(2, windows.shape[0])].to(device)  # the same two windows before and after: a quick check
+    before = _agreement(student, teacher, probe, kwargs, causal, on_gpu, compute)  # the checkpoint's, resumed or not
     start, losses = 0, []
     if state is not None:
         with torch.no_grad():
@@ -276,9 +283,10 @@ def heal(
         optimizer.load_state_dict(state["optimizer"])
         start, losses = state["step"], list(state["losses"])
 
-    kwargs = forward_kwargs(student)
-    probe = windows[: min(2, windows.shape[0])].to(device)  # the same two windows before and after: a quick check
-    before = _agreement(student, teacher, probe, kwargs, on_gpu, compute)
+    diverged = (
+        f"lower --lr (the last saved state, if any, is {state_file}: it holds this --lr's run, so move it away to "
+        "start over); nothing else was written"
+    )
     tokens_per_step = options.batch * windows.shape[1]
     tick = time.perf_counter()
     for step in range(start, options.steps):
@@ -286,20 +294,21 @@ def heal(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, options.steps, options.lr)
         with torch.no_grad():
-            target = main_output(teacher(input_ids=ids, **kwargs))
+            target = _output(teacher(input_ids=ids, **kwargs), causal)
         with torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
-            out = main_output(student(input_ids=ids, **kwargs))
+            out = _output(student(input_ids=ids, **kwargs), causal)
         loss = distill_loss(out, target, causal)
+        del out, target  # the logits are the largest tensors of a step: not kept alive into the next
         if not torch.isfinite(loss):
-            raise HealError(
-                f"the distillation loss became {loss.item()} at step {step + 1} (learning rate "
-                f"{optimizer.param_groups[0]['lr']:.3g}): lower --lr; nothing was written"
-            )
+            raise HealError(f"the distillation loss became {loss.item()} at step {step + 1}: {diverged}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(params.values(), CLIP)
+        if not torch.isfinite(norm):
+            raise HealError(f"the gradient became {norm.item()} at step {step + 1}: {diverged}")
         optimizer.step()
         losses.append(loss.item())
+        del loss
         now = time.perf_counter()
         if progress is not None:
             progress({"step": step + 1, "steps": options.steps, "loss": losses[-1],
@@ -308,10 +317,16 @@ def heal(
         if (step + 1) % options.save_every == 0 and step + 1 < options.steps:
             _save_state(state_file, key, step + 1, params, optimizer, losses)
 
-    after = _agreement(student, teacher, probe, kwargs, on_gpu, compute)
-    dtypes = cfg.get("dtypes") or ["float32"]
-    if len(dtypes) == 1 and dtypes[0] != "float32":
-        student = student.to(getattr(torch, dtypes[0]))
+    bad = next((name for name, p in params.items() if not torch.isfinite(p).all()), None)
+    if bad is not None:  # the last update is checked too: a blown-up model is never written
+        raise HealError(f"{bad} holds non-finite values after step {options.steps}: {diverged}")
+    after = _agreement(student, teacher, probe, kwargs, causal, on_gpu, compute)
+    if not all(math.isfinite(v) for v in after.values()):  # finite weights can still overflow the activations
+        raise HealError(f"the healed model's outputs hold non-finite values after step {options.steps}: {diverged}")
+    summary = dict(cfg.get("summary") or {})
+    if summary.get("output_agreement") is not None:  # info shows it: the healed model's, on convert's inputs
+        summary["output_agreement"] = _seeded_agreement(student, teacher, cfg, seed)
+    _restore_dtypes(student, stored)
     record = {
         "from": str(checkpoint.resolve()),
         "from_sha256": cfg["weights"]["sha256"],
@@ -328,6 +343,7 @@ def heal(
     }
     extra = {k: v for k, v in cfg.items() if k not in ("format_version", "source", "dtypes", "layers", "tied",
              "non_persistent_buffers", "weights", "tool_versions", "created")}  # fmt: skip
+    extra["summary"] = summary
     extra["healing"] = record
     save(student, output, source=src, extra=extra, overwrite=overwrite, tokenizer_from=checkpoint,
          layers=cfg["layers"])  # fmt: skip
@@ -336,11 +352,56 @@ def heal(
             "tokens_per_second": record["tokens_seen"] / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
 
 
-def _agreement(student, teacher, ids, kwargs, on_gpu, compute) -> dict:
-    """Relative error and cosine of the student's main output against the teacher's on ``ids``."""
+def _is_causal(src: dict) -> bool:
+    """True for a causal LM (distilled on its next-token logits), False for a base text encoder (on its last hidden
+    states); anything else is refused."""
+    cls = src.get("class") or ""
+    family = FAMILIES.get(src.get("family") or "")
+    if src.get("library") == "transformers" and (family is None or family.tokens):
+        if is_causal_lm(cls):
+            return True
+        if cls.endswith("Model"):  # BertModel, ...: the encoder alone, no task head
+            return False
+    raise HealError(
+        f"heal distills causal LMs (next-token logits) and base text encoders such as BertModel (hidden states); "
+        f"{cls or 'this model'} is neither"
+    )
+
+
+def _output(out, causal: bool) -> torch.Tensor:
+    return out.logits if causal else out.last_hidden_state
+
+
+def _stored_dtypes(weights: Path) -> dict[str, torch.dtype]:
+    """Each stored tensor's dtype, read from the file's header: the healed checkpoint keeps them (a bfloat16 model
+    with float32 rotary buffers stays so, not float32 throughout)."""
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        return {k: _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32) for k in f.keys()}
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            want = dtypes.get(name)
+            if want is not None and t.is_floating_point() and t.dtype != want:
+                t.data = t.data.to(want)
+
+
+def _seeded_agreement(student, teacher, cfg: dict, seed: int) -> dict:
+    """The agreement ``convert`` records (its summary, ``info``): outputs on the family's seeded inputs."""
+    family = FAMILIES.get(cfg["source"].get("family") or "")
+    inputs = family.sample(teacher, 2, seed) if family and family.sample else token_inputs(teacher, 2, seed)
+    return agreement(model_output(student, inputs), model_output(teacher, inputs))
+
+
+def _agreement(student, teacher, ids, kwargs, causal, on_gpu, compute) -> dict:
+    """Relative error and cosine of the student's output (logits or hidden states) against the teacher's on ``ids``."""
     with torch.no_grad(), torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
-        out = main_output(student(input_ids=ids, **kwargs)).float().cpu()
-        ref = main_output(teacher(input_ids=ids, **kwargs)).float().cpu()
+        out = _output(student(input_ids=ids, **kwargs), causal).float().cpu()
+        ref = _output(teacher(input_ids=ids, **kwargs), causal).float().cpu()
     return agreement(out, ref)
 
 

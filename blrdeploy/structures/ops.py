@@ -158,3 +158,11 @@ _register_autograd(blast_linear, functional.blast_reference)
 _register_autograd(blast_linear_fused, functional.blast_fused_reference)
 _register_autograd(monarch_linear, functional.monarch_reference)
 _register_autograd(lowrank_linear, functional.lowrank_reference)
+
+# Under autocast (heal's bfloat16 compute over float32 master factors) every floating input, factors included, is
+# cast to bfloat16 before the op, as autocast does for torch's own linear: the kernel and the reference's backward
+# see one dtype (a bfloat16 input beside float32 factors is refused by the kernels and breaks the backward), and
+# the float32 factors get their gradients through the cast.
+for _op in (blast_linear, blast_linear_fused, monarch_linear, lowrank_linear):
+    for _device in ("cuda", "cpu"):
+        torch.library.register_autocast(_op, _device, torch.bfloat16)

@@ -111,8 +111,8 @@ def test_resumed_heal_equals_an_uninterrupted_one(lm, tmp_path):
     assert seen["resume_at_step"] == 5 and summary["resumed_at_step"] == 5
     a, b = load(tmp_path / "straight").state_dict(), load(tmp_path / "resumed").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    straight = json.loads((tmp_path / "straight" / "blr_config.json").read_text())["healing"]["loss"]
-    assert summary["loss"] == straight
+    straight = json.loads((tmp_path / "straight" / "blr_config.json").read_text())["healing"]
+    assert summary["loss"] == straight["loss"] and summary["output_agreement"] == straight["output_agreement"]
 
 
 def test_interrupted_heal_leaves_the_previous_checkpoint_intact(lm, tmp_path):
@@ -163,6 +163,8 @@ def test_cli_heals_prints_the_curve_and_the_result_loads(lm, tmp_path):
         ("binary_text", "--data"),
         ("no_source", "heal needs the dense model"),
         ("nan", "the distillation loss became nan"),
+        ("nan_last_step", "non-finite values after step 1"),
+        ("bad_eval_text", "no such file or folder"),
         ("dense_dir", "blr_config.json"),
     ],
 )
@@ -188,6 +190,11 @@ def test_bad_inputs_are_one_line_and_write_nothing(lm, tmp_path, case, message):
         args[0] = moved
     elif case == "nan":
         args += ["--lr", "1e30"]
+    elif case == "nan_last_step":  # the one update blows the model up: no loss after it to catch it, still refused
+        args[-3] = "1"
+        args += ["--lr", "1e30"]
+    elif case == "bad_eval_text":
+        args += ["--eval", tmp_path / "missing.txt"]
     elif case == "dense_dir":
         args[0] = src
     res = _heal(*args)
@@ -195,4 +202,33 @@ def test_bad_inputs_are_one_line_and_write_nothing(lm, tmp_path, case, message):
     progress = ("heal ", "Loading weights")  # the plan and step lines, transformers' bar while the teacher loads
     lines = [line for line in res.output.splitlines() if line.strip() and not line.startswith(progress)]
     assert len(lines) == 1 and message in lines[0], res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bfloat16_checkpoint_stays_bfloat16(tmp_path):
+    """A bfloat16 Llama keeps float32 rotary buffers; the healed checkpoint stores each tensor as the original did."""
+    from safetensors import safe_open
+
+    llama_with_tokenizer(tmp_path / "src")
+    cfg = ConvertConfig(structure="lowrank", params_ratio=0.3)
+    run_convert(str(tmp_path / "src"), tmp_path / "ckpt", cfg, dtype=torch.bfloat16)
+    text = write_text(tmp_path / "t.jsonl", 600, seed=4)
+    healing.heal(tmp_path / "ckpt", text, tmp_path / "out", healing.HealOptions(steps=2, seq_len=32))
+
+    def dtypes(path):
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+    before, after = dtypes(tmp_path / "ckpt"), dtypes(tmp_path / "out")
+    assert after == before and "BF16" in after.values()
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size == (
+        tmp_path / "ckpt" / "model.safetensors"
+    ).stat().st_size
+
+
+def test_image_models_and_task_heads_are_refused(tmp_path):
+    run_convert("vit-tiny", tmp_path / "vit", ConvertConfig(structure="lowrank", params_ratio=0.5))
+    (tmp_path / "t.txt").write_text("w2 w3 w4")
+    with pytest.raises(healing.HealError, match="neither"):
+        healing.heal(tmp_path / "vit", tmp_path / "t.txt", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -48,6 +48,30 @@ def test_backward_through_the_op(i):
     assert torch.autograd.gradcheck(lambda *args: layer(args[0]), params, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("i", range(3))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_autocast_casts_the_factors_and_gives_float32_gradients(i, device):
+    """float32 layers under bfloat16 autocast, fed bfloat16 (what a layer after attention gets): the op runs in
+    bfloat16 on bfloat16 factors and the float32 factors get float32 gradients equal to the float64 ones of the
+    same bfloat16-rounded computation, up to bfloat16's precision."""
+    if device == "cuda" and not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    layer = _layers(device=device)[i]
+    x = torch.randn(6, 48, device=device).to(torch.bfloat16)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    ref = _layers(torch.float64, device)[i]
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), layer.parameters(), strict=True):
+            p.copy_(q.to(torch.bfloat16).double())
+    ref(x.double()).square().sum().backward()
+    for p, q in zip(ref.parameters(), layer.parameters(), strict=True):
+        assert q.grad is not None and q.grad.dtype == torch.float32
+        assert_rel_close(q.grad.double(), p.grad, 5e-2, "gradient")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(3))
 def test_gpu_reduce_overhead_replays_the_kernels(i):
