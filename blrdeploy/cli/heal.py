@@ -77,6 +77,12 @@ def heal(
     train_norms: Annotated[
         bool, typer.Option("--train-norms", help="Also train biases and normalization weights.")
     ] = False,
+    checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--checkpointing", help="Recompute activations in the backward (less memory, about a third more time)."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the window order.")] = 0,
     save_every: Annotated[
         int, typer.Option("--save-every", help="Steps between saves of the resumable state (OUT.heal-state.pt).")
@@ -100,7 +106,7 @@ def heal(
     device = resolve_device(device)
     options = healing.HealOptions(
         steps=steps, lr=lr, batch=batch, seq_len=seq_len, tokens=tokens, train_norms=train_norms, seed=seed,
-        save_every=save_every,
+        save_every=save_every, checkpointing=checkpointing,
     )  # fmt: skip
     interrupted = (
         f"interrupted: nothing was written to {output}; the last saved state, if any, is "

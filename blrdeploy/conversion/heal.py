@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from blrdeploy.conversion.calibration import calibration_windows, forward_kwargs
 from blrdeploy.conversion.checkpoint import (
@@ -43,6 +44,7 @@ from blrdeploy.conversion.checkpoint import (
     verify,
 )
 from blrdeploy.conversion.pipeline import open_recorded_source
+from blrdeploy.conversion.sequential import block_stack
 from blrdeploy.files import atomic_file, check_output_dir
 from blrdeploy.models.families import FAMILIES, token_inputs
 from blrdeploy.models.outputs import agreement, model_output
@@ -76,6 +78,7 @@ class HealOptions:
     train_norms: bool = False  # also biases and normalization weights (else the BLR factors only)
     seed: int = 0
     save_every: int = DEFAULT_SAVE_EVERY
+    checkpointing: bool = False  # each block's activations recomputed in the backward: less memory, ~1/3 more time
 
     def check(self) -> None:
         if self.steps <= 0:
@@ -116,15 +119,29 @@ def trainable(model: nn.Module, train_norms: bool) -> dict[str, nn.Parameter]:
 # ------------------------------------------------------------------------------------------------ the loss
 
 
+KL_CHUNK = 1024  # tokens per piece of the KL: its float32 softmaxes are recomputed in the backward, not kept
+
+
 def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Causal LMs: mean over tokens of KL(teacher || student) of the next-token distributions, in nats. Encoders:
-    ||h_s - h_t||² / ||h_t||² over the batch's last hidden states. Both in float32."""
-    s, t = student_out.float(), teacher_out.float()
-    if causal:
-        log_s = F.log_softmax(s.flatten(0, -2), dim=-1)
-        log_t = F.log_softmax(t.flatten(0, -2), dim=-1)
-        return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
-    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+    """Causal LMs: mean over tokens of KL(teacher || student) of the next-token distributions, in nats, computed
+    KL_CHUNK tokens at a time under activation checkpointing (at 4 x 2048 tokens of a 128k vocabulary each float32
+    copy of the logits is 4 GB; only the logits themselves are kept). Encoders: ||h_s - h_t||² / ||h_t||² over the
+    batch's last hidden states. Both in float32."""
+    if not causal:
+        s, t = student_out.float(), teacher_out.float()
+        return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+    s, t = student_out.flatten(0, -2), teacher_out.flatten(0, -2)
+    total = student_out.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], KL_CHUNK):
+        piece = (s[i : i + KL_CHUNK], t[i : i + KL_CHUNK])
+        total = total + (checkpoint(_kl_sum, *piece, use_reentrant=False) if s.requires_grad else _kl_sum(*piece))
+    return total / s.shape[0]
+
+
+def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="sum")
 
 
 def learning_rate(step: int, steps: int, lr: float) -> float:
@@ -177,7 +194,7 @@ def _text_windows(checkpoint: Path, config: dict, causal: bool, data: Path, opti
 def _state_key(checkpoint_sha: str, data_sha: str, options: HealOptions, windows: torch.Tensor, gpu: bool) -> dict:
     """What a state file must match to be resumed: the same checkpoint, text, options, token windows (a changed
     tokenizer changes them) and compute (bfloat16 on a GPU, float32 on the CPU)."""
-    resumable = {k: v for k, v in asdict(options).items() if k != "save_every"}
+    resumable = {k: v for k, v in asdict(options).items() if k not in ("save_every", "checkpointing")}
     return {"checkpoint_sha256": checkpoint_sha, "data_sha256": data_sha, "options": resumable,
             "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
             "compute": "bfloat16 on a GPU" if gpu else "float32 on the CPU"}  # fmt: skip
@@ -265,6 +282,8 @@ def heal(
     stored = _stored_dtypes(checkpoint / cfg["weights"]["file"])
     student = load(checkpoint, device=device, dtype=torch.float32, fuse_siblings=False)
     student.requires_grad_(False)
+    if options.checkpointing:
+        _checkpoint_blocks(student, [e["name"] for e in cfg["layers"]])
     params = trainable(student, options.train_norms)
     if not params:
         raise CheckpointError(f"{checkpoint} has no BLR layer to heal")
@@ -350,6 +369,24 @@ def heal(
     state_file.unlink(missing_ok=True)  # ours, and finished with: a later run must not resume a done heal
     return {**record, "plan": the_plan, "output": str(output), "seconds": time.perf_counter() - t0,
             "tokens_per_second": record["tokens_seen"] / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
+
+
+def _checkpoint_blocks(model: nn.Module, names: list[str]) -> None:
+    """--checkpointing: each block of the stack holding the converted layers keeps only its inputs in the forward
+    and runs again in the backward. Done here, not with transformers' switch, which acts only in train mode (the
+    student stays in eval mode: no dropout, so a resumed run repeats an uninterrupted one)."""
+    try:
+        _, blocks, _ = block_stack(model, names)
+    except ValueError:
+        raise HealError("--checkpointing: the converted layers are not inside one stack of blocks") from None
+    for block in blocks:
+
+        def run(*args, _forward=block.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = run
 
 
 def _is_causal(src: dict) -> bool:
