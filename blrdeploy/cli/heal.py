@@ -67,7 +67,12 @@ def heal(
     data: Annotated[Path, typer.Option(help=_DATA)],
     output: Annotated[Path, typer.Option("--output", "-o", help="The healed checkpoint's directory.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = healing.DEFAULT_STEPS,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; warm-up, then cosine).")] = healing.DEFAULT_LR,
+    lr: Annotated[
+        float,
+        typer.Option(
+            help="Peak learning rate, relative: each trained tensor moves by about LR times its RMS per step."
+        ),
+    ] = healing.DEFAULT_LR,
     batch: Annotated[int, typer.Option(help="Windows per step.")] = healing.DEFAULT_BATCH,
     seq_len: Annotated[
         int | None,

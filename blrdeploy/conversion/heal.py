@@ -54,7 +54,7 @@ from blrdeploy.structures.modules import BLRLinear
 
 STATE_SUFFIX = ".heal-state.pt"
 DEFAULT_STEPS = 200
-DEFAULT_LR = 1e-4
+DEFAULT_LR = 1e-4  # relative (see tensor_scale): 1e-3 already diverged on a real BLAST encoder (bench/NOTES.md)
 DEFAULT_BATCH = 4  # windows per step
 DEFAULT_SAVE_EVERY = 50
 WARMUP = 0.05  # of the steps: the learning rate rises linearly, then follows a cosine down to FINAL_LR of it
@@ -142,6 +142,16 @@ def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     return F.kl_div(log_s, log_t, log_target=True, reduction="sum")
+
+
+SCALE_FLOOR = 1e-3  # a tensor of zeros (a fresh bias) still moves
+
+
+def tensor_scale(p: torch.Tensor) -> float:
+    """A tensor's RMS: its learning rate is --lr times this, so --lr is a relative step. A factorization splits
+    each layer's scale among its factors at will (BLAST's U, V near 0.02 and S near 20 on a real encoder): one
+    absolute step size moves U by 0.5% per step and S by nothing, and a relative one treats them alike."""
+    return max(p.detach().float().pow(2).mean().sqrt().item(), SCALE_FLOOR)
 
 
 def learning_rate(step: int, steps: int, lr: float) -> float:
@@ -289,7 +299,10 @@ def heal(
         raise CheckpointError(f"{checkpoint} has no BLR layer to heal")
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params.values(), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p], "scale": tensor_scale(p)} for p in params.values()], lr=options.lr, betas=(0.9, 0.95),
+        weight_decay=0.0,
+    )  # fmt: skip
 
     kwargs = forward_kwargs(student)
     probe = windows[: min(2, windows.shape[0])].to(device)  # the same two windows before and after: a quick check
@@ -311,7 +324,7 @@ def heal(
     for step in range(start, options.steps):
         ids = windows[batch_windows(step, windows.shape[0], options.batch, options.seed)].to(device)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, options.steps, options.lr)
+            group["lr"] = learning_rate(step, options.steps, options.lr) * group["scale"]
         with torch.no_grad():
             target = _output(teacher(input_ids=ids, **kwargs), causal)
         with torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
