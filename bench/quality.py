@@ -241,41 +241,38 @@ def run_cell(a, structure: str, ratio: float, method: str) -> dict:
         cell["warning"] = f"convert used allocation {effective!r}, not what method {method!r} means"
     if method.endswith(HEALED):
         healed = Path(a.work) / f"{name}_healed"
-        cmd = heal_cmd(a, ckpt, healed)
-        print(f"[{key}] heal: {shlex.join(cmd)}", flush=True)
-        log = logs / f"{name}.heal.log"
-        cell["heal_command"] = shlex.join(cmd)
-        rc, out, secs = run(cmd, log, None)
-        cell["heal_wall_seconds"] = round(secs, 1)
-        if rc != 0:
-            cell["error"] = f"heal exit {rc}: {tail(log)}"
+        summary = run_step(cell, key, "heal", heal_cmd(a, ckpt, healed), logs / f"{name}.heal.log")
+        if summary is None:
             return cell
-        try:
-            cell["heal"] = summarize_heal(json.loads(out))
-        except json.JSONDecodeError:
-            cell["error"] = f"heal JSON unreadable: {out[-500:]} {tail(log)}"
-            return cell
+        cell["heal"] = summarize_heal(summary)
         if not a.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
         ckpt = healed
-    cmd = eval_cmd(a, ckpt)
-    print(f"[{key}] eval: {shlex.join(cmd)}", flush=True)
-    log = logs / f"{name}.eval.log"
-    cell["eval_command"] = shlex.join(cmd)
     cell["machine_eval"] = machine()
-    rc, out, secs = run(cmd, log, None)
-    cell["eval_wall_seconds"] = round(secs, 1)
-    if rc != 0:
-        cell["error"] = f"eval exit {rc}: {tail(log)}"
+    summary = run_step(cell, key, "eval", eval_cmd(a, ckpt), logs / f"{name}.eval.log")
+    if summary is None:
         return cell
-    try:
-        cell["eval"] = summarize_eval(json.loads(out))
-    except json.JSONDecodeError:
-        cell["error"] = f"eval JSON unreadable: {out[-500:]} {tail(log)}"
-        return cell
+    cell["eval"] = summarize_eval(summary)
     if not a.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
     return cell
+
+
+def run_step(cell: dict, key: str, what: str, cmd: list[str], log: Path) -> dict | None:
+    """One CLI step of a cell (heal, eval) with --json: its command and wall time go into ``cell``; its parsed JSON
+    is returned, or None with ``cell["error"]`` set."""
+    print(f"[{key}] {what}: {shlex.join(cmd)}", flush=True)
+    cell[f"{what}_command"] = shlex.join(cmd)
+    rc, out, secs = run(cmd, log, None)
+    cell[f"{what}_wall_seconds"] = round(secs, 1)
+    if rc != 0:
+        cell["error"] = f"{what} exit {rc}: {tail(log)}"
+        return None
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        cell["error"] = f"{what} JSON unreadable: {out[-500:]} {tail(log)}"
+        return None
 
 
 def effective_allocation(cell: dict) -> str:

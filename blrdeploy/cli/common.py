@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from blrdeploy.conversion.pipeline import Callbacks
 from blrdeploy.files import OutputError, safetensors_os_error
 from blrdeploy.kernels.dtypes import DTYPES
+from blrdeploy.measure.evaluate import quality_line
 from blrdeploy.models.families import extra_of, install_hint
 
 DTYPE_LIST = ", ".join(DTYPES)  # for --help texts: "float16, bfloat16, float32"
@@ -112,6 +113,15 @@ def console(stderr: bool = False) -> Console:
     table is as wide as its content."""
     stream = sys.stderr if stderr else sys.stdout
     return Console(stderr=stderr, width=None if stream.isatty() else _UNCUT_WIDTH)
+
+
+def print_quality_and_warnings(out: Console, summary: dict) -> None:
+    """The end a writing command's summary shares (convert, heal): the quality on held-out text when --eval gave
+    it, then each warning in red."""
+    if summary.get("eval"):
+        out.print(quality_line(summary["eval"]), soft_wrap=True)
+    for warning in summary.get("warnings", []):
+        out.print(f"[bold red]warning:[/bold red] {warning}", soft_wrap=True)
 
 
 def cpu_threads(requested: int | None) -> int:

@@ -18,6 +18,7 @@ from blrdeploy.cli.common import (
     fail,
     one_line_errors,
     parse_dtype,
+    print_quality_and_warnings,
     resolve_device,
 )
 from blrdeploy.conversion import checkpoint
@@ -181,10 +182,7 @@ def _print_conversion(summary: dict) -> None:
             f"model output vs dense on seeded inputs: relative error {agree['relative_error']:.4f}, "
             f"cosine similarity {agree['cosine_similarity']:.4f}"
         )
-    if summary.get("eval"):
-        out.print(evaluate.quality_line(summary["eval"]), soft_wrap=True)
-    for warning in summary.get("warnings", []):
-        out.print(f"[bold red]warning:[/bold red] {warning}", soft_wrap=True)
+    print_quality_and_warnings(out, summary)
     if summary.get("builtin"):
         out.print(
             "[dim]built-in models carry seeded random weights, which have no structure to keep: expect large errors "

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from blrdeploy.cli.common import console, emit_json, one_line_errors, resolve_device
+from blrdeploy.cli.common import console, emit_json, one_line_errors, print_quality_and_warnings, resolve_device
 from blrdeploy.conversion import heal as healing
 from blrdeploy.measure import evaluate
 from blrdeploy.models.text import MAX_SEQ_LEN, read_text
@@ -157,8 +157,5 @@ def _print_summary(summary: dict) -> None:
         f"{agree['before']['cosine_similarity']:.4f} -> {agree['after']['cosine_similarity']:.4f}, relative error "
         f"{agree['before']['relative_error']:.4f} -> {agree['after']['relative_error']:.4f}"
     )
-    if summary.get("eval"):
-        out.print(evaluate.quality_line(summary["eval"]), soft_wrap=True)
-    for warning in summary.get("warnings", []):
-        out.print(f"[bold red]warning:[/bold red] {warning}", soft_wrap=True)
+    print_quality_and_warnings(out, summary)
     out.print(f"wrote {summary['output']} in {summary['seconds']:.1f} s on {summary['device']}")
