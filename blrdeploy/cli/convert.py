@@ -253,6 +253,13 @@ def _print_info(report: dict) -> None:
     if report["model_params_before"]:
         out.print(f"model parameters: {report['model_params_before']:,} -> {report['model_params_after']:,}")
     out.print(_converted_line(layers, report.get("allocation")))
+    healed = report.get("healing")
+    if healed:
+        out.print(
+            f"healed: {healed['steps']} steps on {healed['tokens_seen']:,} tokens ({healed['trained']}), distillation "
+            f"loss {healed['loss']['first']:.4f} -> {healed['loss']['last']:.4f}, output cosine to dense "
+            f"{healed['cosine_before']:.4f} -> {healed['cosine_after']:.4f}"
+        )
     worst = report["worst_relative_error"]
     out.print(
         f"weights file: {report['weights_bytes'] / 2**20:,.1f} MiB; worst layer error: "

@@ -271,8 +271,24 @@ def describe(path: str | Path, check_sha256: bool = False) -> dict:
         "worst_relative_error": max(errors) if errors else None,
         "output_agreement": summary.get("output_agreement"),
         "allocation": cfg.get("allocation"),
+        "healing": _healing_brief(cfg.get("healing")),
         "verified": check_sha256,
         "tool_versions": cfg.get("tool_versions"),
+    }
+
+
+def _healing_brief(record: dict | None) -> dict | None:
+    """What ``info`` says of a healed checkpoint: steps, tokens, the loss and the agreement before and after."""
+    if not record:
+        return None
+    agree = record.get("output_agreement") or {}
+    return {
+        "steps": (record.get("options") or {}).get("steps"),
+        "tokens_seen": record.get("tokens_seen"),
+        "trained": record.get("trained"),
+        "loss": {k: (record.get("loss") or {}).get(k) for k in ("first", "last")},
+        "cosine_before": (agree.get("before") or {}).get("cosine_similarity"),
+        "cosine_after": (agree.get("after") or {}).get("cosine_similarity"),
     }
 
 

@@ -152,6 +152,7 @@ def test_cli_heals_prints_the_curve_and_the_result_loads(lm, tmp_path):
     assert "heal plan: 4 steps of 4 x 32 tokens" in res.stderr
     info = runner.invoke(app, ["info", str(tmp_path / "out")])
     assert info.exit_code == 0, info.output
+    assert "healed: 4 steps on 512 tokens (BLR factors), distillation loss" in info.stdout
 
 
 @pytest.mark.parametrize(
