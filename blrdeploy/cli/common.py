@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import typer
@@ -29,7 +30,7 @@ from safetensors import SafetensorError
 from blrdeploy.conversion.pipeline import Callbacks
 from blrdeploy.files import OutputError, safetensors_os_error
 from blrdeploy.kernels.dtypes import DTYPES
-from blrdeploy.measure.evaluate import quality_line
+from blrdeploy.measure import evaluate
 from blrdeploy.models.families import extra_of, install_hint
 
 DTYPE_LIST = ", ".join(DTYPES)  # for --help texts: "float16, bfloat16, float32"
@@ -115,11 +116,22 @@ def console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else _UNCUT_WIDTH)
 
 
+def held_out_quality(summary: dict, data: Path, tokens: int, device: str) -> dict:
+    """``eval`` (--eval) of the checkpoint a command just wrote (``summary["output"]``) beside its dense source;
+    its warning joins ``summary["warnings"]``."""
+    with one_line_errors(user=evaluate.EvalError):
+        result = evaluate.evaluate(summary["output"], data, max_tokens=tokens, device=device)
+    warning = evaluate.quality_warning(result)
+    if warning is not None:
+        summary.setdefault("warnings", []).append(warning)
+    return result.to_dict()
+
+
 def print_quality_and_warnings(out: Console, summary: dict) -> None:
     """The end a writing command's summary shares (convert, heal): the quality on held-out text when --eval gave
     it, then each warning in red."""
     if summary.get("eval"):
-        out.print(quality_line(summary["eval"]), soft_wrap=True)
+        out.print(evaluate.quality_line(summary["eval"]), soft_wrap=True)
     for warning in summary.get("warnings", []):
         out.print(f"[bold red]warning:[/bold red] {warning}", soft_wrap=True)
 

@@ -16,6 +16,7 @@ from blrdeploy.cli.common import (
     convert_progress,
     emit_json,
     fail,
+    held_out_quality,
     one_line_errors,
     parse_dtype,
     print_quality_and_warnings,
@@ -24,7 +25,6 @@ from blrdeploy.cli.common import (
 from blrdeploy.conversion import checkpoint
 from blrdeploy.conversion.calibration import DEFAULT_TOKENS
 from blrdeploy.conversion.pipeline import convert_job
-from blrdeploy.measure import evaluate
 from blrdeploy.models.text import MAX_SEQ_LEN
 from blrdeploy.structures.factorize import DEFAULT_DAMPING
 
@@ -124,21 +124,11 @@ def convert(
                 sequential=sequential,
             )  # fmt: skip
     if eval_data is not None:
-        summary["eval"] = _held_out_quality(summary, eval_data, eval_tokens, dev)
+        summary["eval"] = held_out_quality(summary, eval_data, eval_tokens, dev)
     if as_json:
         emit_json(summary, default=str)
         return
     _print_conversion(summary)
-
-
-def _held_out_quality(summary: dict, data: Path, tokens: int, device: str) -> dict:
-    """``eval`` of the checkpoint just written beside its dense source; its warning joins the summary's."""
-    with one_line_errors(user=evaluate.EvalError):
-        result = evaluate.evaluate(summary["output"], data, max_tokens=tokens, device=device)
-    warning = evaluate.quality_warning(result)
-    if warning is not None:
-        summary["warnings"].append(warning)
-    return result.to_dict()
 
 
 def _with_calibration_lines(callbacks):

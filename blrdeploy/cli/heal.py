@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from blrdeploy.cli.common import console, emit_json, one_line_errors, print_quality_and_warnings, resolve_device
+from blrdeploy.cli.common import (
+    console,
+    emit_json,
+    held_out_quality,
+    one_line_errors,
+    print_quality_and_warnings,
+    resolve_device,
+)
 from blrdeploy.conversion import heal as healing
 from blrdeploy.measure import evaluate
 from blrdeploy.models.text import MAX_SEQ_LEN, read_text
@@ -124,12 +131,9 @@ def heal(
             checkpoint, data, output, options, device=device, overwrite=overwrite, progress=_Lines(),
             on_plan=None if as_json else _print_plan,
         )  # fmt: skip
+    summary["warnings"] = []
     if eval_data is not None:
-        with one_line_errors(user=evaluate.EvalError):
-            result = evaluate.evaluate(str(output), eval_data, max_tokens=eval_tokens, device=device)
-        summary["eval"] = result.to_dict()
-        warning = evaluate.quality_warning(result)
-        summary["warnings"] = [warning] if warning else []
+        summary["eval"] = held_out_quality(summary, eval_data, eval_tokens, device)
     if as_json:
         emit_json(summary, default=str)
         return

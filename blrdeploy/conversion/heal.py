@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -47,7 +46,7 @@ from blrdeploy.conversion.pipeline import open_recorded_source
 from blrdeploy.conversion.sequential import block_stack
 from blrdeploy.files import atomic_file, check_output_dir
 from blrdeploy.models.families import FAMILIES, token_inputs
-from blrdeploy.models.outputs import agreement, model_output
+from blrdeploy.models.outputs import agreement, main_output, model_output
 from blrdeploy.models.sources import is_causal_lm, read_config
 from blrdeploy.models.text import default_seq_len, load_tokenizer
 from blrdeploy.structures.modules import BLRLinear
@@ -166,11 +165,13 @@ def learning_rate(step: int, steps: int, lr: float) -> float:
 def batch_windows(step: int, count: int, batch: int, seed: int) -> torch.Tensor:
     """The window indices of ``step``: consecutive slices of a seeded permutation per pass over the windows, so
     they depend on (seed, step) alone, and a resumed run sees what an uninterrupted one would."""
+    orders: dict[int, torch.Tensor] = {}  # one permutation per pass this step reaches (at most two)
     picks = []
     for k in range(step * batch, (step + 1) * batch):
         epoch, at = divmod(k, count)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        picks.append(order[at])
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        picks.append(orders[epoch][at])
     return torch.stack(picks)
 
 
@@ -289,9 +290,9 @@ def heal(
     except ValueError as exc:
         raise HealError(f"heal needs the dense model {checkpoint} was converted from: {exc}") from None
     teacher = source.model.to(device).eval().requires_grad_(False)
-    stored = _stored_dtypes(checkpoint / cfg["weights"]["file"])
-    student = load(checkpoint, device=device, dtype=torch.float32, fuse_siblings=False)
-    student.requires_grad_(False)
+    student = load(checkpoint, device=device, fuse_siblings=False)  # as stored: the healed checkpoint keeps each
+    stored = {n: t.dtype for n, t in [*student.named_parameters(), *student.named_buffers()]}  # tensor's dtype
+    student = student.float().requires_grad_(False)  # the float32 master weights
     if options.checkpointing:
         _checkpoint_blocks(student, [e["name"] for e in cfg["layers"]])
     params = trainable(student, options.train_norms)
@@ -306,7 +307,7 @@ def heal(
 
     kwargs = forward_kwargs(student)
     probe = windows[: min(2, windows.shape[0])].to(device)  # the same two windows before and after: a quick check
-    before = _agreement(student, teacher, probe, kwargs, causal, on_gpu, compute)  # the checkpoint's, resumed or not
+    before = _agreement(student, teacher, probe, kwargs, on_gpu, compute)  # the checkpoint's, resumed or not
     start, losses = 0, []
     if state is not None:
         with torch.no_grad():
@@ -326,9 +327,9 @@ def heal(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, options.steps, options.lr) * group["scale"]
         with torch.no_grad():
-            target = _output(teacher(input_ids=ids, **kwargs), causal)
+            target = main_output(teacher(input_ids=ids, **kwargs))
         with torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
-            out = _output(student(input_ids=ids, **kwargs), causal)
+            out = main_output(student(input_ids=ids, **kwargs))
         loss = distill_loss(out, target, causal)
         del out, target  # the logits are the largest tensors of a step: not kept alive into the next
         if not torch.isfinite(loss):
@@ -352,7 +353,7 @@ def heal(
     bad = next((name for name, p in params.items() if not torch.isfinite(p).all()), None)
     if bad is not None:  # the last update is checked too: a blown-up model is never written
         raise HealError(f"{bad} holds non-finite values after step {options.steps}: {diverged}")
-    after = _agreement(student, teacher, probe, kwargs, causal, on_gpu, compute)
+    after = _agreement(student, teacher, probe, kwargs, on_gpu, compute)
     if not all(math.isfinite(v) for v in after.values()):  # finite weights can still overflow the activations
         raise HealError(f"the healed model's outputs hold non-finite values after step {options.steps}: {diverged}")
     summary = dict(cfg.get("summary") or {})
@@ -404,7 +405,8 @@ def _checkpoint_blocks(model: nn.Module, names: list[str]) -> None:
 
 def _is_causal(src: dict) -> bool:
     """True for a causal LM (distilled on its next-token logits), False for a base text encoder (on its last hidden
-    states); anything else is refused."""
+    states); anything else is refused, so models.outputs.main_output is the logits of the one and the hidden states
+    of the other (a task head's logits never stand in for an encoder's states)."""
     cls = src.get("class") or ""
     family = FAMILIES.get(src.get("family") or "")
     if src.get("library") == "transformers" and (family is None or family.tokens):
@@ -418,21 +420,8 @@ def _is_causal(src: dict) -> bool:
     )
 
 
-def _output(out, causal: bool) -> torch.Tensor:
-    return out.logits if causal else out.last_hidden_state
-
-
-def _stored_dtypes(weights: Path) -> dict[str, torch.dtype]:
-    """Each stored tensor's dtype, read from the file's header: the healed checkpoint keeps them (a bfloat16 model
-    with float32 rotary buffers stays so, not float32 throughout)."""
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        return {k: _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32) for k in f.keys()}
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Each tensor back to the dtype it was stored in (a bfloat16 model with float32 rotary buffers stays so)."""
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             want = dtypes.get(name)
@@ -447,11 +436,11 @@ def _seeded_agreement(student, teacher, cfg: dict, seed: int) -> dict:
     return agreement(model_output(student, inputs), model_output(teacher, inputs))
 
 
-def _agreement(student, teacher, ids, kwargs, causal, on_gpu, compute) -> dict:
+def _agreement(student, teacher, ids, kwargs, on_gpu, compute) -> dict:
     """Relative error and cosine of the student's output (logits or hidden states) against the teacher's on ``ids``."""
     with torch.no_grad(), torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
-        out = _output(student(input_ids=ids, **kwargs), causal).float().cpu()
-        ref = _output(teacher(input_ids=ids, **kwargs), causal).float().cpu()
+        out = main_output(student(input_ids=ids, **kwargs)).float().cpu()
+        ref = main_output(teacher(input_ids=ids, **kwargs)).float().cpu()
     return agreement(out, ref)
 
 
