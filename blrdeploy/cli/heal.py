@@ -18,7 +18,8 @@ from blrdeploy.cli.common import (
     resolve_device,
 )
 from blrdeploy.conversion import heal as healing
-from blrdeploy.measure import evaluate
+from blrdeploy.files import check_output_file
+from blrdeploy.measure import evaluate, plots
 from blrdeploy.models.text import MAX_SEQ_LEN, read_text
 
 _DATA = (
@@ -57,12 +58,15 @@ class _Lines:
 
 def _print_plan(plan: dict) -> None:
     gib = 2**30
-    size = plan.get("bytes_before_activations")
+    held, acts = plan.get("bytes_weights_and_optimizer"), plan.get("bytes_activations")
+    memory = ""
+    if held is not None:
+        memory = f", {held / gib:.2f} GiB weights and optimizer"
+        memory += "" if acts is None else f" + about {acts / gib:.2f} GiB activations"
     where = f" at step {plan['resume_at_step']} (its state file)" if plan.get("resume_at_step") else ""
     print(
         f"heal plan: {plan['steps']} steps of {plan['batch']} x {plan['seq_len']} tokens from {plan['windows']} "
-        f"windows on {plan['device']}, {plan['trainable_params']:,} parameters trained"
-        + ("" if size is None else f", {size / gib:.2f} GiB before activations")
+        f"windows on {plan['device']}, {plan['trainable_params']:,} parameters trained{memory}"
         + (f"; resuming{where}" if where else ""),
         file=sys.stderr,
         flush=True,
@@ -99,6 +103,10 @@ def heal(
     save_every: Annotated[
         int, typer.Option("--save-every", help="Steps between saves of the resumable state (OUT.heal-state.pt).")
     ] = healing.DEFAULT_SAVE_EVERY,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Also draw every step's loss to this .png file (needs matplotlib: blrdeploy[plot])."),
+    ] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval", help=_EVAL)] = None,
     eval_tokens: Annotated[
         int, typer.Option("--eval-tokens", help="At most this many tokens of the --eval text.")
@@ -127,11 +135,17 @@ def heal(
     with one_line_errors(interrupted=interrupted):
         if eval_data is not None:  # a bad --eval text is said now, not after the heal
             read_text(eval_data)
+        if plot is not None:  # and a figure that cannot be written
+            check_output_file(plot, overwrite, "--plot", suffixes=(".png",))
+            plots.require_matplotlib("--plot")
         summary = healing.heal(
             checkpoint, data, output, options, device=device, overwrite=overwrite, progress=_Lines(),
             on_plan=None if as_json else _print_plan,
         )  # fmt: skip
     summary["warnings"] = []
+    if plot is not None:
+        plots.loss_curve_png(summary["losses"], plot, f"blrdeploy heal {checkpoint.name}", summary["loss"]["of"])
+        summary["plot"] = str(plot)
     if eval_data is not None:
         summary["eval"] = held_out_quality(summary, eval_data, eval_tokens, device)
     if as_json:
@@ -162,4 +176,8 @@ def _print_summary(summary: dict) -> None:
         f"{agree['before']['relative_error']:.4f} -> {agree['after']['relative_error']:.4f}"
     )
     print_quality_and_warnings(out, summary)
-    out.print(f"wrote {summary['output']} in {summary['seconds']:.1f} s on {summary['device']}")
+    peak = summary.get("peak_gpu_bytes")
+    peak = "" if peak is None else f", peak GPU memory {peak / 2**30:.2f} GiB"
+    out.print(f"wrote {summary['output']} in {summary['seconds']:.1f} s on {summary['device']}{peak}")
+    if summary.get("plot"):
+        out.print(f"loss curve: {summary['plot']}")

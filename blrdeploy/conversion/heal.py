@@ -118,6 +118,7 @@ def trainable(model: nn.Module, train_norms: bool) -> dict[str, nn.Parameter]:
 # ------------------------------------------------------------------------------------------------ the loss
 
 
+LOSS_NAMES = {True: "KL(dense || converted), nats/token", False: "relative squared error of the hidden states"}
 KL_CHUNK = 1024  # tokens per piece of the KL: its float32 softmaxes are recomputed in the backward, not kept
 
 
@@ -173,6 +174,41 @@ def batch_windows(step: int, count: int, batch: int, seed: int) -> torch.Tensor:
             orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         picks.append(orders[epoch][at])
     return torch.stack(picks)
+
+
+def make_optimizer(params: dict[str, nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW, one group per tensor so each has its own scale (see tensor_scale); no weight decay (it would pull the
+    factors toward zero, away from the fit)."""
+    groups = [{"params": [p], "scale": tensor_scale(p)} for p in params.values()]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def train_step(
+    student: nn.Module, teacher: nn.Module, ids: torch.Tensor, kwargs: dict, causal: bool,
+    params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, lr: float, compute: torch.dtype, on_gpu: bool,
+) -> tuple[float, float]:  # fmt: skip
+    """One step of healing on the windows ``ids``: the teacher's outputs, the student's under autocast (on a GPU),
+    the loss, its gradient clipped to CLIP, and the update at peak rate ``lr`` (times each tensor's scale). Returns
+    (loss, gradient norm before clipping); a non-finite either way skips the update, and the caller stops. The
+    benchmark of a heal step (bench/heal_step.py) times this function."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["scale"]
+    with torch.no_grad():
+        target = main_output(teacher(input_ids=ids, **kwargs))
+    with torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
+        out = main_output(student(input_ids=ids, **kwargs))
+    loss = distill_loss(out, target, causal)
+    del out, target  # the logits are the largest tensors of a step: not kept alive into the next
+    value = loss.item()
+    if not math.isfinite(value):
+        return value, float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    del loss
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP).item()
+    if math.isfinite(norm):
+        optimizer.step()
+    return value, norm
 
 
 # ------------------------------------------------------------------------------------------------ the text
@@ -279,11 +315,13 @@ def heal(
     state_file = state_path(output)
     state = _load_state(state_file, key)
 
-    the_plan = plan(cfg, windows, options, device)
+    the_plan = plan(cfg, config, windows, options, device, causal)
     _check_fits(the_plan, device)
     if on_plan is not None:
         on_plan({**the_plan, "resume_at_step": None if state is None else state["step"]})
     seed = (cfg.get("conversion") or {}).get("seed", 0)
+    if on_gpu:  # the summary reports the run's measured peak beside the plan's estimate
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
     try:
         # loaded in the compute dtype (not cast after): float32 buffers such as rotary frequencies stay float32
         source, _ = open_recorded_source(src, seed=seed, dtype=compute)
@@ -300,10 +338,7 @@ def heal(
         raise CheckpointError(f"{checkpoint} has no BLR layer to heal")
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p], "scale": tensor_scale(p)} for p in params.values()], lr=options.lr, betas=(0.9, 0.95),
-        weight_decay=0.0,
-    )  # fmt: skip
+    optimizer = make_optimizer(params, options.lr)
 
     kwargs = forward_kwargs(student)
     probe = windows[: min(2, windows.shape[0])].to(device)  # the same two windows before and after: a quick check
@@ -324,24 +359,13 @@ def heal(
     tick = time.perf_counter()
     for step in range(start, options.steps):
         ids = windows[batch_windows(step, windows.shape[0], options.batch, options.seed)].to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, options.steps, options.lr) * group["scale"]
-        with torch.no_grad():
-            target = main_output(teacher(input_ids=ids, **kwargs))
-        with torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
-            out = main_output(student(input_ids=ids, **kwargs))
-        loss = distill_loss(out, target, causal)
-        del out, target  # the logits are the largest tensors of a step: not kept alive into the next
-        if not torch.isfinite(loss):
-            raise HealError(f"the distillation loss became {loss.item()} at step {step + 1}: {diverged}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params.values(), CLIP)
-        if not torch.isfinite(norm):
-            raise HealError(f"the gradient became {norm.item()} at step {step + 1}: {diverged}")
-        optimizer.step()
-        losses.append(loss.item())
-        del loss
+        lr = learning_rate(step, options.steps, options.lr)
+        loss, norm = train_step(student, teacher, ids, kwargs, causal, params, optimizer, lr, compute, on_gpu)
+        if not math.isfinite(loss):
+            raise HealError(f"the distillation loss became {loss} at step {step + 1}: {diverged}")
+        if not math.isfinite(norm):
+            raise HealError(f"the gradient became {norm} at step {step + 1}: {diverged}")
+        losses.append(loss)
         now = time.perf_counter()
         if progress is not None:
             progress({"step": step + 1, "steps": options.steps, "loss": losses[-1],
@@ -369,9 +393,10 @@ def heal(
         "tokens_seen": options.steps * tokens_per_step,
         "trained": "BLR factors, biases and norms" if options.train_norms else "BLR factors",
         "trainable_params": sum(p.numel() for p in params.values()),
-        "loss": {"first": losses[0], "last": losses[-1], "curve": _curve(losses)},
+        "loss": {"first": losses[0], "last": losses[-1], "curve": _curve(losses), "of": LOSS_NAMES[causal]},
         "output_agreement": {"windows": probe.shape[0], "before": before, "after": after},
         "device": str(device),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(torch.device(device)) if on_gpu else None,
         "resumed_at_step": start or None,
     }
     extra = {k: v for k, v in cfg.items() if k not in ("format_version", "source", "dtypes", "layers", "tied",
@@ -381,7 +406,7 @@ def heal(
     save(student, output, source=src, extra=extra, overwrite=overwrite, tokenizer_from=checkpoint,
          layers=cfg["layers"])  # fmt: skip
     state_file.unlink(missing_ok=True)  # ours, and finished with: a later run must not resume a done heal
-    return {**record, "plan": the_plan, "output": str(output), "seconds": time.perf_counter() - t0,
+    return {**record, "plan": the_plan, "output": str(output), "losses": losses, "seconds": time.perf_counter() - t0,
             "tokens_per_second": record["tokens_seen"] / max(time.perf_counter() - t0, 1e-9)}  # fmt: skip
 
 
@@ -451,10 +476,10 @@ def _curve(losses: list[float], points: int = 50) -> list[list[float]]:
             for i in range(0, len(losses), size)]  # fmt: skip
 
 
-def plan(cfg: dict, windows: torch.Tensor, options: HealOptions, device: str) -> dict:
+def plan(cfg: dict, config: dict, windows: torch.Tensor, options: HealOptions, device: str, causal: bool) -> dict:
     """What the run will hold, from the checkpoint's own record before anything loads: the teacher in the compute
-    dtype (bfloat16 on a GPU), the float32 student, and a float32 gradient and AdamW's two float32 moments per
-    trained parameter. Activations come on top; they scale with --batch x --seq-len."""
+    dtype (bfloat16 on a GPU), the float32 student, a float32 gradient and AdamW's two float32 moments per trained
+    parameter, and an estimate of the activations (:func:`activation_bytes`)."""
     summary = cfg.get("summary") or {}
     layers = cfg["layers"]
     factored = sum(e["params"] for e in layers)
@@ -470,22 +495,68 @@ def plan(cfg: dict, windows: torch.Tensor, options: HealOptions, device: str) ->
         "seq_len": windows.shape[1],
         "steps": options.steps,
         "batch": options.batch,
+        "checkpointing": options.checkpointing,
         "device": str(device),
     }
     if before is not None and after is not None:
-        out["bytes_before_activations"] = before * compute_bytes + after * 4 + factored * 12
+        out["bytes_weights_and_optimizer"] = before * compute_bytes + after * 4 + factored * 12
+    tokens = options.batch * windows.shape[1]
+    for name, ckpt in (("bytes_activations", options.checkpointing), ("bytes_activations_checkpointed", True)):
+        out[name] = activation_bytes(config, tokens, causal, ckpt, compute_bytes, factored)
     return out
 
 
+def _dims(config: dict) -> tuple[int, int, int, int] | None:
+    """(hidden, MLP width, blocks, vocabulary) under the names the transformers families use, or None."""
+    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    blocks = config.get("num_hidden_layers") or config.get("n_layer")
+    if not (hidden and blocks):
+        return None
+    width = config.get("intermediate_size") or config.get("n_inner") or 4 * hidden
+    return hidden, width, blocks, config.get("vocab_size") or 0
+
+
+def activation_bytes(
+    config: dict, tokens: int, causal: bool, checkpointing: bool, compute_bytes: int, trained: int
+) -> int | None:  # fmt: skip
+    """An estimate of what a step's backward needs besides the weights: per block and token, the inputs its matmuls
+    keep in the compute dtype (8 x hidden + 4 x MLP width: projections, attention, gate, up, down) and its float32
+    residual and norm inputs (4 x hidden); with --checkpointing only each block's float32 input plus one block's
+    worth. A causal LM adds its logits (student, teacher and their gradient in the compute dtype) and one float32
+    KL chunk's softmaxes; the autocast copy of the trained factors comes on top. bench/heal_step.py compares it with
+    the measured peak. None when the config does not say the model's sizes."""
+    dims = _dims(config)
+    if dims is None:
+        return None
+    hidden, width, blocks, vocab = dims
+    per_block = tokens * (compute_bytes * (8 * hidden + 4 * width) + 4 * 4 * hidden)
+    kept = tokens * 4 * hidden * blocks + per_block if checkpointing else per_block * blocks
+    if causal:
+        head = 3 * tokens * vocab * compute_bytes + 4 * min(tokens, KL_CHUNK) * vocab * 4
+    else:
+        head = 3 * tokens * hidden * 4
+    return kept + head + trained * compute_bytes
+
+
 def _check_fits(the_plan: dict, device: str) -> None:
-    """On a GPU, refuse with the numbers, before loading, a run whose weights and optimizer alone would not fit."""
-    need = the_plan.get("bytes_before_activations")
-    if torch.device(device).type != "cuda" or need is None:
+    """On a GPU, refuse with the numbers, before loading, a run that would not fit: weights, optimizer and the
+    activation estimate together (saying when --checkpointing would make it fit)."""
+    held = the_plan.get("bytes_weights_and_optimizer")
+    if torch.device(device).type != "cuda" or held is None:
         return
+    acts = the_plan.get("bytes_activations") or 0
     free, total = torch.cuda.mem_get_info(torch.device(device))
-    if need > free:
-        gib = 2**30
-        raise HealError(
-            f"heal needs {need / gib:.1f} GiB for teacher, student, gradients and optimizer before activations; "
-            f"{device} has {free / gib:.1f} GiB free of {total / gib:.1f} GiB"
-        )
+    if held + acts <= free:
+        return
+    gib = 2**30
+    hint = "a smaller model or a larger GPU"
+    saved = the_plan.get("bytes_activations_checkpointed")
+    if held < free:
+        hint = "lower --batch or --seq-len"
+        if not the_plan.get("checkpointing") and saved is not None and held + saved <= free:
+            hint = f"add --checkpointing (activations about {saved / gib:.1f} GiB), or lower --batch or --seq-len"
+    raise HealError(
+        f"heal needs about {(held + acts) / gib:.1f} GiB ({held / gib:.1f} GiB teacher, student, gradients and "
+        f"optimizer, {acts / gib:.1f} GiB activations, estimated); {device} has {free / gib:.1f} GiB free of "
+        f"{total / gib:.1f} GiB: {hint}"
+    )

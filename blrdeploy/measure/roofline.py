@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blrdeploy.files import atomic_file, check_output_file
+from blrdeploy.files import check_output_file
 from blrdeploy.kernels.dispatch import blast_staged, monarch_direct
 from blrdeploy.measure import devices
 from blrdeploy.measure.bench import resolve
 from blrdeploy.measure.devices import Device
+from blrdeploy.measure.plots import require_matplotlib, roofline_png
 
 PATHS = ("dense", "pytorch", "kernels")
 # The reference paper's token counts per family (prefill / batch), plus single-token decode for the LLMs.
@@ -203,6 +204,7 @@ def model_report(
     device. A one-line ValueError for what cannot be predicted."""
     if png is not None:  # before any work; --overwrite to replace a file already there
         check_output_file(png, overwrite, "--png", suffixes=(".png",))
+        require_matplotlib("--png")
     device = target if isinstance(target, Device) else devices.get(target)
     resolved = resolve(model, structure)
     layers = resolved.variants[1].layers
@@ -217,10 +219,7 @@ def model_report(
     for n, t in sums.items():
         t["measured"] = None if seen is None else seen.get(n)
     if png is not None:
-        try:
-            plot(rows, device, png)
-        except ImportError:
-            raise ValueError("--png needs matplotlib: pip install matplotlib (or blrdeploy[plot])") from None
+        roofline_png(rows, device, png)
     measured_on = None if bench_result is None else str(bench_result.get("device", "its device"))
     return ModelReport(model, device, rows, sums, measured_on)
 
@@ -244,36 +243,3 @@ def _same_checkpoint(benched: str | None, model: str) -> bool:
     if not benched or not Path(model).is_dir():
         return False
     return Path(benched).resolve() == Path(model).resolve()
-
-
-def plot(rows: list[Row], device: Device, path) -> None:
-    """A roofline figure: attainable FLOP/s against arithmetic intensity for the device, one point per layer
-    shape and token count for dense, the PyTorch reference and our kernels."""
-    # deferred: matplotlib is an optional extra (blrdeploy[plot]), needed for the figure only
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: after choosing the file-only backend
-
-    peak, bw = device.fp16_tflops * 1e12, device.bandwidth_gbs * 1e9
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    lo, hi = 0.1, 1e5
-    xs = [lo * (hi / lo) ** (k / 200) for k in range(201)]
-    ax.plot(xs, [min(peak, x * bw) / 1e12 for x in xs], color="black", lw=1.5, label=f"{device.name} roofline")
-    marks = {"dense": ("o", "tab:gray", "dense"), "pytorch": ("s", "tab:red", "PyTorch BLR"),
-             "kernels": ("^", "tab:blue", "our kernels")}  # fmt: skip
-    for p, (marker, color, label) in marks.items():
-        ai = [r.intensity[p] for r in rows]
-        perf = [r.flops[p] / r.seconds[p] / 1e12 for r in rows]
-        ax.scatter(ai, perf, marker=marker, color=color, s=18, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
-    ax.set_ylabel("predicted TFLOP/s")
-    ax.set_title(f"{device.description}: {device.bandwidth_gbs:g} GB/s, {device.fp16_tflops:g} TFLOP/s fp16")
-    ax.grid(True, which="both", lw=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)

@@ -146,9 +146,11 @@ def _heal(*args):
 def test_cli_heals_prints_the_curve_and_the_result_loads(lm, tmp_path):
     _, ckpt, text = lm
     res = _heal(ckpt, "--data", text, "-o", tmp_path / "out", "--steps", "4", "--seq-len", "32",
-                "--eval", text, "--eval-tokens", "256")  # fmt: skip
+                "--eval", text, "--eval-tokens", "256", "--plot", tmp_path / "fig" / "loss.png")  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "distillation loss:" in res.stdout and "loss curve" in res.stdout and "perplexity" in res.stdout
+    assert (tmp_path / "fig" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"loss curve: {tmp_path / 'fig' / 'loss.png'}" in " ".join(res.stdout.split())
     assert "heal plan: 4 steps of 4 x 32 tokens" in res.stderr
     info = runner.invoke(app, ["info", str(tmp_path / "out")])
     assert info.exit_code == 0, info.output
@@ -167,6 +169,8 @@ def test_cli_heals_prints_the_curve_and_the_result_loads(lm, tmp_path):
         ("nan_last_step", "non-finite values after step 1"),
         ("bad_eval_text", "no such file or folder"),
         ("dense_dir", "blr_config.json"),
+        ("plot_not_png", "--plot"),
+        ("plot_exists", "already exists; pass --overwrite"),
     ],
 )
 def test_bad_inputs_are_one_line_and_write_nothing(lm, tmp_path, case, message):
@@ -198,12 +202,18 @@ def test_bad_inputs_are_one_line_and_write_nothing(lm, tmp_path, case, message):
         args += ["--eval", tmp_path / "missing.txt"]
     elif case == "dense_dir":
         args[0] = src
+    elif case == "plot_not_png":
+        args += ["--plot", tmp_path / "loss.txt"]
+    elif case == "plot_exists":
+        (tmp_path / "mine.png").write_text("the user's")
+        args += ["--plot", tmp_path / "mine.png"]
     res = _heal(*args)
     assert res.exit_code == 2, res.output
     progress = ("heal ", "Loading weights")  # the plan and step lines, transformers' bar while the teacher loads
     lines = [line for line in res.output.splitlines() if line.strip() and not line.startswith(progress)]
     assert len(lines) == 1 and message in lines[0], res.output
     assert not (tmp_path / "out").exists()
+    assert case != "plot_exists" or (tmp_path / "mine.png").read_text() == "the user's"
 
 
 def test_a_bfloat16_checkpoint_stays_bfloat16(tmp_path):
@@ -285,3 +295,53 @@ def test_the_learning_rate_is_relative_to_each_tensors_rms(lm, tmp_path):
         step = (new[k] - old[k]).abs().max().item()
         expected = 1e-2 * old[k].pow(2).mean().sqrt().item()
         assert abs(step / expected - 1) < 0.02, (k, step, expected)
+
+
+def _builtin_plan(model: str, batch: int, checkpointing: bool) -> dict:
+    """heal's plan for a built-in model converted with the paper's BLAST preset, 2048-token windows, on a GPU."""
+    from blrdeploy.measure.bench import resolve
+    from blrdeploy.models.sources import builtin_config
+
+    dense, blr = resolve(model, "blast", preset="paper").variants
+    cfg = {"layers": blr.layers, "summary": {"params_before": dense.params, "params_after": blr.params}}
+    windows = torch.zeros(64, 2048, dtype=torch.long)
+    options = healing.HealOptions(batch=batch, checkpointing=checkpointing)
+    return healing.plan(cfg, builtin_config(model)[2], windows, options, "cuda", True)
+
+
+def test_the_plan_fits_7b_on_141_gb_and_1b_on_24_gb_and_refuses_with_the_numbers(monkeypatch):
+    gib = 2**30
+    seven = _builtin_plan("llama-7b", 4, True)
+    # teacher 6.7e9 x 2 bytes, student and its trained factors in float32 with gradient and two moments
+    assert 55 * gib < seven["bytes_weights_and_optimizer"] < 70 * gib, seven
+    assert seven["bytes_weights_and_optimizer"] + seven["bytes_activations"] < 130 * gib
+    one = _builtin_plan("llama-3.2-1b", 4, True)
+    assert one["bytes_weights_and_optimizer"] + one["bytes_activations"] < 23 * gib, one
+    # a 24 GB card holding 23 GiB free: 7B is refused before anything loads, with the numbers and no hint to
+    # checkpoint (it is on); 1B without --checkpointing is told that --checkpointing fits
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (23 * gib, 24 * gib))
+    with pytest.raises(healing.HealError, match=r"needs about 7\d\.\d GiB .* 23\.0 GiB free of 24\.0 GiB: a smaller"):
+        healing._check_fits(seven, "cuda")
+    healing._check_fits(one, "cuda")
+    with pytest.raises(healing.HealError, match="add --checkpointing"):
+        healing._check_fits(_builtin_plan("llama-3.2-1b", 4, False), "cuda")
+    healing._check_fits(seven, "cpu")  # the CPU's memory is the user's to manage: never refused
+
+
+@pytest.mark.gpu
+def test_gpu_heal_runs_in_bfloat16_lowers_the_loss_and_reports_its_peak(lm, tmp_path):
+    """On a GPU: bfloat16 autocast over float32 master factors (the ops' autocast rule, the kernels' forward, the
+    reference's backward), the healed checkpoint keeps the stored dtypes, and the measured peak is reported beside
+    the plan's estimate (which it exceeds by no more than what CUDA libraries allocate for themselves: cuBLAS's
+    workspace)."""
+    _, ckpt, text = lm
+    options = healing.HealOptions(steps=30, lr=3e-3, seq_len=32)
+    summary = healing.heal(ckpt, text, tmp_path / "out", options, device="cuda")
+    assert summary["loss"]["last"] < 0.7 * summary["loss"]["first"], summary["loss"]
+    after, before = summary["output_agreement"]["after"], summary["output_agreement"]["before"]
+    assert after["relative_error"] < before["relative_error"], summary["output_agreement"]
+    plan = summary["plan"]
+    estimate = plan["bytes_weights_and_optimizer"] + plan["bytes_activations"]
+    assert 0 < summary["peak_gpu_bytes"] <= estimate + 2**29, (summary["peak_gpu_bytes"], plan)
+    old, new = load(ckpt).state_dict(), load(tmp_path / "out").state_dict()
+    assert {k: v.dtype for k, v in old.items()} == {k: v.dtype for k, v in new.items()}
