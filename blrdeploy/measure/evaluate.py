@@ -538,5 +538,11 @@ def quality_line(result: dict) -> str:
             line += f", KL {conv.get('kl') or 0:.3f} nats/token"
         return line
     if result["kind"] == "encoder":
-        return f"held-out text, {result['tokens']:,} tokens: pooled cosine to dense mean {conv.get('cosine_mean')}"
-    return f"seeded samples: relative error to dense {conv.get('relative_error')}"
+        cosine = _number(conv, "cosine_mean", ".4f")
+        return f"held-out text, {result['tokens']:,} tokens: pooled cosine to dense mean {cosine}"
+    return f"seeded samples: relative error to dense {_number(conv, 'relative_error', '.4e')}"
+
+
+def _number(column: dict, key: str, spec: str) -> str:
+    value = column.get(key)
+    return "not measured" if value is None else format(value, spec)
