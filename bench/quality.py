@@ -208,6 +208,13 @@ def run_cell(a, structure: str, ratio: float, method: str) -> dict:
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
             "attempts": []}  # fmt: skip
     steps = a.steps
+    done = logs / f"{name}.convert.json"  # a finished convert's JSON: a rerun (say, the next device call) reuses it
+    if done.is_file() and (ckpt / "blr_config.json").is_file():
+        saved = json.loads(done.read_text())
+        cell.update(saved["cell"])
+        cell["convert_reused"] = True
+        print(f"[{key}] convert: reusing {ckpt}", flush=True)
+        return _after_convert(a, cell, key, name, ckpt, saved["output"], logs)
     while True:
         cmd = convert_cmd(a, structure, ratio, method, ckpt, steps)
         print(f"[{key}] convert: {shlex.join(cmd)}", flush=True)
@@ -231,15 +238,36 @@ def run_cell(a, structure: str, ratio: float, method: str) -> dict:
         cell["error"] = f"convert exit {rc}: {tail(log)}"
         return cell
     try:
-        cell["convert"] = summarize_convert(json.loads(out))
+        output = json.loads(out)
     except json.JSONDecodeError:
         cell["error"] = f"convert JSON unreadable: {out[-500:]} {tail(log)}"
         return cell
+    if method.endswith(HEALED):  # only a cell with steps after the convert can be cut off after it
+        kept = {k: cell[k] for k in ("attempts", "convert_command", "steps", "convert_wall_seconds")}
+        write_atomic(done, {"cell": kept, "output": output})
+    return _after_convert(a, cell, key, name, ckpt, output, logs)
+
+
+def _after_convert(a, cell: dict, key: str, name: str, ckpt: Path, output: dict, logs: Path) -> dict:
+    """A cell's steps after its convert: heal (the +healed methods, after an eval of the unhealed checkpoint with
+    --eval-before), then eval."""
+    method = cell["method"]
+    cell["convert"] = summarize_convert(output)
     effective = effective_allocation(cell)
     base = cell["method"].removesuffix(HEALED)
     if expected_method(base, effective) != base:
         cell["warning"] = f"convert used allocation {effective!r}, not what method {method!r} means"
     if method.endswith(HEALED):
+        if a.eval_before:
+            before = logs / f"{name}.eval_before.json"
+            if before.is_file():
+                cell["eval_before"] = json.loads(before.read_text())
+            else:
+                summary = run_step(cell, key, "eval_before", eval_cmd(a, ckpt), logs / f"{name}.eval_before.log")
+                if summary is None:
+                    return cell
+                cell["eval_before"] = summarize_eval(summary)
+                write_atomic(before, cell["eval_before"])
         healed = Path(a.work) / f"{name}_healed"
         summary = run_step(cell, key, "heal", heal_cmd(a, ckpt, healed), logs / f"{name}.heal.log")
         if summary is None:
@@ -341,7 +369,12 @@ def table(results: dict) -> str:
         cv, ev = c.get("convert") or {}, c.get("eval") or {}
         d, v = ev.get("dense") or {}, ev.get("converted") or {}
         steps = str(c.get("steps") or "—") if c["structure"] == "blast" else "—"
-        base = [c["structure"], f"{c['ratio']:g}", c["method"], effective_allocation(c).split(" ")[0], steps,
+        method, eb = c["method"], c.get("eval_before") or {}
+        if eb.get("ppl_ratio") is not None:  # a healed cell measured before healing too
+            method += f" (from {fmt_big(eb['ppl_ratio'], '{:,.2f}', 'x')})"
+        elif (eb.get("converted") or {}).get("cosine_mean") is not None:
+            method += f" (from cos {eb['converted']['cosine_mean']:.4f})"
+        base = [c["structure"], f"{c['ratio']:g}", method, effective_allocation(c).split(" ")[0], steps,
                 fmt(cv.get("params_after"), "{:,}")]  # fmt: skip
         tail_ = [
             fmt(cv.get("seconds"), "{:.0f}"),
@@ -379,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heal-steps", type=int, default=200, help="heal --steps (the +healed methods)")
     p.add_argument("--heal-lr", type=float, default=1e-4, help="heal --lr")
     p.add_argument("--heal-batch", type=int, default=4, help="heal --batch")
+    p.add_argument("--eval-before", action="store_true", help="+healed cells: eval the checkpoint before healing too")
     p.add_argument(
         "--convert-timeout",
         type=float,

