@@ -63,6 +63,8 @@ def _print_plan(plan: dict) -> None:
     if held is not None:
         memory = f", {held / gib:.2f} GiB weights and optimizer"
         memory += "" if acts is None else f" + about {acts / gib:.2f} GiB activations"
+    if plan.get("teacher") == healing.STREAMED:
+        memory += f"; the teacher {healing.STREAMED}"
     where = f" at step {plan['resume_at_step']} (its state file)" if plan.get("resume_at_step") else ""
     print(
         f"heal plan: {plan['steps']} steps of {plan['batch']} x {plan['seq_len']} tokens from {plan['windows']} "
@@ -99,6 +101,15 @@ def heal(
             "--checkpointing", help="Recompute activations in the backward (less memory, about a third more time)."
         ),
     ] = False,
+    stream_teacher: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream-teacher/--teacher-on-device",
+            help="Keep the dense teacher's blocks in host memory and copy one at a time to the GPU (less GPU "
+            "memory, slower). Default: only when teacher and student do not fit the GPU together.",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the window order.")] = 0,
     save_every: Annotated[
         int, typer.Option("--save-every", help="Steps between saves of the resumable state (OUT.heal-state.pt).")
@@ -126,7 +137,7 @@ def heal(
     device = resolve_device(device)
     options = healing.HealOptions(
         steps=steps, lr=lr, batch=batch, seq_len=seq_len, tokens=tokens, train_norms=train_norms, seed=seed,
-        save_every=save_every, checkpointing=checkpointing,
+        save_every=save_every, checkpointing=checkpointing, stream_teacher=stream_teacher,
     )  # fmt: skip
     interrupted = (
         f"interrupted: nothing was written to {output}; the last saved state, if any, is "

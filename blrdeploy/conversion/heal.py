@@ -78,6 +78,7 @@ class HealOptions:
     seed: int = 0
     save_every: int = DEFAULT_SAVE_EVERY
     checkpointing: bool = False  # each block's activations recomputed in the backward: less memory, ~1/3 more time
+    stream_teacher: bool | None = None  # teacher's blocks in host memory, one at a time on the GPU; None: if needed
 
     def check(self) -> None:
         if self.steps <= 0:
@@ -241,7 +242,8 @@ def _text_windows(checkpoint: Path, config: dict, causal: bool, data: Path, opti
 def _state_key(checkpoint_sha: str, data_sha: str, options: HealOptions, windows: torch.Tensor, gpu: bool) -> dict:
     """What a state file must match to be resumed: the same checkpoint, text, options, token windows (a changed
     tokenizer changes them) and compute (bfloat16 on a GPU, float32 on the CPU)."""
-    resumable = {k: v for k, v in asdict(options).items() if k not in ("save_every", "checkpointing")}
+    memory_only = ("save_every", "checkpointing", "stream_teacher")  # change how, not what, a run computes
+    resumable = {k: v for k, v in asdict(options).items() if k not in memory_only}
     return {"checkpoint_sha256": checkpoint_sha, "data_sha256": data_sha, "options": resumable,
             "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
             "compute": "bfloat16 on a GPU" if gpu else "float32 on the CPU"}  # fmt: skip
@@ -316,7 +318,7 @@ def heal(
     state = _load_state(state_file, key)
 
     the_plan = plan(cfg, config, windows, options, device, causal)
-    _check_fits(the_plan, device)
+    the_plan["teacher"] = _teacher_placement(the_plan, device, options.stream_teacher)
     if on_plan is not None:
         on_plan({**the_plan, "resume_at_step": None if state is None else state["step"]})
     seed = (cfg.get("conversion") or {}).get("seed", 0)
@@ -327,7 +329,11 @@ def heal(
         source, _ = open_recorded_source(src, seed=seed, dtype=compute)
     except ValueError as exc:
         raise HealError(f"heal needs the dense model {checkpoint} was converted from: {exc}") from None
-    teacher = source.model.to(device).eval().requires_grad_(False)
+    teacher = source.model.eval().requires_grad_(False)
+    if the_plan["teacher"] == STREAMED:
+        _stream_blocks(teacher, [e["name"] for e in cfg["layers"]], torch.device(device))
+    else:
+        teacher.to(device)
     student = load(checkpoint, device=device, fuse_siblings=False)  # as stored: the healed checkpoint keeps each
     stored = {n: t.dtype for n, t in [*student.named_parameters(), *student.named_buffers()]}  # tensor's dtype
     student = student.float().requires_grad_(False)  # the float32 master weights
@@ -500,10 +506,23 @@ def plan(cfg: dict, config: dict, windows: torch.Tensor, options: HealOptions, d
     }
     if before is not None and after is not None:
         out["bytes_weights_and_optimizer"] = before * compute_bytes + after * 4 + factored * 12
+        out["bytes_teacher"] = before * compute_bytes
+        out["bytes_teacher_streamed"] = _streamed_teacher_bytes(config, before) * compute_bytes
     tokens = options.batch * windows.shape[1]
     for name, ckpt in (("bytes_activations", options.checkpointing), ("bytes_activations_checkpointed", True)):
         out[name] = activation_bytes(config, tokens, causal, ckpt, compute_bytes, factored)
     return out
+
+
+def _streamed_teacher_bytes(config: dict, params: int) -> int:
+    """Parameters a streamed teacher keeps on the GPU: all but its blocks, plus two blocks (the one running and
+    the next one's copy); without the sizes in the config, a quarter of the teacher (a guess on the safe side)."""
+    dims = _dims(config)
+    if dims is None:
+        return params // 4
+    hidden, _, blocks, vocab = dims
+    outside = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)  # untied unless it says so
+    return min(params, outside + 2 * max(0, params - outside) // blocks)
 
 
 def _dims(config: dict) -> tuple[int, int, int, int] | None:
@@ -538,25 +557,69 @@ def activation_bytes(
     return kept + head + trained * compute_bytes
 
 
-def _check_fits(the_plan: dict, device: str) -> None:
-    """On a GPU, refuse with the numbers, before loading, a run that would not fit: weights, optimizer and the
-    activation estimate together (saying when --checkpointing would make it fit)."""
-    held = the_plan.get("bytes_weights_and_optimizer")
-    if torch.device(device).type != "cuda" or held is None:
-        return
-    acts = the_plan.get("bytes_activations") or 0
+STREAMED = "streamed block by block from host memory"
+RESIDENT = "on the device"
+
+
+def _teacher_placement(the_plan: dict, device: str, stream: bool | None) -> str:
+    """Where the teacher runs: on the device, or (``stream``, or when teacher and student do not fit the GPU
+    together but fit with one teacher block at a time) streamed; a run that fits neither way is refused, before
+    loading, with the numbers."""
+    if torch.device(device).type != "cuda":
+        return RESIDENT
+    held, acts = the_plan.get("bytes_weights_and_optimizer"), the_plan.get("bytes_activations") or 0
+    if held is None:
+        return STREAMED if stream else RESIDENT
     free, total = torch.cuda.mem_get_info(torch.device(device))
-    if held + acts <= free:
-        return
+    streamed_need = held - the_plan["bytes_teacher"] + the_plan["bytes_teacher_streamed"] + acts
+    if stream is None:  # streamed only when it must be: it copies the teacher to the GPU once per step
+        stream = held + acts > free
+    need = streamed_need if stream else held + acts
+    if need <= free:
+        return STREAMED if stream else RESIDENT
     gib = 2**30
     hint = "a smaller model or a larger GPU"
     saved = the_plan.get("bytes_activations_checkpointed")
-    if held < free:
+    if need - acts < free:
         hint = "lower --batch or --seq-len"
-        if not the_plan.get("checkpointing") and saved is not None and held + saved <= free:
+        if not the_plan.get("checkpointing") and saved is not None and need - acts + saved <= free:
             hint = f"add --checkpointing (activations about {saved / gib:.1f} GiB), or lower --batch or --seq-len"
+    teacher = the_plan["bytes_teacher_streamed" if stream else "bytes_teacher"]
     raise HealError(
-        f"heal needs about {(held + acts) / gib:.1f} GiB ({held / gib:.1f} GiB teacher, student, gradients and "
-        f"optimizer, {acts / gib:.1f} GiB activations, estimated); {device} has {free / gib:.1f} GiB free of "
-        f"{total / gib:.1f} GiB: {hint}"
+        f"heal needs about {need / gib:.1f} GiB ({teacher / gib:.1f} GiB teacher{', streamed' if stream else ''}, "
+        f"{(need - acts - teacher) / gib:.1f} GiB student, gradients and optimizer, {acts / gib:.1f} GiB "
+        f"activations, estimated); {device} has {free / gib:.1f} GiB free of {total / gib:.1f} GiB: {hint}"
     )
+
+
+def _stream_blocks(teacher: nn.Module, names: list[str], device: torch.device) -> None:
+    """The teacher's blocks stay in host memory (pinned, so the copies overlap) and each is copied to ``device``
+    just before it runs and dropped after; everything else (embeddings, head, rotary tables) moves to ``device``.
+    The GPU then holds one teacher block at a time: a model whose teacher and student do not fit together still
+    heals, at the cost of copying the teacher once per step."""
+    try:
+        list_name, blocks, _ = block_stack(teacher, names)
+    except ValueError:
+        raise HealError(
+            "the teacher cannot be streamed: the converted layers are not inside one stack of blocks"
+        ) from None
+    inside = list_name + "."
+    with torch.no_grad():
+        for name, t in [*teacher.named_parameters(), *teacher.named_buffers()]:
+            if not name.startswith(inside):
+                t.data = t.data.to(device)
+    pin = device.type == "cuda"
+    for block in blocks:
+        tensors = [t for _, t in [*block.named_parameters(), *block.named_buffers()]]
+        host = [t.data.pin_memory() if pin else t.data for t in tensors]
+
+        def load(_module, _args, _tensors=tensors, _host=host):
+            for t, h in zip(_tensors, _host, strict=True):
+                t.data = h.to(device, non_blocking=True)
+
+        def drop(_module, _args, _output, _tensors=tensors, _host=host):
+            for t, h in zip(_tensors, _host, strict=True):
+                t.data = h
+
+        block.register_forward_pre_hook(load)
+        block.register_forward_hook(drop)
