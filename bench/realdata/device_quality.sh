@@ -6,10 +6,11 @@
 #   call 2 carries .data/p2 (gguf.part01, convert_gguf.py with /tmp paths) and runs this script, which takes p1 back.
 # (split -b 49500000 -d the GGUF; .data/ is in .git/info/exclude.) A later call on the still-warm machine finds /tmp/lm
 # and the results made so far, and resumes: quality.py skips the cells already in its JSON.
-# Usage: bench/realdata/device_quality.sh SECONDS GROUP... ; a GROUP is structures:ratios:methods[:steps], one
-# quality.py process each, all at once on the one GPU (the fits are small kernels: one process leaves it mostly idle).
-# Environment: MODEL (default /tmp/lm, the LM built from the GGUF; another model skips that build), PREFIX (of the
-# result files' names), THREADS (each process's --threads, default 4), QUALITY_ARGS (more quality.py arguments, split on spaces: --heal-steps 300 --eval-before).
+# Usage: bench/realdata/device_quality.sh SECONDS GROUP... ; a GROUP is structures:ratios:methods[:steps[:heal_lr]],
+# one quality.py process each, all at once on the one GPU (the fits are small kernels: one process leaves it mostly
+# idle). Environment: MODEL (default /tmp/lm, the LM built from the GGUF; another model skips that build), PREFIX (of
+# the result files' names), THREADS (each process's --threads, default 4), QUALITY_ARGS (more quality.py arguments,
+# split on spaces: --heal-steps 300 --eval-before).
 set -u
 budget=$1; shift
 repo=$(pwd)
@@ -29,10 +30,11 @@ fi
 text=$repo/.data/p1/text
 pids=()
 for group in "$@"; do
-  IFS=: read -r structures ratios methods steps <<<"$group"
-  name=${PREFIX:-}${structures//,/-}_${ratios//,/-}_${methods//[,+]/-}
+  IFS=: read -r structures ratios methods steps lr <<<"$group"
+  name=${PREFIX:-}${structures//,/-}_${ratios//,/-}_${methods//[,+]/-}${lr:+_lr$lr}
   extra=()
   [ -n "${steps:-}" ] && extra=(--steps "$steps")
+  [ -n "${lr:-}" ] && extra+=(--heal-lr "$lr")
   (cd /tmp && timeout "$budget" python -P "$repo/bench/quality.py" --model "$model" --calibration "$text/calib.jsonl" \
     --eval-data "$text/eval.jsonl" --structures "$structures" --ratios "$ratios" --methods "$methods" \
     --device cuda --threads "${THREADS:-4}" --work "/tmp/q/work_$name" --out "/tmp/q/quality_$name.json" "${extra[@]}" "${more[@]}" \
