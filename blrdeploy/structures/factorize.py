@@ -417,6 +417,8 @@ def _algebraic_init(A: _Target, rank: int, gen: torch.Generator):
     C = torch.linalg.svd(A.cols.double().mT, full_matrices=False)[0][..., :rank]  # [j, q, r]
     K = B.mT[:, None] @ rows.view(bo, p, bi, q).transpose(1, 2) @ C[None]  # [i, j, r, r]
     weights = torch.randn(2, bi, 1, 1, generator=gen, dtype=torch.float64, device=rows.device)
+    if not bool(torch.isfinite(K).all()):
+        return None
     try:
         ratios = torch.linalg.solve(K[1], K[0], left=False)  # [j]: K_0j K_1j^-1
         Ma, Mb = (weights * ratios).sum(1)
@@ -424,7 +426,9 @@ def _algebraic_init(A: _Target, rank: int, gen: torch.Generator):
         Yt = torch.linalg.solve(X0, K[0])  # [j]: Y_j^T
         X = torch.linalg.solve(Yt[0], K[:, 0], left=False)  # [i]: X_i
         core = torch.linalg.solve(Yt[None], torch.linalg.solve(X[:, None], K), left=False)
-    except torch.linalg.LinAlgError:  # a singular core: not BLAST-structured enough to solve this way
+    except (torch.linalg.LinAlgError, RuntimeError):  # a singular core: not BLAST-structured enough to solve this
+        # way. LAPACK's batched LU on the CPU reports some singular cores as a RuntimeError about its pivots (seen
+        # on a real calibrated SmolLM2 layer with torch 2.13), not as a LinAlgError
         return None
     U, S, V = B @ X, torch.diagonal(core, dim1=-2, dim2=-1), C @ Yt.mT
     if not all(bool(torch.isfinite(t).all()) for t in (U, S, V)):

@@ -74,6 +74,21 @@ def test_algebraic_init_is_exact_on_planted_and_refused_where_it_cannot_apply():
         fz.blast_factorize(W, (1, 4), 6, init="algebraic")
 
 
+def test_a_core_lapack_cannot_solve_falls_back_to_the_other_init(monkeypatch):
+    """A singular core that CPU LAPACK reports as a RuntimeError about its pivots (not a LinAlgError; met on a real
+    calibrated layer) leaves the algebraic init out; the fit goes on from the low-rank one."""
+    W = planted(60, 80, 4, 6, 3)
+    A = fz._Target(W, (4, 4), F64, W.std())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1.")
+
+    monkeypatch.setattr(torch.linalg, "solve", broken)
+    assert fz._algebraic_init(A, 6, torch.Generator().manual_seed(0)) is None
+    *_, res = fz.blast_factorize(W, (4, 4), 6, steps=5)
+    assert res.relative_error < 1
+
+
 def test_stalled_fit_stops_early_and_never_ends_worse_than_low_rank():
     """A real-like matrix: the fit stops by ``rtol`` well before ``steps`` and ends below the rank-r truncated SVD
     it started from (and below SVD at equal parameters)."""
