@@ -15,12 +15,15 @@ Beside it, in the same run:
   reference), and the reference alone forward and backward (einsums, cuBLAS): says whether the backward is the
   bottleneck;
 - the CUDA time of one BLR step by kernel family (torch.profiler).
-Medians of CUDA-event timings after a warm step. Prints a short table last; --json writes everything.
+Steps: medians of the wall clock around each synchronized step (the host's share of a step is the user's time too),
+after a warm step; layers: medians of CUDA events. Causal LMs only (the loss is heal's next-token KL). Prints a short
+table last; --json writes everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -75,6 +78,7 @@ def step_table(a, teacher, target, converted, config) -> list[dict]:
     dense_variant, blr_variant = target.variants
     for kind in ("blr", "dense"):
         for checkpointing in (True, False):
+            gc.collect()  # a checkpointed student is a reference cycle (its blocks' wrapped forwards): free it now
             if GPU:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -150,6 +154,7 @@ def _layer_row(entry: dict, tokens: int) -> dict:
 
 def profile_step(a, teacher, target, converted, config) -> dict[str, float]:
     """CUDA time (ms) of one BLR heal step by kernel family."""
+    gc.collect()
     student = target.variants[1].build().float()
     params = healing.trainable(student, False)
     for p in params.values():
@@ -209,7 +214,7 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
     gib = 2**30
-    print(f"\n{a.model} {a.structure} paper preset, {a.batch} x {a.seq_len} tokens, {result['machine'].get('gpu')}")
+    print(f"\n{a.model} {a.structure} ({target.note}), {a.batch} x {a.seq_len} tokens, {result['machine'].get('gpu')}")
     print("student | ckpt  | ms/step | tokens/s | peak GiB | planned GiB")
     for r in steps:
         planned = plans[r["checkpointing"]]

@@ -208,13 +208,20 @@ def run_cell(a, structure: str, ratio: float, method: str) -> dict:
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
             "attempts": []}  # fmt: skip
     steps = a.steps
-    done = logs / f"{name}.convert.json"  # a finished convert's JSON: a rerun (say, the next device call) reuses it
+    # a finished convert's JSON: a rerun (the next device call) reuses its checkpoint, when the command and the
+    # tree that made it are this run's (the --work folder is shared between runs of other models and options)
+    done = logs / f"{name}.convert.json"
+    made_by = {"command": shlex.join(convert_cmd(a, structure, ratio, method, ckpt, steps)), "commit": cell["commit"],
+               "tree_diff": cell["tree_diff"]}  # fmt: skip
     if done.is_file() and (ckpt / "blr_config.json").is_file():
         saved = json.loads(done.read_text())
-        cell.update(saved["cell"])
-        cell["convert_reused"] = True
-        print(f"[{key}] convert: reusing {ckpt}", flush=True)
-        return _after_convert(a, cell, key, name, ckpt, saved["output"], logs)
+        if saved.get("made_by") == made_by:
+            cell.update(saved["cell"])
+            cell["convert_reused"] = True
+            print(f"[{key}] convert: reusing {ckpt}", flush=True)
+            return _after_convert(a, cell, key, name, ckpt, saved["output"], logs)
+    done.unlink(missing_ok=True)
+    (logs / f"{name}.eval_before.json").unlink(missing_ok=True)  # of an older checkpoint
     while True:
         cmd = convert_cmd(a, structure, ratio, method, ckpt, steps)
         print(f"[{key}] convert: {shlex.join(cmd)}", flush=True)
@@ -244,7 +251,7 @@ def run_cell(a, structure: str, ratio: float, method: str) -> dict:
         return cell
     if method.endswith(HEALED):  # only a cell with steps after the convert can be cut off after it
         kept = {k: cell[k] for k in ("attempts", "convert_command", "steps", "convert_wall_seconds")}
-        write_atomic(done, {"cell": kept, "output": output})
+        write_atomic(done, {"made_by": made_by, "cell": kept, "output": output})
     return _after_convert(a, cell, key, name, ckpt, output, logs)
 
 
@@ -259,15 +266,16 @@ def _after_convert(a, cell: dict, key: str, name: str, ckpt: Path, output: dict,
         cell["warning"] = f"convert used allocation {effective!r}, not what method {method!r} means"
     if method.endswith(HEALED):
         if a.eval_before:
-            before = logs / f"{name}.eval_before.json"
-            if before.is_file():
-                cell["eval_before"] = json.loads(before.read_text())
+            before, command = logs / f"{name}.eval_before.json", shlex.join(eval_cmd(a, ckpt))
+            saved = json.loads(before.read_text()) if before.is_file() else {}
+            if saved.get("command") == command:
+                cell["eval_before"] = saved["eval"]
             else:
                 summary = run_step(cell, key, "eval_before", eval_cmd(a, ckpt), logs / f"{name}.eval_before.log")
                 if summary is None:
                     return cell
                 cell["eval_before"] = summarize_eval(summary)
-                write_atomic(before, cell["eval_before"])
+                write_atomic(before, {"command": command, "eval": cell["eval_before"]})
         healed = Path(a.work) / f"{name}_healed"
         summary = run_step(cell, key, "heal", heal_cmd(a, ckpt, healed), logs / f"{name}.heal.log")
         if summary is None:

@@ -59,11 +59,14 @@ class _Lines:
 def _print_plan(plan: dict) -> None:
     gib = 2**30
     held, acts = plan.get("bytes_weights_and_optimizer"), plan.get("bytes_activations")
+    streamed = plan.get("teacher") == healing.STREAMED
     memory = ""
     if held is not None:
+        if streamed:  # on the GPU: the teacher's embeddings and head and a block or two, not the whole teacher
+            held += plan["bytes_teacher_streamed"] - plan["bytes_teacher"]
         memory = f", {held / gib:.2f} GiB weights and optimizer"
         memory += "" if acts is None else f" + about {acts / gib:.2f} GiB activations"
-    if plan.get("teacher") == healing.STREAMED:
+    if streamed:
         memory += f"; the teacher {healing.STREAMED}"
     where = f" at step {plan['resume_at_step']} (its state file)" if plan.get("resume_at_step") else ""
     print(
@@ -148,14 +151,17 @@ def heal(
             read_text(eval_data)
         if plot is not None:  # and a figure that cannot be written
             check_output_file(plot, overwrite, "--plot", suffixes=(".png",))
+            if plot.resolve().is_relative_to(output.resolve()):  # a file there is not the checkpoint's
+                raise ValueError(f"--plot {plot} is inside the output checkpoint {output}: put it beside it")
             plots.require_matplotlib("--plot")
         summary = healing.heal(
             checkpoint, data, output, options, device=device, overwrite=overwrite, progress=_Lines(),
             on_plan=None if as_json else _print_plan,
         )  # fmt: skip
     summary["warnings"] = []
-    if plot is not None:
-        plots.loss_curve_png(summary["losses"], plot, f"blrdeploy heal {checkpoint.name}", summary["loss"]["of"])
+    if plot is not None:  # after the checkpoint, which stands whatever happens to the figure
+        with one_line_errors():
+            plots.loss_curve_png(summary["losses"], plot, f"blrdeploy heal {checkpoint.name}", summary["loss"]["of"])
         summary["plot"] = str(plot)
     if eval_data is not None:
         summary["eval"] = held_out_quality(summary, eval_data, eval_tokens, device)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -318,7 +319,8 @@ def heal(
     state = _load_state(state_file, key)
 
     the_plan = plan(cfg, config, windows, options, device, causal)
-    the_plan["teacher"] = _teacher_placement(the_plan, device, options.stream_teacher)
+    names = [e["name"] for e in cfg["layers"]]
+    the_plan["teacher"] = _teacher_placement(the_plan, device, options.stream_teacher, names)
     if on_plan is not None:
         on_plan({**the_plan, "resume_at_step": None if state is None else state["step"]})
     seed = (cfg.get("conversion") or {}).get("seed", 0)
@@ -331,7 +333,7 @@ def heal(
         raise HealError(f"heal needs the dense model {checkpoint} was converted from: {exc}") from None
     teacher = source.model.eval().requires_grad_(False)
     if the_plan["teacher"] == STREAMED:
-        _stream_blocks(teacher, [e["name"] for e in cfg["layers"]], torch.device(device))
+        _stream_blocks(teacher, names, torch.device(device))
     else:
         teacher.to(device)
     student = load(checkpoint, device=device, fuse_siblings=False)  # as stored: the healed checkpoint keeps each
@@ -402,6 +404,7 @@ def heal(
         "loss": {"first": losses[0], "last": losses[-1], "curve": _curve(losses), "of": LOSS_NAMES[causal]},
         "output_agreement": {"windows": probe.shape[0], "before": before, "after": after},
         "device": str(device),
+        "teacher": the_plan["teacher"],
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(torch.device(device)) if on_gpu else None,
         "resumed_at_step": start or None,
     }
@@ -515,8 +518,9 @@ def plan(cfg: dict, config: dict, windows: torch.Tensor, options: HealOptions, d
 
 
 def _streamed_teacher_bytes(config: dict, params: int) -> int:
-    """Parameters a streamed teacher keeps on the GPU: all but its blocks, plus two blocks (the one running and
-    the next one's copy); without the sizes in the config, a quarter of the teacher (a guess on the safe side)."""
+    """Parameters a streamed teacher keeps on the GPU: all but its blocks, plus two blocks (the one running, and
+    a margin for the previous one's memory, freed only as the allocator reuses it); without the sizes in the config,
+    a quarter of the teacher (a guess on the safe side)."""
     dims = _dims(config)
     if dims is None:
         return params // 4
@@ -561,61 +565,72 @@ STREAMED = "streamed block by block from host memory"
 RESIDENT = "on the device"
 
 
-def _teacher_placement(the_plan: dict, device: str, stream: bool | None) -> str:
+def _teacher_placement(the_plan: dict, device: str, stream: bool | None, names: list[str]) -> str:
     """Where the teacher runs: on the device, or (``stream``, or when teacher and student do not fit the GPU
-    together but fit with one teacher block at a time) streamed; a run that fits neither way is refused, before
-    loading, with the numbers."""
+    together) streamed block by block; a run that fits neither way is refused, before loading, with the numbers."""
     if torch.device(device).type != "cuda":
-        return RESIDENT
+        return RESIDENT  # the host's memory is the user's to manage; --stream-teacher has nothing to save there
     held, acts = the_plan.get("bytes_weights_and_optimizer"), the_plan.get("bytes_activations") or 0
     if held is None:
-        return STREAMED if stream else RESIDENT
+        return _streamable(names) if stream else RESIDENT
     free, total = torch.cuda.mem_get_info(torch.device(device))
     streamed_need = held - the_plan["bytes_teacher"] + the_plan["bytes_teacher_streamed"] + acts
-    if stream is None:  # streamed only when it must be: it copies the teacher to the GPU once per step
-        stream = held + acts > free
-    need = streamed_need if stream else held + acts
+    chosen = stream if stream is not None else held + acts > free  # streamed only when it must be: it is slower
+    need = streamed_need if chosen else held + acts
     if need <= free:
-        return STREAMED if stream else RESIDENT
+        return _streamable(names) if chosen else RESIDENT
     gib = 2**30
     hint = "a smaller model or a larger GPU"
     saved = the_plan.get("bytes_activations_checkpointed")
-    if need - acts < free:
+    if stream is False and streamed_need <= free:
+        hint = "drop --teacher-on-device (a teacher streamed block by block fits)"
+    elif need - acts <= free:
         hint = "lower --batch or --seq-len"
         if not the_plan.get("checkpointing") and saved is not None and need - acts + saved <= free:
             hint = f"add --checkpointing (activations about {saved / gib:.1f} GiB), or lower --batch or --seq-len"
-    teacher = the_plan["bytes_teacher_streamed" if stream else "bytes_teacher"]
+    teacher = the_plan["bytes_teacher_streamed" if chosen else "bytes_teacher"]
     raise HealError(
-        f"heal needs about {need / gib:.1f} GiB ({teacher / gib:.1f} GiB teacher{', streamed' if stream else ''}, "
+        f"heal needs about {need / gib:.1f} GiB ({teacher / gib:.1f} GiB teacher{', streamed' if chosen else ''}, "
         f"{(need - acts - teacher) / gib:.1f} GiB student, gradients and optimizer, {acts / gib:.1f} GiB "
         f"activations, estimated); {device} has {free / gib:.1f} GiB free of {total / gib:.1f} GiB: {hint}"
     )
 
 
+_BLOCK = re.compile(r"^(.+)\.(\d+)\.")
+
+
+def _streamable(names: list[str]) -> str:
+    """STREAMED, once the converted layers' names show one stack of numbered blocks (what _stream_blocks walks);
+    said before anything loads."""
+    prefixes = {m.group(1) if (m := _BLOCK.match(n)) else None for n in names}
+    if len(prefixes) != 1 or None in prefixes:
+        raise HealError("the teacher cannot be streamed: the converted layers are not inside one stack of blocks")
+    return STREAMED
+
+
 def _stream_blocks(teacher: nn.Module, names: list[str], device: torch.device) -> None:
-    """The teacher's blocks stay in host memory (pinned, so the copies overlap) and each is copied to ``device``
-    just before it runs and dropped after; everything else (embeddings, head, rotary tables) moves to ``device``.
-    The GPU then holds one teacher block at a time: a model whose teacher and student do not fit together still
-    heals, at the cost of copying the teacher once per step."""
-    try:
-        list_name, blocks, _ = block_stack(teacher, names)
-    except ValueError:
-        raise HealError(
-            "the teacher cannot be streamed: the converted layers are not inside one stack of blocks"
-        ) from None
+    """The teacher's blocks stay in host memory (pinned, for the fastest copy) and each is copied to ``device`` in
+    its forward pre-hook and dropped in its forward hook; everything else (embeddings, head, rotary tables) moves to
+    ``device``. The GPU then holds one teacher block at a time, and every step pays a full copy of the blocks (not
+    overlapped with compute: the copy is issued on the compute stream when the block is reached). The drop is safe
+    before the block's kernels finish: the copy's memory returns to the caching allocator, which hands it only to
+    work queued later on the same stream."""
+    list_name, blocks, _ = block_stack(teacher, names)
     inside = list_name + "."
+    pin = device.type == "cuda"
     with torch.no_grad():
         for name, t in [*teacher.named_parameters(), *teacher.named_buffers()]:
             if not name.startswith(inside):
                 t.data = t.data.to(device)
-    pin = device.type == "cuda"
+            elif pin:
+                t.data = t.data.pin_memory()  # in place: the unpinned original is not kept beside it
     for block in blocks:
         tensors = [t for _, t in [*block.named_parameters(), *block.named_buffers()]]
-        host = [t.data.pin_memory() if pin else t.data for t in tensors]
+        host = [t.data for t in tensors]
 
         def load(_module, _args, _tensors=tensors, _host=host):
             for t, h in zip(_tensors, _host, strict=True):
-                t.data = h.to(device, non_blocking=True)
+                t.data = h.to(device, non_blocking=True, copy=True)  # a copy even on the CPU: the tests see it
 
         def drop(_module, _args, _output, _tensors=tensors, _host=host):
             for t, h in zip(_tensors, _host, strict=True):

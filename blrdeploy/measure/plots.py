@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,9 +67,10 @@ def loss_curve_png(losses: Sequence[float], path: str | Path, title: str, ylabel
     steps = range(1, len(losses) + 1)
     ax.plot(steps, losses, color="tab:blue", lw=0.6, alpha=0.5, label="step")
     window = max(1, len(losses) // 10)
-    mean = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))]  # fmt: skip
-    ax.plot(steps, mean, color="tab:blue", lw=2, label=f"mean of the last {window} steps")
+    sums = list(itertools.accumulate(losses, initial=0.0))
+    mean = [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(losses))]
+    if window > 1:
+        ax.plot(steps, mean, color="tab:blue", lw=2, label=f"mean of the last {window} steps")
     positive = [v for v in losses if v > 0]
     if positive and max(positive) > 10 * min(positive):
         ax.set_yscale("log")

@@ -172,6 +172,7 @@ def test_cli_heals_prints_the_curve_and_the_result_loads(lm, tmp_path):
         ("dense_dir", "blr_config.json"),
         ("plot_not_png", "--plot"),
         ("plot_exists", "already exists; pass --overwrite"),
+        ("plot_in_output", "is inside the output checkpoint"),
     ],
 )
 def test_bad_inputs_are_one_line_and_write_nothing(lm, tmp_path, case, message):
@@ -205,6 +206,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(lm, tmp_path, case, message):
         args[0] = src
     elif case == "plot_not_png":
         args += ["--plot", tmp_path / "loss.txt"]
+    elif case == "plot_in_output":
+        args += ["--plot", tmp_path / "out" / "loss.png"]
     elif case == "plot_exists":
         (tmp_path / "mine.png").write_text("the user's")
         args += ["--plot", tmp_path / "mine.png"]
@@ -298,8 +301,9 @@ def test_the_learning_rate_is_relative_to_each_tensors_rms(lm, tmp_path):
         assert abs(step / expected - 1) < 0.02, (k, step, expected)
 
 
-def _builtin_plan(model: str, batch: int, checkpointing: bool) -> dict:
-    """heal's plan for a built-in model converted with the paper's BLAST preset, 2048-token windows, on a GPU."""
+def _builtin_plan(model: str, batch: int, checkpointing: bool) -> tuple[dict, list[str]]:
+    """heal's plan for a built-in model converted with the paper's BLAST preset, 2048-token windows, on a GPU, and
+    the converted layers' names."""
     from blrdeploy.measure.bench import resolve
     from blrdeploy.models.sources import builtin_config
 
@@ -307,53 +311,66 @@ def _builtin_plan(model: str, batch: int, checkpointing: bool) -> dict:
     cfg = {"layers": blr.layers, "summary": {"params_before": dense.params, "params_after": blr.params}}
     windows = torch.zeros(64, 2048, dtype=torch.long)
     options = healing.HealOptions(batch=batch, checkpointing=checkpointing)
-    return healing.plan(cfg, builtin_config(model)[2], windows, options, "cuda", True)
+    the_plan = healing.plan(cfg, builtin_config(model)[2], windows, options, "cuda", True)
+    return the_plan, [e["name"] for e in blr.layers]
 
 
 def test_the_plan_fits_7b_on_141_gb_and_1b_on_24_gb_and_refuses_with_the_numbers(monkeypatch):
     gib = 2**30
-    seven = _builtin_plan("llama-7b", 4, True)
+    seven, names = _builtin_plan("llama-7b", 4, True)
     # teacher 6.7e9 x 2 bytes, student and its trained factors in float32 with gradient and two moments
     assert 55 * gib < seven["bytes_weights_and_optimizer"] < 70 * gib, seven
     assert seven["bytes_weights_and_optimizer"] + seven["bytes_activations"] < 130 * gib
-    one = _builtin_plan("llama-3.2-1b", 4, True)
+    # streamed: embeddings and head (2 x 32000 x 4096) and two of the 32 blocks (202M each), in bfloat16
+    assert 1.1 * gib < seven["bytes_teacher_streamed"] < 1.4 * gib, seven["bytes_teacher_streamed"] / gib
+    one, one_names = _builtin_plan("llama-3.2-1b", 4, True)
     assert one["bytes_weights_and_optimizer"] + one["bytes_activations"] < 23 * gib, one
 
     def free(gigabytes):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gigabytes * gib, 80 * gib))
 
+    def place(the_plan, stream=None, layer_names=names):
+        return healing._teacher_placement(the_plan, "cuda", stream, layer_names)
+
     free(130)  # a 141 GB H200 with 130 GiB free: 7B heals with its teacher on the GPU
-    assert healing._teacher_placement(seven, "cuda", None) == healing.RESIDENT
+    assert place(seven) == healing.RESIDENT
     free(70)  # an 80 GB card: teacher and student do not fit together, with one teacher block at a time they do
-    assert healing._teacher_placement(seven, "cuda", None) == healing.STREAMED
-    assert seven["bytes_teacher_streamed"] < seven["bytes_teacher"] / 4
+    assert place(seven) == healing.STREAMED
+    with pytest.raises(healing.HealError, match="drop --teacher-on-device"):
+        place(seven, stream=False)
+    with pytest.raises(healing.HealError, match="cannot be streamed: the converted layers are not inside one stack"):
+        place(seven, layer_names=["lm_head", *names])
     free(23)  # a 24 GB card: 1B fits; 7B is refused before anything loads, with the numbers; 1B without
     # --checkpointing is told that --checkpointing fits
-    assert healing._teacher_placement(one, "cuda", None) == healing.RESIDENT
-    assert healing._teacher_placement(one, "cuda", True) == healing.STREAMED  # asked for
+    assert place(one, layer_names=one_names) == healing.RESIDENT
+    assert place(one, True, one_names) == healing.STREAMED  # asked for
     with pytest.raises(healing.HealError, match=r"needs about \d+\.\d GiB \(.*teacher, streamed.* 23\.0 GiB free of "
                        r"80\.0 GiB: a smaller model or a larger GPU"):  # fmt: skip
-        healing._teacher_placement(seven, "cuda", None)
+        place(seven)
     with pytest.raises(healing.HealError, match="add --checkpointing"):
-        healing._teacher_placement(_builtin_plan("llama-3.2-1b", 4, False), "cuda", None)
-    assert healing._teacher_placement(seven, "cpu", None) == healing.RESIDENT  # the CPU's memory is the user's
+        place(_builtin_plan("llama-3.2-1b", 4, False)[0], layer_names=one_names)
+    assert healing._teacher_placement(seven, "cpu", True, names) == healing.RESIDENT  # the host's memory is the user's
 
 
 def test_a_streamed_teacher_gives_the_same_outputs(lm):
-    """Streaming moves the blocks' tensors in and out around each block's forward; the outputs do not change and
-    every tensor is back in host memory after."""
+    """Streaming runs each block on a copy of its tensors made in its pre-hook and points them back at the host
+    copies after; the outputs do not change."""
     from transformers import AutoModelForCausalLM
 
     src, ckpt, _ = lm
     teacher = AutoModelForCausalLM.from_pretrained(src).eval()
     ids = torch.randint(0, teacher.config.vocab_size, (2, 16))
+    names = [e["name"] for e in json.loads((ckpt / "blr_config.json").read_text())["layers"]]
+    block = teacher.model.layers[1]
+    host = block.mlp.up_proj.weight.data_ptr()
+    seen = []
     with torch.no_grad():
         want = main_output(teacher(input_ids=ids))
-        names = [e["name"] for e in json.loads((ckpt / "blr_config.json").read_text())["layers"]]
         healing._stream_blocks(teacher, names, torch.device("cpu"))
+        block.register_forward_pre_hook(lambda *_: seen.append(block.mlp.up_proj.weight.data_ptr()))  # after ours
         got = main_output(teacher(input_ids=ids))
     assert torch.equal(got, want)
-    assert all(t.device.type == "cpu" for t in teacher.state_dict().values())
+    assert seen and seen[0] != host and block.mlp.up_proj.weight.data_ptr() == host  # ran on a copy, then back
 
 
 @pytest.mark.gpu

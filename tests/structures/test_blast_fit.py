@@ -76,17 +76,24 @@ def test_algebraic_init_is_exact_on_planted_and_refused_where_it_cannot_apply():
 
 def test_a_core_lapack_cannot_solve_falls_back_to_the_other_init(monkeypatch):
     """A singular core that CPU LAPACK reports as a RuntimeError about its pivots (not a LinAlgError; met on a real
-    calibrated layer) leaves the algebraic init out; the fit goes on from the low-rank one."""
+    calibrated layer) leaves the algebraic init out and the fit goes on from the low-rank one; any other
+    RuntimeError is raised."""
     W = planted(60, 80, 4, 6, 3)
     A = fz._Target(W, (4, 4), F64, W.std())
+    exact = fz.blast_factorize(W, (4, 4), 6, steps=0)[-1].relative_error  # the algebraic init: exact on planted
+    calls = []
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1.")
+    def broken(*args, message="Pivots given to lu_solve must all be greater or equal to 1.", **kwargs):
+        calls.append(1)
+        raise RuntimeError(message)
 
     monkeypatch.setattr(torch.linalg, "solve", broken)
-    assert fz._algebraic_init(A, 6, torch.Generator().manual_seed(0)) is None
-    *_, res = fz.blast_factorize(W, (4, 4), 6, steps=5)
-    assert res.relative_error < 1
+    assert fz._algebraic_init(A, 6, torch.Generator().manual_seed(0)) is None and calls
+    *_, res = fz.blast_factorize(W, (4, 4), 6, steps=0)
+    assert len(calls) == 2 and exact < 1e-10 < res.relative_error < 1  # fell back, from the low-rank init
+    monkeypatch.setattr(torch.linalg, "solve", lambda *a, **k: broken(message="CUDA error: an illegal access"))
+    with pytest.raises(RuntimeError, match="illegal access"):
+        fz._algebraic_init(A, 6, torch.Generator().manual_seed(0))
 
 
 def test_stalled_fit_stops_early_and_never_ends_worse_than_low_rank():
