@@ -51,12 +51,12 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 
 
 def _steps_ms(student, teacher, params, ids, kwargs, steps: int) -> list[float]:
-    optimizer = healing.make_optimizer(params, 1e-5)
+    optimizer = healing.make_optimizer(params, dict.fromkeys(params, 1e-5))
     times = []
     for i in range(steps + 1):  # the first warms the kernels and makes AdamW's state
         _sync()
         start = time.perf_counter()
-        healing.train_step(student, teacher, ids, kwargs, True, params, optimizer, 1e-5, DTYPE, GPU)
+        healing.train_step(student, teacher, ids, kwargs, True, params, optimizer, 1.0, DTYPE, GPU)
         _sync()
         if i:  # wall clock around a synchronized step: the host's share of a step is the user's time too
             times.append(1e3 * (time.perf_counter() - start))
@@ -160,8 +160,8 @@ def profile_step(a, teacher, target, converted, config) -> dict[str, float]:
     for p in params.values():
         p.requires_grad_(True)
     ids = torch.randint(0, config["vocab_size"], (a.batch, a.seq_len), device=DEVICE)
-    optimizer = healing.make_optimizer(params, 1e-5)
-    args = (student, teacher, ids, forward_kwargs(student), True, params, optimizer, 1e-5, DTYPE, GPU)
+    optimizer = healing.make_optimizer(params, dict.fromkeys(params, 1e-5))
+    args = (student, teacher, ids, forward_kwargs(student), True, params, optimizer, 1.0, DTYPE, GPU)
     healing.train_step(*args)
     _sync()
     activity = torch.profiler.ProfilerActivity.CUDA if GPU else torch.profiler.ProfilerActivity.CPU

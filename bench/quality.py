@@ -142,8 +142,9 @@ def convert_cmd(a, structure: str, ratio: float, method: str, out_dir: Path, ste
 
 
 def heal_cmd(a, ckpt: Path, out_dir: Path) -> list[str]:
+    lr = [] if a.heal_lr is None else ["--lr", f"{a.heal_lr:g}"]  # None: heal's default by structure
     return [*a.cli, "heal", str(ckpt), "--data", a.calibration, "-o", str(out_dir), "--steps", str(a.heal_steps),
-            "--lr", f"{a.heal_lr:g}", "--batch", str(a.heal_batch), "--seq-len", str(a.seq_len),
+            *lr, "--batch", str(a.heal_batch), "--seq-len", str(a.seq_len),
             "--device", a.device, "--overwrite", "--json"]  # fmt: skip
 
 
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=None, help="BLAST --steps (default: the CLI's)")
     p.add_argument("--heal-steps", type=int, default=200, help="heal --steps (the +healed methods)")
-    p.add_argument("--heal-lr", type=float, default=1e-4, help="heal --lr")
+    p.add_argument("--heal-lr", type=float, default=None, help="heal --lr (default: heal's, by structure)")
     p.add_argument("--heal-batch", type=int, default=4, help="heal --batch")
     p.add_argument("--eval-before", action="store_true", help="+healed cells: eval the checkpoint before healing too")
     p.add_argument(

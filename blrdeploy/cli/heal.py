@@ -84,11 +84,15 @@ def heal(
     output: Annotated[Path, typer.Option("--output", "-o", help="The healed checkpoint's directory.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = healing.DEFAULT_STEPS,
     lr: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Peak learning rate, relative: each trained tensor moves by about LR times its RMS per step."
+            help="Peak learning rate, relative: each trained tensor moves by about LR times its RMS per step. "
+            "Default: by structure, "
+            + ", ".join(f"{k} {v:g}" for k, v in healing.DEFAULT_LR.items())
+            + f" ({healing.OTHER_LR:g} for biases and norms).",
+            show_default=False,
         ),
-    ] = healing.DEFAULT_LR,
+    ] = None,
     batch: Annotated[int, typer.Option(help="Windows per step.")] = healing.DEFAULT_BATCH,
     seq_len: Annotated[
         int | None,

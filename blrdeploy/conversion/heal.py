@@ -54,7 +54,11 @@ from blrdeploy.structures.modules import BLRLinear
 
 STATE_SUFFIX = ".heal-state.pt"
 DEFAULT_STEPS = 200
-DEFAULT_LR = 1e-4  # relative (see tensor_scale): 1e-3 already diverged on a real BLAST encoder (bench/NOTES.md)
+# Relative peak learning rates (see tensor_scale) when --lr is not given, per structure of the layer a factor belongs
+# to, from 30-step probes on real models (bench/NOTES.md, "Healing's learning rate"): BLAST's loss fell furthest at
+# 1e-4 (3e-4 and 1e-3 did worse on SmolLM2-135M and all-MiniLM-L6-v2), low-rank's at 1e-3 (1e-4 is slow).
+DEFAULT_LR = {"blast": 1e-4, "monarch": 1e-4, "lowrank": 1e-3}
+OTHER_LR = 1e-4  # biases and norms (--train-norms)
 DEFAULT_BATCH = 4  # windows per step
 DEFAULT_SAVE_EVERY = 50
 WARMUP = 0.05  # of the steps: the learning rate rises linearly, then follows a cosine down to FINAL_LR of it
@@ -71,7 +75,7 @@ class HealError(ValueError):
 @dataclass(frozen=True)
 class HealOptions:
     steps: int = DEFAULT_STEPS
-    lr: float = DEFAULT_LR
+    lr: float | None = None  # None: DEFAULT_LR by structure
     batch: int = DEFAULT_BATCH
     seq_len: int | None = None  # None: the model's context, at most MAX_SEQ_LEN
     tokens: int | None = None  # text read, in tokens; None: enough for every step to see new windows
@@ -84,7 +88,7 @@ class HealOptions:
     def check(self) -> None:
         if self.steps <= 0:
             raise HealError(f"--steps must be at least 1, not {self.steps}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise HealError(f"--lr must be a positive number, not {self.lr}")
         if self.batch <= 0:
             raise HealError(f"--batch must be at least 1, not {self.batch}")
@@ -156,13 +160,14 @@ def tensor_scale(p: torch.Tensor) -> float:
     return max(p.detach().float().pow(2).mean().sqrt().item(), SCALE_FLOOR)
 
 
-def learning_rate(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over WARMUP of the steps, then a cosine from ``lr`` down to FINAL_LR * ``lr``."""
+def schedule(step: int, steps: int) -> float:
+    """The fraction of the peak rates at ``step``: a linear warm-up over WARMUP of the steps, then a cosine from 1
+    down to FINAL_LR."""
     warm = max(1, round(WARMUP * steps))
     if step < warm:
-        return lr * (step + 1) / warm
+        return (step + 1) / warm
     done = (step - warm) / max(1, steps - warm)
-    return lr * (FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * done)))
+    return FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def batch_windows(step: int, count: int, batch: int, seed: int) -> torch.Tensor:
@@ -178,23 +183,35 @@ def batch_windows(step: int, count: int, batch: int, seed: int) -> torch.Tensor:
     return torch.stack(picks)
 
 
-def make_optimizer(params: dict[str, nn.Parameter], lr: float) -> torch.optim.AdamW:
-    """AdamW, one group per tensor so each has its own scale (see tensor_scale); no weight decay (it would pull the
-    factors toward zero, away from the fit)."""
-    groups = [{"params": [p], "scale": tensor_scale(p)} for p in params.values()]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+def peak_rates(model: nn.Module, params: dict[str, nn.Parameter], lr: float | None) -> dict[str, float]:
+    """Each trained tensor's peak relative rate: ``lr`` where given, else its layer structure's DEFAULT_LR
+    (OTHER_LR for biases and norms)."""
+    rates = {}
+    for name in params:
+        owner = model.get_submodule(name.rpartition(".")[0])
+        structure = getattr(owner, "structure", None) if isinstance(owner, BLRLinear) else None
+        rates[name] = lr if lr is not None else DEFAULT_LR.get(structure, OTHER_LR)
+    return rates
+
+
+def make_optimizer(params: dict[str, nn.Parameter], rates: dict[str, float]) -> torch.optim.AdamW:
+    """AdamW, one group per tensor so each has its own peak rate (``rates``) times its scale (see
+    tensor_scale); no weight decay (it would pull the factors toward zero, away from the fit)."""
+    groups = [{"params": [p], "peak": rates[name] * tensor_scale(p)} for name, p in params.items()]
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), weight_decay=0.0)
 
 
 def train_step(
     student: nn.Module, teacher: nn.Module, ids: torch.Tensor, kwargs: dict, causal: bool,
-    params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, lr: float, compute: torch.dtype, on_gpu: bool,
+    params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, fraction: float, compute: torch.dtype,
+    on_gpu: bool,
 ) -> tuple[float, float]:  # fmt: skip
     """One step of healing on the windows ``ids``: the teacher's outputs, the student's under autocast (on a GPU),
-    the loss, its gradient clipped to CLIP, and the update at peak rate ``lr`` (times each tensor's scale). Returns
+    the loss, its gradient clipped to CLIP, and the update at ``fraction`` of each tensor's peak rate. Returns
     (loss, gradient norm before clipping); a non-finite either way skips the update, and the caller stops. The
     benchmark of a heal step (bench/heal_step.py) times this function."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["scale"]
+        group["lr"] = fraction * group["peak"]
     with torch.no_grad():
         target = main_output(teacher(input_ids=ids, **kwargs))
     with torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
@@ -346,7 +363,8 @@ def heal(
         raise CheckpointError(f"{checkpoint} has no BLR layer to heal")
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = make_optimizer(params, options.lr)
+    rates = peak_rates(student, params, options.lr)
+    optimizer = make_optimizer(params, rates)
 
     kwargs = forward_kwargs(student)
     probe = windows[: min(2, windows.shape[0])].to(device)  # the same two windows before and after: a quick check
@@ -367,8 +385,8 @@ def heal(
     tick = time.perf_counter()
     for step in range(start, options.steps):
         ids = windows[batch_windows(step, windows.shape[0], options.batch, options.seed)].to(device)
-        lr = learning_rate(step, options.steps, options.lr)
-        loss, norm = train_step(student, teacher, ids, kwargs, causal, params, optimizer, lr, compute, on_gpu)
+        fraction = schedule(step, options.steps)
+        loss, norm = train_step(student, teacher, ids, kwargs, causal, params, optimizer, fraction, compute, on_gpu)
         if not math.isfinite(loss):
             raise HealError(f"the distillation loss became {loss} at step {step + 1}: {diverged}")
         if not math.isfinite(norm):
@@ -401,6 +419,7 @@ def heal(
         "tokens_seen": options.steps * tokens_per_step,
         "trained": "BLR factors, biases and norms" if options.train_norms else "BLR factors",
         "trainable_params": sum(p.numel() for p in params.values()),
+        "peak_lr": sorted(set(rates.values())),  # relative; per structure unless --lr was given
         "loss": {"first": losses[0], "last": losses[-1], "curve": _curve(losses), "of": LOSS_NAMES[causal]},
         "output_agreement": {"windows": probe.shape[0], "before": before, "after": after},
         "device": str(device),

@@ -287,17 +287,21 @@ def test_gradient_checkpointing_gives_the_same_weights(lm, tmp_path, monkeypatch
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
-def test_the_learning_rate_is_relative_to_each_tensors_rms(lm, tmp_path):
-    """Adam's first step moves each element by its group's learning rate: here --lr times the tensor's RMS, so
-    factors of very different scales (BLAST's U near 0.02, S near 20 on a real encoder) move alike, relatively."""
+@pytest.mark.parametrize("lr", [1e-2, None])
+def test_the_learning_rate_is_relative_to_each_tensors_rms(lm, tmp_path, lr):
+    """Adam's first step moves each element by its group's learning rate: --lr (or, not given, the default of the
+    layer's structure: this checkpoint is low-rank) times the tensor's RMS, so factors of very different scales
+    (BLAST's U near 0.02, S near 20 on a real encoder) move alike, relatively."""
     _, ckpt, text = lm
-    healing.heal(ckpt, text, tmp_path / "out", healing.HealOptions(steps=1, lr=1e-2, seq_len=32))
+    summary = healing.heal(ckpt, text, tmp_path / "out", healing.HealOptions(steps=1, lr=lr, seq_len=32))
+    rate = lr or healing.DEFAULT_LR["lowrank"]
+    assert summary["peak_lr"] == [rate] and healing.DEFAULT_LR["lowrank"] != healing.DEFAULT_LR["blast"]
     old, new = load(ckpt).state_dict(), load(tmp_path / "out").state_dict()
     factors = [k for k in old if not torch.equal(old[k], new[k])]
     assert len(factors) >= 4
     for k in factors:
         step = (new[k] - old[k]).abs().max().item()
-        expected = 1e-2 * old[k].pow(2).mean().sqrt().item()
+        expected = rate * old[k].pow(2).mean().sqrt().item()
         assert abs(step / expected - 1) < 0.02, (k, step, expected)
 
 
