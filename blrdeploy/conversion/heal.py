@@ -358,7 +358,7 @@ def heal(
     stored = {n: t.dtype for n, t in [*student.named_parameters(), *student.named_buffers()]}  # tensor's dtype
     student = student.float().requires_grad_(False)  # the float32 master weights
     if options.checkpointing:
-        _checkpoint_blocks(student, [e["name"] for e in cfg["layers"]])
+        _checkpoint_blocks(student, names)
     params = trainable(student, options.train_norms)
     if not params:
         raise CheckpointError(f"{checkpoint} has no BLR layer to heal")
