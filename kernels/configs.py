@@ -202,12 +202,14 @@ class ConfigTable:
         self.arch = arch
         self.entries: dict[str, Config] = dict(entries or {})
         self.source = source
+        self.version = 0  # bumped by every put: launch plans (kernels/replay.py) made before it are stale
 
     def get(self, key: str) -> Config | None:
         return self.entries.get(key)
 
     def put(self, key: str, config: Config) -> None:
         self.entries[key] = config
+        self.version += 1
 
     def to_json(self) -> dict:
         return {

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import dispatch, runtime
+from . import dispatch, replay, runtime
 from .blast import mix_tile
 from .configs import (
     MIX_DOT_ONE_PASS,
@@ -143,7 +143,24 @@ def forced(**configs: Config) -> Iterator[None]:
 
 def new_buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Every buffer a launcher writes comes from here (tests poison them to prove every element is written)."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+    buffer = torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+    replay.note_buffer(buffer)
+    return buffer
+
+
+def _plan_environment() -> tuple | None:
+    """What a launcher's decisions depend on beyond its arguments (see ``replay``); None while nothing may be
+    recorded: tuning or forced configs (tests, benchmarks) choose per call, and a recorder writes each call down."""
+    if getattr(_state, "tuning", False) or getattr(_state, "forced", None):
+        return None
+    backend = runtime.backend()
+    if isinstance(backend, runtime.Recorder):
+        return None
+    return backend, runtime.target(), dispatch.current(), _table, _table.version
+
+
+# Launchers are replayed from their plans (kernels/replay.py); the allocator is looked up at each call.
+_planned = replay.planned(lambda shape, like, dtype: new_buffer(shape, like, dtype), _plan_environment)
 
 
 @functools.cache
@@ -384,6 +401,7 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
         pool = _counter_pool[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     if pool is None or needed > pool.numel():
         return torch.zeros(needed, dtype=torch.int32, device=device)
+    replay.note_constant(pool)
     return pool
 
 
@@ -424,6 +442,7 @@ def _input_prologue(x: torch.Tensor, width: int, swiglu: bool, norm: tuple[torch
     return out
 
 
+@_planned
 def blast_forward(
     x: torch.Tensor,
     U: torch.Tensor,
@@ -576,6 +595,7 @@ def blast_forward(
     return y
 
 
+@_planned
 def monarch_forward(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -630,6 +650,7 @@ def monarch_forward(
     return y
 
 
+@_planned
 def lowrank_forward(
     x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -21,3 +22,11 @@ def pytest_collection_modifyitems(config, items):
 def gen():
     """A fresh seeded generator per test: inputs differ between tests but each test is reproducible."""
     return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+@pytest.fixture(autouse=True)
+def fresh_launch_plans():
+    """No launch plan outlives its test: a test may change what plans depend on (launch constants, SM counts)."""
+    replay = sys.modules.get("blrdeploy.kernels.replay")  # not imported here: that would load Triton everywhere
+    if replay is not None:
+        replay.clear()

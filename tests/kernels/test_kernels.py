@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import assert_rel_close
 
-from blrdeploy.kernels import Config, ConfigTable, configs, dispatch, launch, runtime
+from blrdeploy.kernels import Config, ConfigTable, configs, dispatch, launch, replay, runtime
 from blrdeploy.structures import functional
 
 CUDA = torch.cuda.is_available()
@@ -534,3 +534,89 @@ def test_a_bundle_records_every_mix_tile(gen):
     mixes = [s for s in recorder.specs if s.kernel == "blast_mix_dot"]
     tiles = {(dict(s.constexprs)["BM"], dict(s.constexprs)["BR"], s.num_warps) for s in mixes}
     assert tiles == set(configs.mix_dot_tiles(87, 16, 16)) and len(tiles) == 3
+
+
+# ------------------------------------------------------------------------ launch plans (kernels/replay.py, #23)
+
+
+def _watch_launches(monkeypatch) -> list:
+    """Every launch from here on, as what a plan fixes: kernel, grid, constexprs, warps, stages, dependent launch,
+    and each argument (an integer, or a tensor's dtype)."""
+    seen, real = [], runtime.launch
+
+    def launch_(kernel, grid, args, constexprs, num_warps, num_stages, pdl=False):
+        fixed = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+        seen.append((kernel, grid, tuple(constexprs.items()), num_warps, num_stages, pdl, fixed))
+        return real(kernel, grid, args, constexprs, num_warps, num_stages, pdl)
+
+    monkeypatch.setattr(runtime, "launch", launch_)
+    return seen
+
+
+def _shifted(x: torch.Tensor) -> torch.Tensor:
+    """``x`` copied to a view with the same strides one row further into its storage: another address."""
+    rows = torch.full((x.shape[0] + 1, x.stride(0)), float("nan"), dtype=x.dtype, device=x.device)
+    rows[1:, : x.shape[1]] = x
+    return rows[1:, : x.shape[1]]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replayed_launch_plan_is_the_planned_call(case, gen, monkeypatch):
+    """The second call of a kind replays the first one's plan: no config is chosen again, the launches are the
+    same, and on fresh inputs at other addresses (and fresh poisoned buffers) the output is the float64
+    reference's. The one kind planned every call: a residual and a bias together (their sum is computed on the
+    side, not launched)."""
+    seen = _watch_launches(monkeypatch)
+    fn, ref, first = CASES[case](gen, torch.float32)
+    fn(*first)
+    planned, plans = list(seen), list(replay._plans.values())
+    assert len(plans) == 1
+    both = len(first) == 7 and first[4] is not None and first[6] is not None
+    assert (plans[0] is None) == both
+    seen.clear()
+    chosen, real_choose = [], launch.choose_config
+    monkeypatch.setattr(launch, "choose_config", lambda *a, **k: chosen.append(a[1]) or real_choose(*a, **k))
+    _, _, second = CASES[case](gen, torch.float32)
+    second = (_shifted(second[0]), *second[1:])
+    before = dict(replay.counts)
+    out = fn(*second)
+    assert replay.counts["replayed"] - before["replayed"] == (0 if both else 1)
+    assert (chosen == []) != both and seen == planned
+    expected = ref(*(a.double() if a is not None else None for a in second))
+    assert_rel_close(out, expected, TOL[torch.float32], f"{case}, replayed")
+
+
+def test_launch_plans_follow_what_the_decisions_depend_on(gen):
+    """A new plan for a new token count, strides, switch, table or table entry; none while configs are forced,
+    while tuning, or while a bundle is being recorded."""
+    fn, _, (x, U, S, V, b) = CASES["blast-odd"](gen, torch.float32)
+
+    def delta(call) -> dict:
+        before = dict(replay.counts)
+        call()
+        return {k: v - before[k] for k, v in replay.counts.items() if v != before[k]}
+
+    assert delta(lambda: fn(x, U, S, V, b)) == {"planned": 1}
+    assert delta(lambda: fn(x, U, S, V, b)) == {"replayed": 1}
+    assert delta(lambda: fn(x[:5], U, S, V, b)) == {"planned": 1}
+    assert delta(lambda: fn(x.contiguous(), U, S, V, b)) == {"planned": 1}
+    bias = torch.zeros(U.shape[0] * U.shape[1], device=DEVICE)  # blast-odd has none
+    assert delta(lambda: fn(x, U, S, V, bias)) == {"planned": 1}
+    with dispatch.switched(use_pdl=False):
+        assert delta(lambda: fn(x, U, S, V, b)) == {"planned": 1}
+    table = ConfigTable(90)
+    previous = launch.use_table(table)
+    try:
+        assert delta(lambda: fn(x, U, S, V, b)) == {"planned": 1}
+        assert delta(lambda: fn(x, U, S, V, b)) == {"replayed": 1}
+        table.put("unrelated|key", Config(16, 16, 16, 4, 2))
+        assert delta(lambda: fn(x, U, S, V, b)) == {"planned": 1}
+    finally:
+        launch.use_table(previous)
+    with launch.forced(gemm=Config(16, 16, 16, 4, 2)):
+        assert delta(lambda: fn(x, U, S, V, b)) == {"unplanned": 1}
+    with launch.tuning():
+        assert delta(lambda: fn(x, U, S, V, b)) == {"unplanned": 1}
+    with runtime.using(runtime.Recorder(), None):
+        assert delta(lambda: fn(x, U, S, V, b)) == {"unplanned": 1}
+    assert delta(lambda: fn(x, U, S, V, b)) == {"replayed": 1}
