@@ -51,7 +51,7 @@ LAYERS = [
     ("dit-xl-2", "q/k/v 1152>1152", "*.attn1.to_q", 1152, 1152, True),
     ("dit-xl-2", "fc1 1152>4608", "*.ff.net.0.proj", 4608, 1152, True),
 ]
-TOKENS = (1, 16, 128, 1024, 4096)
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096)  # issue #23: the regimes users run, decode to long prefill
 TOKENS_DIT = (*TOKENS, 16384)
 STRUCTURES = ("blast", "monarch", "lowrank")
 OPS = {
@@ -291,7 +291,11 @@ def main(argv=None) -> int:
     models = sorted({m for m, *_ in LAYERS})
     ap.add_argument("--models", default=",".join(models), help=f"comma-separated; default all of {models}")
     ap.add_argument("--structures", default=",".join(STRUCTURES), help="comma-separated; default all three")
-    ap.add_argument("--n", default="", help="token counts to run (comma-separated); default 1,16,128,1024,4096")
+    ap.add_argument(
+        "--n",
+        default="",
+        help="token counts to run (comma-separated); default 1,4,16,64,256,1024,4096 (DiT: and 16384)",
+    )
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile baseline")
     ap.add_argument("--no-pdl", dest="pdl", action="store_false", help="no programmatic dependent launches")
     ap.add_argument(
