@@ -12,7 +12,8 @@ Per layer (the reference paper's preset), µs per call:
 - ``launcher``: the launcher alone (``blrdeploy.kernels.<structure>_forward``), its plan replayed;
 - ``planning``: the launcher deciding everything again (the launch plans bypassed), as every call did before;
 - ``launches``: the same kernel launches issued with their arguments ready (Triton's or the driver's launch path);
-- ``beyond``: ``op`` - ``launches``, the host cost the issue bounds at 25 µs.
+- ``beyond``: ``op`` - ``launches``, the host cost the issue bounds at 25 µs;
+- ``driver_*``: the same through the CUDA driver's launch path (``runtime.DriverKernels``) instead of Triton's.
 
 Without a GPU (``--device cpu``) launches go to a backend that runs nothing, so ``launches`` is 0 and the other
 columns are the Python around them: planning against replay on this CPU, not a GPU's figure.
@@ -95,25 +96,27 @@ def measure(model, label, pattern, out_f, in_f, bias, structure, n, device, dtyp
     row = {"model": model, "layer": label, "structure": structure, "tokens": n}
     with torch.no_grad():
         row["linear"] = host_us(lambda: F.linear(x, w, bv), calls, cuda)
-        backend = runtime.backend() if cuda else _Nothing()
-        with runtime.using(backend, None):
+        # On a GPU both launch paths: Triton's JIT (the default) and the driver's (runtime.DriverKernels).
+        backends = {"": runtime.JitKernels(), "driver_": runtime.DriverKernels()} if cuda else {"": _Nothing()}
+        for prefix, backend in backends.items():
+            with runtime.using(backend, None):
+                if cuda:
+                    row[prefix + "op"] = host_us(lambda: op(x, *fs, bv), calls, cuda)
+                row[prefix + "launcher"] = host_us(lambda: launcher(x, *fs, bv), calls, cuda)
+                row[prefix + "planning"] = host_us(lambda: launcher.__wrapped__(x, *fs, bv), calls, cuda)
+                kept = _Keep(backend)
+                with runtime.using(kept, None):
+                    launcher.__wrapped__(x, *fs, bv)
+                row["kernels"] = [k[0] for k in kept.launches]
+
+                def launches_only(kept=kept) -> None:
+                    for args in kept.launches:
+                        runtime.launch(*args)
+
+                row[prefix + "launches"] = host_us(launches_only, calls, cuda) if cuda else 0.0
             if cuda:
-                row["op"] = host_us(lambda: op(x, *fs, bv), calls, cuda)
-            row["launcher"] = host_us(lambda: launcher(x, *fs, bv), calls, cuda)
-            row["planning"] = host_us(lambda: launcher.__wrapped__(x, *fs, bv), calls, cuda)
-            kept = _Keep(backend)
-            with runtime.using(kept, None):
-                launcher.__wrapped__(x, *fs, bv)
-            row["kernels"] = [k[0] for k in kept.launches]
-
-            def launches_only() -> None:
-                for args in kept.launches:
-                    runtime.launch(*args)
-
-            row["launches"] = host_us(launches_only, calls, cuda) if cuda else 0.0
-    if cuda:
-        row["beyond"] = row["op"] - row["launches"]
-        row["op_over_linear"] = row["op"] / row["linear"]
+                row[prefix + "beyond"] = row[prefix + "op"] - row[prefix + "launches"]
+                row[prefix + "op_over_linear"] = row[prefix + "op"] / row["linear"]
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
 
 
@@ -144,7 +147,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
-    cols = ["linear", "op", "launcher", "planning", "launches", "beyond"]
+    cols = ["linear", "op", "launcher", "planning", "launches", "beyond", "driver_op", "driver_launches"]
     print(f"\nhost µs per call, {result['machine'].get('gpu') or 'CPU (no launches)'}")
     print("layer                      | structure | N    | " + " | ".join(f"{c:>8}" for c in cols))
     for r in rows:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -159,6 +160,41 @@ class JitKernels:
         KERNELS[kernel][grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **extra)
 
 
+class DriverKernels:
+    """Triton compiles each specialization once (``aot.compile_spec``, the JIT's specialization, Triton's disk cache
+    behind it); every launch goes through the CUDA driver (``cubin.Kernel``), arguments packed into fixed slots,
+    not through Triton's per-call argument binding. The launch path of an eager model, where host time per layer
+    call sets the speed (issue #23). ``BLRDEPLOY_LAUNCH=driver`` makes it the default backend."""
+
+    name = "driver"
+
+    def __init__(self) -> None:
+        self._kernels: dict[tuple, object] = {}
+
+    def launch(self, kernel, grid, args, constexprs, num_warps, num_stages, launch_pdl):
+        device = args[0].device  # every kernel's first argument is a tensor
+        key = (kernel, _fast_classes(kernel, args), tuple(constexprs.items()), num_warps, num_stages, launch_pdl,
+               device)  # fmt: skip
+        compiled = self._kernels.get(key)
+        if compiled is None:
+            compiled = self._kernels[key] = self._compile(kernel, args, constexprs, num_warps, num_stages, launch_pdl)
+        if _several_gpus() and device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                compiled.launch(grid, args)
+            return
+        compiled.launch(grid, args)
+
+    @staticmethod
+    def _compile(kernel, args, constexprs, num_warps, num_stages, launch_pdl):
+        from . import aot, cubin  # deferred: aot imports the launchers, which import this module
+
+        device = args[0].device
+        spec = spec_of(kernel, args, constexprs, num_warps, num_stages, launch_pdl)
+        major, minor = torch.cuda.get_device_capability(device)
+        image, descriptor = aot.compile_spec(spec, 10 * major + minor)
+        return cubin.Kernel(image, descriptor, device, spec)
+
+
 class Recorder:
     """Runs nothing: collects the specs launched and the launch configs chosen (for packaging a bundle)."""
 
@@ -256,7 +292,9 @@ class Target:
 
 
 _local = threading.local()
-_backend = JitKernels()
+# The default launch path: Triton's JIT, or with BLRDEPLOY_LAUNCH=driver the driver path (measured against each
+# other by bench/host_time.py before either becomes the only one).
+_backend = DriverKernels() if os.environ.get("BLRDEPLOY_LAUNCH") == "driver" else JitKernels()
 _target: Target | None = None
 
 

@@ -377,6 +377,18 @@ def test_gpu_dtypes_layer_sized(structure, dtype, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_driver_launches_match_float64(case, gen):
+    """runtime.DriverKernels (compiled once, launched through the CUDA driver) computes what the JIT path does, for
+    every kernel case, first call and replayed plan alike."""
+    with runtime.using(runtime.DriverKernels(), None):
+        for dtype in (torch.float32, torch.bfloat16):
+            for call in ("first", "replayed"):
+                fn, ref, args = CASES[case](gen, dtype)
+                _check(fn, ref, args, dtype, f"{case} {dtype}, driver launch, {call}")
+
+
+@pytest.mark.gpu
 def test_gpu_tuning_fills_the_table(gen):
     previous = launch.use_table(ConfigTable())
     try:
