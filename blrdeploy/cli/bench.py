@@ -68,6 +68,10 @@ _MEMORY_LIMIT = (
     "Cap this process's GPU memory, e.g. 8GB (10^9 bytes) or 7.5GiB, as on an 8 GB Jetson Orin Nano. A model that "
     "does not fit is reported as out of memory; the other still runs."
 )
+_DECODE_BATCH = (
+    "LLMs: comma-separated decode batch sizes, e.g. 1,4,16,64: that many sequences decoded together, one new token "
+    "each a step (batched serving); tokens/s counts them all. Default: 1."
+)
 _FUSE_SIBLINGS = (
     "Run BLAST or low-rank layers that read one input (q/k/v, gate/up) stacked, one launch pair for the group, and a "
     "Llama block's SiLU, RMSNorms and residual adds inside its BLAST layers. --no-fuse-siblings runs each layer on "
@@ -87,8 +91,12 @@ def bench(
     batch: Annotated[
         str | None, typer.Option(help="Comma-separated batch sizes for prefill. Default: the reference paper's.")
     ] = None,
-    seq: Annotated[int | None, typer.Option(help="Token models: prefill length. Default: the paper's.")] = None,
-    decode: Annotated[bool, typer.Option(help="LLMs: measure greedy decode (batch 1) tokens/s.")] = True,
+    seq: Annotated[
+        str | None,
+        typer.Option(help="Token models: comma-separated prefill lengths, e.g. 64,256,1024. Default: the paper's."),
+    ] = None,
+    decode: Annotated[bool, typer.Option(help="LLMs: measure greedy decode tokens/s.")] = True,
+    decode_batch: Annotated[str | None, typer.Option(help=_DECODE_BATCH)] = None,
     new_tokens: Annotated[int, typer.Option(help="Decode: new tokens per run.")] = 128,
     prompt_tokens: Annotated[int, typer.Option(help="Decode: prompt length before the timed tokens.")] = 16,
     memory_limit: Annotated[str | None, typer.Option(help=_MEMORY_LIMIT)] = None,
@@ -102,16 +110,17 @@ def bench(
 ) -> None:
     """Benchmark a BLR model against the dense model of the same architecture, under the same harness: prefill
     latency at the reference paper's sizes (Llama 1024 tokens, GPT-2 384, ViT-B batch 1 and 64, DiT-XL/2 16384
-    tokens), greedy decode tokens/s (LLMs, batch 1, 128 new tokens on a static cache), weight bytes and peak GPU
-    memory. Built-in models get seeded random weights (the BLR one planned with the paper's preset where the model
-    has one, else at --params-ratio, default 0.5); a converted
-    checkpoint runs its own weights beside a random dense twin. Progress goes to stderr. Exit code: 0 done (a
-    model that did not fit is reported, not an error), 2 unusable input."""
+    tokens; or --batch and --seq), greedy decode tokens/s (LLMs, batch 1 or --decode-batch, 128 new tokens on a
+    static cache), weight bytes and peak GPU memory. Built-in models get seeded random weights (the BLR one planned
+    with the paper's preset where the model has one, else at --params-ratio, default 0.5); a converted checkpoint
+    runs its own weights beside a random dense twin. Progress goes to stderr. Exit code: 0 done (a model that did
+    not fit is reported, not an error), 2 unusable input."""
     request = bn.BenchRequest(
         model, structure, params_ratio, resolve_device(device), parse_dtype(dtype),
         modes=tuple(m.strip() for m in modes.split(",")) if modes else None, batches=csv_ints(batch, "--batch"),
-        seq=seq, decode=decode, new_tokens=new_tokens, prompt_tokens=prompt_tokens, memory_limit=memory_limit,
-        only=only, fuse_siblings=fuse_siblings, budget_s=budget, seed=seed, output=output, overwrite=overwrite,
+        seq=csv_ints(seq, "--seq"), decode=decode, decode_batches=csv_ints(decode_batch, "--decode-batch"),
+        new_tokens=new_tokens, prompt_tokens=prompt_tokens, memory_limit=memory_limit, only=only,
+        fuse_siblings=fuse_siblings, budget_s=budget, seed=seed, output=output, overwrite=overwrite,
     )  # fmt: skip
     with one_line_errors():
         result = bn.run(request, _Steps)
@@ -173,6 +182,7 @@ def _timings(variants: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
             shape = f"{row['batch']}×{row['seq']}" if row["seq"] else f"batch {row['batch']}"
             rows.setdefault((f"prefill {shape} ({row['tokens']} tok), ms", row["mode"]), {})[v["name"]] = row["ms"]
         for row in v["decode"]:
-            key = (f"decode, tokens/s ({row['new_tokens']} new)", row["mode"])
+            batch = f" batch {row['batch']}" if row.get("batch", 1) != 1 else ""
+            key = (f"decode{batch}, tokens/s ({row['new_tokens']} new)", row["mode"])
             rows.setdefault(key, {})[v["name"]] = row["tokens_per_s"]
     return rows

@@ -368,12 +368,12 @@ def time_prefill(model: nn.Module, feed: dict, mode: str, device: torch.device, 
     return {"ms": ms, "setup_s": setup}
 
 
-def _static_cache(model: nn.Module, length: int, device, dtype):
+def _static_cache(model: nn.Module, length: int, device, dtype, batch: int = 1):
     # deferred: transformers takes about half a second to import, and only decoding needs its cache
     from transformers import StaticCache
 
     params = inspect.signature(StaticCache.__init__).parameters
-    wanted = {"max_batch_size": 1, "batch_size": 1, "device": device, "dtype": dtype}
+    wanted = {"max_batch_size": batch, "batch_size": batch, "device": device, "dtype": dtype}
     kwargs = {k: v for k, v in wanted.items() if k in params}
     if "max_batch_size" in kwargs:
         kwargs.pop("batch_size", None)
@@ -381,21 +381,24 @@ def _static_cache(model: nn.Module, length: int, device, dtype):
 
 
 class Decoder:
-    """Greedy batch-1 decode on a static cache whose every step (mask update, forward, argmax, cache write, next
-    position) touches only fixed buffers, so one step is one CUDA graph replayed ``new_tokens`` times."""
+    """Greedy decode of a batch of equally long prompts (``prompt`` is (batch, length); each sequence gets one new
+    token a step, as a server decoding several requests at once) on a static cache whose every step (mask update,
+    forward, argmax, cache write, next position) touches only fixed buffers, so one step is one CUDA graph
+    replayed ``new_tokens`` times."""
 
     def __init__(self, model: nn.Module, prompt: torch.Tensor, new_tokens: int, mode: str) -> None:
         self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+        self.batch = prompt.shape[0]
         self.device = prompt.device
         self.dtype = next(model.parameters()).dtype
         self.length = prompt.shape[1] + new_tokens
         self.forward = _compiled(model.forward, mode)
-        self.cache = _static_cache(model, self.length, self.device, self.dtype)
+        self.cache = _static_cache(model, self.length, self.device, self.dtype, self.batch)
         self.neg = torch.finfo(self.dtype).min
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.mask = torch.full((1, 1, 1, self.length), self.neg, dtype=self.dtype, device=self.device)
-        self.out = torch.zeros(1, new_tokens, dtype=torch.long, device=self.device)
+        self.mask = torch.full((self.batch, 1, 1, self.length), self.neg, dtype=self.dtype, device=self.device)
+        self.out = torch.zeros(self.batch, new_tokens, dtype=torch.long, device=self.device)
         # transformers 5 renamed past_key_values to cache and tracks positions inside the cache; 4.x takes both.
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -403,17 +406,18 @@ class Decoder:
 
     def _call(self, forward, ids, mask, pos) -> torch.Tensor:
         kwargs = {self.cache_arg: self.cache, "cache_position": pos} if self.positions else {self.cache_arg: self.cache}
-        out = forward(input_ids=ids, attention_mask=mask, position_ids=pos[None], use_cache=True, **kwargs)
+        position_ids = pos[None].expand(self.batch, -1)
+        out = forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **kwargs)
         return main_output(out)
 
     def prefill(self) -> None:
-        """Fills the cache with the prompt and resets the step buffers to the first new token."""
+        """Fills the cache with the prompts and resets the step buffers to the first new token."""
         p = self.prompt.shape[1]
         pos = torch.arange(p, device=self.device)
         causal = torch.full((p, self.length), self.neg, dtype=self.dtype, device=self.device)
         causal[:, :p] = torch.triu(causal[:, :p], diagonal=1)
         self.cache.reset()
-        logits = self._call(self.model, self.prompt, causal[None, None], pos)
+        logits = self._call(self.model, self.prompt, causal.expand(self.batch, 1, p, self.length), pos)
         self.token.copy_(logits[:, -1:].argmax(-1))
         self.pos.fill_(p)
         self.mask.fill_(self.neg)
@@ -428,26 +432,32 @@ class Decoder:
         self.pos.add_(1)
         return nxt
 
-    def first_token(self) -> int:
-        return int(self.token)
+    def tokens(self, steps: int) -> list[list[int]]:
+        """Each sequence's new tokens so far: the prompt's forward's, then ``steps`` steps'."""
+        return torch.cat([self.first, self.out[:, :steps]], dim=1).tolist()
+
+    def first_tokens(self) -> None:
+        self.first = self.token.clone()
 
     @torch.no_grad()
-    def run_eager(self, tokens: int | None = None) -> list[int]:
-        """The first ``tokens`` (default all) new tokens, stepped without a graph."""
+    def run_eager(self, tokens: int | None = None) -> list[list[int]]:
+        """The first ``tokens`` (default all) new tokens of each sequence, stepped without a graph."""
         steps = (tokens or self.new_tokens) - 1
         self.prefill()
-        first = [self.first_token()]
+        self.first_tokens()
         for _ in range(steps):
             self.step()
-        return first + self.out[0, :steps].tolist()
+        return self.tokens(steps)
 
 
 @torch.no_grad()
 def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, mode: str, check_tokens: int) -> dict:
-    """Tokens/s of ``new_tokens`` greedy steps after the prompt (the prompt's own forward not counted). In graph
-    and compile modes, the graph's first ``check_tokens`` tokens are compared with the same forward's stepped
-    without the graph (compiled kernels round differently from eager ones, so eager is not the reference)."""
+    """Tokens/s (all sequences together) of ``new_tokens`` greedy steps after the prompts (the prompts' forward not
+    counted). In graph and compile modes, the graph's first ``check_tokens`` tokens are compared with the same
+    forward's stepped without the graph (compiled kernels round differently from eager ones, so eager is not the
+    reference)."""
     device = prompt.device
+    batch = prompt.shape[0]
     t0 = time.perf_counter()
     dec = Decoder(model, prompt, new_tokens, mode)
     steps = new_tokens - 1  # the first new token comes from the prompt's forward
@@ -463,13 +473,13 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, mode: s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        return {"tokens_per_s": steps / seconds, "ms_per_token": 1e3 * seconds / steps,
+        return {"tokens_per_s": batch * steps / seconds, "ms_per_step": 1e3 * seconds / steps,
                 "setup_s": time.perf_counter() - t0 - seconds}  # fmt: skip
     dec.prefill()
     graph, _ = capture_graph(dec.step, device)
     setup = time.perf_counter() - t0
     dec.prefill()
-    first = dec.first_token()
+    dec.first_tokens()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
@@ -477,12 +487,13 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, mode: s
     end.record()
     torch.cuda.synchronize(device)
     ms = start.elapsed_time(end)
-    tokens = [first] + dec.out[0, :steps].tolist()
-    result = {"tokens_per_s": 1e3 * steps / ms, "ms_per_token": ms / steps, "setup_s": setup}
+    tokens = dec.tokens(steps)
+    result = {"tokens_per_s": 1e3 * batch * steps / ms, "ms_per_step": ms / steps, "setup_s": setup}
     if check_tokens:  # the same forward (compiled or not) stepped without the graph: replay must not change a token
         # Same cache length, so the same attention shapes (and, compiled, the same graph) as the timed run.
-        reference = Decoder(model, prompt, new_tokens, mode).run_eager(min(check_tokens, new_tokens))
-        result["tokens_match_unreplayed"] = tokens[: len(reference)] == reference
+        n = min(check_tokens, new_tokens)
+        reference = Decoder(model, prompt, new_tokens, mode).run_eager(n)
+        result["tokens_match_unreplayed"] = [row[:n] for row in tokens] == reference
     del graph, dec
     return result
 
@@ -500,6 +511,7 @@ class BenchConfig:
     check_tokens: int = 16
     budget_s: float = 1.0  # per timed measurement
     seed: int = 0
+    decode_batches: tuple[int, ...] = (1,)  # sequences decoded together, one new token each a step
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -509,6 +521,8 @@ class BenchConfig:
             raise ValueError(f"--new-tokens must be at least 2, got {self.new_tokens}")
         if self.prompt_tokens < 1:
             raise ValueError(f"--prompt-tokens must be at least 1, got {self.prompt_tokens}")
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise ValueError(f"--decode-batch takes positive integers, got {self.decode_batches!r}")
 
 
 def _positions(target: Target) -> int | None:
@@ -541,7 +555,8 @@ def chosen_variants(target: Target, only: str | None) -> list[Variant]:
 
 def step_count(target: Target, config: BenchConfig, only: str | None = None) -> int:
     """How many progress steps a run reports: per model, its build, each prefill shape and mode, each decode mode."""
-    decode_steps = len(config.modes) if decodes(target, config) and decode_length(target, config) >= 2 else 0
+    decoding = decodes(target, config) and decode_length(target, config) >= 2
+    decode_steps = len(config.modes) * len(config.decode_batches) if decoding else 0
     per_model = 1 + len(shapes_for(target, config)) * len(config.modes) + decode_steps
     return len(chosen_variants(target, only)) * per_model
 
@@ -597,19 +612,27 @@ def run_variant(
             result["decode_error"] = f"the prompt ({config.prompt_tokens} tokens) fills the model's position table"
         elif decodes(target, config):
             vocab = target.config.get("vocab_size")
-            g = torch.Generator().manual_seed(config.seed)
-            prompt = torch.randint(0, vocab, (1, config.prompt_tokens), generator=g).to(device)
-            for mode in config.modes:
-                report(f"{variant.name}: decode {new_tokens} tokens, {mode}")
-                row = {"mode": mode, "new_tokens": new_tokens, "prompt_tokens": config.prompt_tokens}
-                check = config.check_tokens if mode != "eager" else 0
-                try:
-                    row.update(time_decode(model, prompt, new_tokens, mode, check))
-                except (TypeError, AttributeError, NotImplementedError) as exc:  # no static-cache support
-                    result["decode_error"] = f"this model/transformers cannot decode on a static cache: {exc}"
+            for batch in config.decode_batches:
+                g = torch.Generator().manual_seed(config.seed)
+                prompt = torch.randint(0, vocab, (batch, config.prompt_tokens), generator=g).to(device)
+                for mode in config.modes:
+                    report(f"{variant.name}: decode batch {batch}, {new_tokens} tokens, {mode}")
+                    row = {
+                        "mode": mode,
+                        "batch": batch,
+                        "new_tokens": new_tokens,
+                        "prompt_tokens": config.prompt_tokens,
+                    }
+                    check = config.check_tokens if mode != "eager" else 0
+                    try:
+                        row.update(time_decode(model, prompt, new_tokens, mode, check))
+                    except (TypeError, AttributeError, NotImplementedError) as exc:  # no static-cache support
+                        result["decode_error"] = f"this model/transformers cannot decode on a static cache: {exc}"
+                        break
+                    result["decode"].append(row)
+                    _free_compiled(mode)
+                if "decode_error" in result:
                     break
-                result["decode"].append(row)
-                _free_compiled(mode)
     except torch.OutOfMemoryError:
         elem = torch.empty((), dtype=dtype).element_size()
         result["error"] = _oom_message(variant.name, memory_limit, variant.params * elem)
@@ -649,10 +672,11 @@ def speedups(variants: list[dict]) -> dict:
             "dense_best_mode": None if best is None else best["mode"],
         })  # fmt: skip
     for row in blr["decode"]:
-        ref = next((d for d in dense["decode"] if d["mode"] == row["mode"]), None)
-        best = max(dense["decode"], key=lambda d: d["tokens_per_s"], default=None)
+        same = [d for d in dense["decode"] if d.get("batch", 1) == row.get("batch", 1)]
+        ref = next((d for d in same if d["mode"] == row["mode"]), None)
+        best = max(same, key=lambda d: d["tokens_per_s"], default=None)
         out["decode"].append({
-            "mode": row["mode"],
+            "batch": row.get("batch", 1), "mode": row["mode"],
             "vs_dense_same_mode": None if ref is None else row["tokens_per_s"] / ref["tokens_per_s"],
             "vs_dense_best": None if best is None else row["tokens_per_s"] / best["tokens_per_s"],
         })  # fmt: skip
@@ -710,8 +734,9 @@ class BenchRequest:
     dtype: torch.dtype | None = None
     modes: tuple[str, ...] | None = None
     batches: tuple[int, ...] | list[int] | None = None  # prefill batch sizes
-    seq: int | None = None  # token models: prefill length
+    seq: int | tuple[int, ...] | list[int] | None = None  # token models: prefill length(s)
     decode: bool = True
+    decode_batches: tuple[int, ...] | list[int] | None = None  # decode batch sizes; None: (1,)
     new_tokens: int = 128
     prompt_tokens: int = 16
     memory_limit: str | int | None = None  # bytes, or a size such as "8GB" or "7.5GiB"
@@ -767,15 +792,17 @@ def _config(request: BenchRequest, device: torch.device) -> BenchConfig:
     """The harness settings: the request's modes and prefill shapes, or the defaults for ``device``."""
     if request.batches is not None and (not request.batches or min(request.batches) < 1):
         raise ValueError(f"--batch takes positive integers, got {request.batches!r}")
-    if request.seq is not None and request.seq < 1:
-        raise ValueError(f"--seq must be positive, got {request.seq}")
-    shapes = tuple((b, request.seq) for b in request.batches) if request.batches else None
-    if shapes is None and request.seq is not None:
-        shapes = ((1, request.seq),)
+    seqs = (request.seq,) if isinstance(request.seq, int) else request.seq
+    if seqs is not None and (not seqs or min(seqs) < 1):
+        raise ValueError(f"--seq takes positive integers, got {request.seq!r}")
+    shapes = None
+    if request.batches or seqs:  # every batch at every length; a batch alone at the paper's length
+        shapes = tuple((b, s) for b in (request.batches or (1,)) for s in (seqs or (None,)))
     modes = request.modes or (MODES if device.type == "cuda" else ("eager",))
     return BenchConfig(
         modes=tuple(modes), shapes=shapes, decode=request.decode, new_tokens=request.new_tokens,
         prompt_tokens=request.prompt_tokens, budget_s=request.budget_s, seed=request.seed,
+        decode_batches=tuple(request.decode_batches or (1,)),
     )  # fmt: skip
 
 

@@ -61,7 +61,19 @@ def test_decoder_matches_generate(model):
     with torch.no_grad():
         ref = blr.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
                            do_sample=False, pad_token_id=0)  # fmt: skip
-    assert tokens == ref[0, 7:].tolist()
+    assert tokens == ref[:, 7:].tolist()
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
+def test_batched_decoder_decodes_each_sequence_as_alone(model):
+    """Batched decode (three prompts at once, one new token each a step) gives each sequence the tokens it gets
+    decoded alone."""
+    target = bench.resolve(model, dtype=torch.float32, seed=0)  # seed 0: the three prompts' tokens all differ
+    blr = target.variants[1].build()
+    prompts = torch.randint(0, target.config["vocab_size"], (3, 5), generator=torch.Generator().manual_seed(2))
+    together = bench.Decoder(blr, prompts, 9, "eager").run_eager()
+    alone = [bench.Decoder(blr, p[None], 9, "eager").run_eager()[0] for p in prompts]
+    assert together == alone and len({tuple(t) for t in alone}) > 1  # the prompts lead to different tokens
 
 
 def test_bench_command_on_cpu(tmp_path):
@@ -125,6 +137,27 @@ def test_run_a_request_from_python(tmp_path):
     assert [(r["batch"], r["seq"]) for r in result["variants"][0]["prefill"]] == [(2, 8)]
     with pytest.raises(ValueError, match="--seq is for token models"):
         bench.run(bench.BenchRequest("vit-tiny", seq=5))
+
+
+def test_bench_regimes_prefill_lengths_and_decode_batches():
+    """--seq takes several lengths and --decode-batch several batch sizes: a row for each, each BLR row beside
+    the dense row of the same shape, and the table names the batch."""
+    res = runner.invoke(app, ["bench", "llama-tiny", "--seq", "8,16", "--decode-batch", "1,3", "--new-tokens", "4",
+                              "--budget", "0.02", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    dense, blr = data["variants"]
+    assert [(r["batch"], r["seq"]) for r in blr["prefill"]] == [(1, 8), (1, 16)]
+    assert [(r["batch"], r["new_tokens"]) for r in blr["decode"]] == [(1, 4), (3, 4)]
+    for row, ratio in zip(blr["decode"], data["speedup"]["decode"], strict=True):
+        same = next(d for d in dense["decode"] if d["batch"] == row["batch"])
+        assert ratio["batch"] == row["batch"]
+        assert ratio["vs_dense_same_mode"] == pytest.approx(row["tokens_per_s"] / same["tokens_per_s"])
+    table = runner.invoke(app, ["bench", "llama-tiny", "--seq", "8", "--decode-batch", "3", "--new-tokens", "3",
+                                "--budget", "0.02"])  # fmt: skip
+    assert table.exit_code == 0 and "decode batch 3" in table.stdout, table.output
+    bad = runner.invoke(app, ["bench", "llama-tiny", "--decode-batch", "0"])
+    assert bad.exit_code == 2 and "--decode-batch takes positive integers" in bad.output
 
 
 def test_decode_stays_within_the_position_table():
