@@ -34,6 +34,9 @@ class Config:
     # BLAST V+S with split > 1: 1 = the last program of each tile sums the partials once, so the U stage reads one
     # w instead of every partial (less L2 traffic on large layers, a serial step more on small ones).
     reduce: int = 0
+    # 1 = the stage runs on cuBLAS (torch.mm on strided views), not a Triton kernel: :data:`CUBLAS`. A choice of
+    # engine is a config like any other, so the table records per layer shape and token bucket which one won.
+    engine: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -43,7 +46,13 @@ class Config:
             raise ValueError(f"not a kernel config: {d!r} ({e})") from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.engine:
+            del d["engine"]  # Triton: tables read the same as before engines existed
+        return d
+
+
+CUBLAS = Config(0, 0, 0, 0, 0, engine=1)  # its tile fields mean nothing
 
 
 def bucket(n: int) -> int:

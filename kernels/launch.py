@@ -23,6 +23,7 @@ import torch
 from . import dispatch, replay, runtime
 from .blast import mix_tile
 from .configs import (
+    CUBLAS,
     MIX_DOT_ONE_PASS,
     MIX_DOT_PROGRAMS_PER_SM,
     MIX_DOT_STAGES,
@@ -185,12 +186,15 @@ def gpu_time_ms(fn: Callable[[], None]) -> float:
 
 
 def choose_config(
-    kernel: str, key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None = None
-) -> Config:
+    kernel: str, key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None = None,
+    cublas: bool = False, fallback: Config | None = None,
+) -> Config:  # fmt: skip
     """The config of ``kernel`` for layer ``key`` at ``n`` tokens (see the module docstring for where it comes
-    from); ``run`` launches with a candidate, for tuning. A bundle's recorder notes the choice."""
+    from); ``run`` launches with a candidate, for tuning. ``cublas``: the stage may also run on cuBLAS
+    (:data:`~.configs.CUBLAS`, a candidate when tuning); ``fallback``: the choice when no table has one (else the
+    bucket's heuristic default). A bundle's recorder notes the choice."""
     full_key = f"{kernel}|{key}|N{bucket(n)}"
-    chosen = _resolve(kernel, full_key, n, device, run, b_out_pow2)
+    chosen = _resolve(kernel, full_key, n, device, run, b_out_pow2, cublas, fallback)
     recorder = runtime.backend()
     if isinstance(recorder, runtime.Recorder):
         recorder.configs[full_key] = chosen
@@ -198,8 +202,9 @@ def choose_config(
 
 
 def _resolve(
-    kernel: str, full_key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None
-) -> Config:
+    kernel: str, full_key: str, n: int, device: torch.device, run: Callable[[Config], None], b_out_pow2: int | None,
+    cublas: bool = False, fallback: Config | None = None,
+) -> Config:  # fmt: skip
     force = getattr(_state, "forced", {}).get(kernel)
     if force is not None:
         return force
@@ -211,9 +216,9 @@ def _resolve(
     if found is not None:
         return found
     if not getattr(_state, "tuning", False) or device.type != "cuda":
-        return default(kernel, arch, n, b_out_pow2)
+        return fallback if fallback is not None else default(kernel, arch, n, b_out_pow2)
     best, best_ms, error = None, float("inf"), None
-    for cfg in space(kernel, arch, tier(n), b_out_pow2):
+    for cfg in [*space(kernel, arch, tier(n), b_out_pow2), *([CUBLAS] if cublas else [])]:
         try:
             ms = gpu_time_ms(lambda cfg=cfg: run(cfg))
         except Exception as e:  # a config the compiler or the chip refuses (e.g. shared memory): not a candidate
@@ -669,8 +674,17 @@ def lowrank_forward(
         return y
     shape_key = f"{in_f}->{out_f}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
     pdl = _pdl(x.device, N, dispatch.current())
+    # Above one token both stages default to cuBLAS: two torch GEMMs of the same rank beat ours at 16+ tokens on
+    # every reference layer measured (issue #23's H200 table: Llama-7B q at 64 tokens 18.1 against 51.0 µs, down
+    # 29.2 against 119.2); at one token ours tie them (17.0 against 17.2) and keep split-K and dependent launches.
+    engine = CUBLAS if N > 1 else None
 
     def stage1(cfg: Config) -> torch.Tensor:
+        if cfg.engine:
+            t = _partials(1, (N, L, r), x)
+            for layer in range(L):
+                _torch_mm(x, V[layer], t[0, :, layer], None)
+            return t
         splits, k_per = _gemm_split(cfg, N, in_f, r, L, x)
         t = _partials(splits, (N, L, r), x)
         _gemm(
@@ -680,12 +694,33 @@ def lowrank_forward(
         return t
 
     def stage2(t: torch.Tensor, cfg: Config) -> None:
+        if cfg.engine and t.shape[0] == 1:  # cuBLAS reads one t, not a producer's float32 partials
+            for layer in range(L):
+                lo, hi = layer * out_f, (layer + 1) * out_f
+                _torch_mm(t[0, :, layer], U[layer].T, y[:, lo:hi], None if bias is None else bias[lo:hi])
+            return
+        cfg = default("gemm", device_arch(x.device), N) if cfg.engine else cfg
         _gemm(
             t, (t.stride(1), t.stride(2), t.stride(3), 0, t.stride(0)), U, U.stride(),
             y, (0, y.stride(0), out_f, 1), N=N, K=r, C=out_f, G=L, cfg=cfg, pdl=pdl,
             bias=bias, bias_strides=(0, out_f, 1), a_split=t.shape[0], consumer=True,
         )  # fmt: skip
 
-    t = stage1(choose_config("gemm", f"lowrank_1|{shape_key}", N, x.device, stage1))
-    stage2(t, choose_config("gemm", f"lowrank_2|{shape_key}|split{t.shape[0]}", N, x.device, lambda c: stage2(t, c)))
+    key1, key2 = f"lowrank_1|{shape_key}", f"lowrank_2|{shape_key}"
+    t = stage1(choose_config("gemm", key1, N, x.device, stage1, cublas=True, fallback=engine))
+    split = t.shape[0]
+    cfg2 = choose_config("gemm", f"{key2}|split{split}", N, x.device, lambda c: stage2(t, c), cublas=split == 1,
+                         fallback=engine if split == 1 else None)  # fmt: skip
+    stage2(t, cfg2)
     return y
+
+
+def _torch_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out = a @ b (+ bias) on cuBLAS for 2-D views a (M, K), b (K, C), out (M, C), launched as a stage
+    (``runtime.TORCH_STAGES``): by pointer, sizes and strides, as the kernels take their operands."""
+    (M, K), C = a.shape, b.shape[1]
+    runtime.launch(
+        "torch_mm", None,
+        (a, b, out, out if bias is None else bias, M, K, C, *a.stride(), *b.stride(), *out.stride()),
+        {"HAS_BIAS": bias is not None}, 0, 0,
+    )  # fmt: skip

@@ -147,6 +147,35 @@ def spec_of(kernel: str, args: tuple, constexprs: dict, num_warps: int, num_stag
     return Spec(kernel, params, tuple(sorted(constexprs.items())), num_warps, num_stages, launch_pdl)
 
 
+# ------------------------------------------------------------------------------------------------ cuBLAS stages
+# A stage a launcher gives to cuBLAS goes through :func:`launch` like a kernel, so launch plans replay it and a
+# recorder sees it; every backend runs it with torch (a bundle ships no cubin for it, and the recorder no spec).
+
+
+def _torch_mm(args: tuple, constexprs: dict) -> None:
+    """out = a @ b (+ bias), each an (M, K), (K, C), (M, C) view given by pointer and strides, as the kernels
+    take their operands: args = (a, b, out, bias, M, K, C, a strides, b strides, out strides)."""
+    a, b, out, bias, M, K, C, sa0, sa1, sb0, sb1, so0, so1 = args
+    A, B, Y = a.as_strided((M, K), (sa0, sa1)), b.as_strided((K, C), (sb0, sb1)), out.as_strided((M, C), (so0, so1))
+    if constexprs["HAS_BIAS"]:
+        torch.addmm(bias.as_strided((C,), (1,)), A, B, out=Y)
+    else:
+        torch.mm(A, B, out=Y)
+
+
+TORCH_STAGES = {"torch_mm": _torch_mm}
+
+
+def torch_stage(kernel: str, args: tuple, constexprs: dict) -> bool:
+    """Runs ``kernel`` if it is a cuBLAS stage (True), else leaves it to the backend (False)."""
+    stage = TORCH_STAGES.get(kernel)
+    if stage is None:
+        return False
+    if not args[0].is_meta:  # planning a bundle on meta tensors: nothing to compute
+        stage(args, constexprs)
+    return True
+
+
 # --------------------------------------------------------------------------------------------------- backends
 
 
@@ -156,6 +185,8 @@ class JitKernels:
     name = "jit"
 
     def launch(self, kernel, grid, args, constexprs, num_warps, num_stages, launch_pdl):
+        if torch_stage(kernel, args, constexprs):
+            return
         extra = {"launch_pdl": True} if launch_pdl else {}
         KERNELS[kernel][grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **extra)
 
@@ -172,6 +203,8 @@ class DriverKernels:
         self._kernels: dict[tuple, object] = {}
 
     def launch(self, kernel, grid, args, constexprs, num_warps, num_stages, launch_pdl):
+        if torch_stage(kernel, args, constexprs):
+            return
         device = args[0].device  # every kernel's first argument is a tensor
         key = (kernel, _fast_classes(kernel, args), tuple(constexprs.items()), num_warps, num_stages, launch_pdl,
                device)  # fmt: skip
@@ -205,6 +238,8 @@ class Recorder:
         self.configs: dict[str, object] = {}
 
     def launch(self, kernel, grid, args, constexprs, num_warps, num_stages, launch_pdl):
+        if kernel in TORCH_STAGES:
+            return  # cuBLAS at run time: no kernel to ship
         self.specs[spec_of(kernel, args, constexprs, num_warps, num_stages, launch_pdl)] = None
 
 
@@ -241,6 +276,8 @@ class ShippedKernels:
         return found
 
     def launch(self, kernel, grid, args, constexprs, num_warps, num_stages, launch_pdl):
+        if torch_stage(kernel, args, constexprs):
+            return
         # The hot path: a cheap key of what specialization depends on, resolved to a variant once.
         key = (kernel, _fast_classes(kernel, args), tuple(constexprs.items()), num_warps, num_stages, launch_pdl)
         try:

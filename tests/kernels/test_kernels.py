@@ -632,3 +632,56 @@ def test_launch_plans_follow_what_the_decisions_depend_on(gen):
     with runtime.using(runtime.Recorder(), None):
         assert delta(lambda: fn(x, U, S, V, b)) == {"unplanned": 1}
     assert delta(lambda: fn(x, U, S, V, b)) == {"replayed": 1}
+
+
+# ---------------------------------------------------------------------- cuBLAS stages (configs.CUBLAS, #23)
+
+
+@pytest.mark.parametrize("case", ["lowrank-odd", "lowrank-stack2-odd"])
+def test_lowrank_engine_follows_the_table(case, gen, monkeypatch):
+    """Above one token low-rank's stages run on cuBLAS unless the table names a Triton config for them; at one
+    token on Triton unless it names cuBLAS. Every way matches float64, buffers poisoned."""
+    seen = _watch_launches(monkeypatch)
+    fn, ref, args = CASES[case](gen, torch.float32)
+    layers = 1 if args[1].dim() == 2 else args[1].shape[0]
+    _check(fn, ref, args, torch.float32, f"{case}, cuBLAS")
+    assert [s[0] for s in seen] == ["torch_mm"] * (2 * layers)
+    n, shape_key = args[0].shape[0], _lowrank_key(args)
+    triton = configs.default("gemm", 90, n)
+    table = ConfigTable(90, {f"gemm|lowrank_1|{shape_key}|N{configs.bucket(n)}": triton,
+                             f"gemm|lowrank_2|{shape_key}|split1|N{configs.bucket(n)}": triton})  # fmt: skip
+    previous = launch.use_table(table)
+    try:
+        seen.clear()
+        _check(fn, ref, args, torch.float32, f"{case}, Triton from the table")
+        assert [s[0] for s in seen] == ["gemm", "gemm"]
+        one = (args[0][:1], *args[1:])
+        table.put(f"gemm|lowrank_1|{shape_key}|N1", configs.CUBLAS)
+        seen.clear()
+        _check(fn, ref, one, torch.float32, f"{case}, one token, cuBLAS first stage from the table")
+        assert [s[0] for s in seen] == ["torch_mm"] * layers + ["gemm"]
+    finally:
+        launch.use_table(previous)
+
+
+def _lowrank_key(args) -> str:
+    x, U, V = args[:3]
+    lead = U.shape[0] if U.dim() == 3 else None
+    return f"{V.shape[-2]}->{U.shape[-2]}|r{U.shape[-1]}|{'' if lead is None else f'L{lead}|'}float32"
+
+
+def test_cublas_config_round_trips_and_ships_no_kernel(tmp_path):
+    """A cuBLAS choice is saved and loaded like any config (a Triton config's JSON has no engine field, as before
+    engines existed); planning a bundle records the choice and no kernel spec for it."""
+    table = ConfigTable(90, {"a": configs.CUBLAS, "b": Config(16, 64, 64, 4, 3)})
+    table.save(tmp_path / "t.json")
+    loaded = ConfigTable.load(tmp_path / "t.json")
+    assert (
+        loaded.entries == table.entries
+        and "engine" not in json.loads((tmp_path / "t.json").read_text())["entries"]["b"]
+    )
+    recorder = runtime.Recorder()
+    x, U, V = torch.empty(40, 64, device="meta"), torch.empty(48, 16, device="meta"), torch.empty(64, 16, device="meta")
+    with runtime.using(recorder, runtime.Target(87, 8, False)):
+        launch.lowrank_forward(x.half(), U.half(), V.half())
+    assert not recorder.specs and set(recorder.configs.values()) == {configs.CUBLAS}
