@@ -211,6 +211,10 @@ def _first_call(key: tuple, launcher: Callable, args: tuple, kwargs: dict, tenso
     counts["planned"] += 1
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return launcher(*args, **kwargs)  # memory made in a capture belongs to the graph: record outside one
+    if len({id(t) for t in tensors}) < len(tensors):
+        # One tensor in two roles (the residual is the input, say): which role a launch argument plays is not
+        # known, so nothing is recorded; a later call of the kind with distinct tensors records the plan.
+        return launcher(*args, **kwargs)
     rec = _Recording()
     _local.recording = rec
     try:

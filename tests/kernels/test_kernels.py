@@ -685,3 +685,25 @@ def test_cublas_config_round_trips_and_ships_no_kernel(tmp_path):
     with runtime.using(recorder, runtime.Target(87, 8, False)):
         launch.lowrank_forward(x.half(), U.half(), V.half())
     assert not recorder.specs and set(recorder.configs.values()) == {configs.CUBLAS}
+
+
+def test_a_tensor_in_two_roles_records_no_plan(gen):
+    """The residual passed as the input too: the call is planned, not recorded (a launch argument's role would be
+    ambiguous); the same kind with distinct tensors then records, and replays right when they alias again."""
+    fn, ref, (x, U, S, V, _, _, other) = _blast_fused(gen, torch.float32, 37, 3, 11, 3, 11, 20, bias=False, res=True)
+    assert x.shape == other.shape and x.stride() == other.stride()  # 33 features in and out
+
+    def both(x, residual):
+        return fn(x, U, S, V, None, None, residual), ref(
+            *(t.double() for t in (x, U, S, V)), None, None, residual.double()
+        )
+
+    before = dict(replay.counts)
+    out, expected = both(x, x)
+    assert not replay._plans and replay.counts["planned"] == before["planned"] + 1
+    assert_rel_close(out, expected, TOL[torch.float32], "the residual is the input, first call")
+    both(x, other)
+    assert len(replay._plans) == 1 and next(iter(replay._plans.values())) is not None
+    out, expected = both(x, x)
+    assert replay.counts["replayed"] == before["replayed"] + 1
+    assert_rel_close(out, expected, TOL[torch.float32], "the residual is the input, replayed")
