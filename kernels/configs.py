@@ -15,7 +15,8 @@ from pathlib import Path
 
 from blrdeploy.files import atomic_write_text
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2  # 2: entries may name cuBLAS (engine 1); a table without one is still written as format 1
+_READABLE_FORMATS = (1, 2)
 BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384)  # a token count N is served by the first bucket >= N
 SMALL_N = 16  # up to here the layer is memory-bound: few token rows, split the work over weights instead
 
@@ -222,7 +223,7 @@ class ConfigTable:
 
     def to_json(self) -> dict:
         return {
-            "format": TABLE_FORMAT,
+            "format": TABLE_FORMAT if any(c.engine for c in self.entries.values()) else 1,
             "arch": self.arch,
             "source": self.source,
             "entries": {k: c.to_dict() for k, c in sorted(self.entries.items())},
@@ -232,10 +233,10 @@ class ConfigTable:
     def from_json(cls, data: dict, where: str = "config table") -> ConfigTable:
         if (
             not isinstance(data, dict)
-            or data.get("format") != TABLE_FORMAT
+            or data.get("format") not in _READABLE_FORMATS
             or not isinstance(data.get("entries"), dict)
         ):
-            raise ValueError(f"{where}: not a blrdeploy kernel config table (format {TABLE_FORMAT})")
+            raise ValueError(f"{where}: not a blrdeploy kernel config table (formats {_READABLE_FORMATS})")
         entries = {}
         for k, v in data["entries"].items():
             try:

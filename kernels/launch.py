@@ -59,6 +59,7 @@ def use_table(table: ConfigTable) -> ConfigTable:
     """Make ``table`` the one configs are looked up in (and tuned into); returns the previous one."""
     global _table
     previous, _table = _table, table
+    replay.clear()  # plans keyed on the old table would keep it alive
     return previous
 
 
@@ -674,10 +675,11 @@ def lowrank_forward(
         return y
     shape_key = f"{in_f}->{out_f}|r{r}|{'' if L == 1 else f'L{L}|'}{_dtype_key(x)}"
     pdl = _pdl(x.device, N, dispatch.current())
-    # Above one token both stages default to cuBLAS: two torch GEMMs of the same rank beat ours at 16+ tokens on
-    # every reference layer measured (issue #23's H200 table: Llama-7B q at 64 tokens 18.1 against 51.0 µs, down
+    # Above one token both 16-bit stages default to cuBLAS: two torch GEMMs of the same rank beat ours at 16+ tokens
+    # on every reference layer measured (issue #23's H200 table: Llama-7B q at 64 tokens 18.1 against 51.0 µs, down
     # 29.2 against 119.2); at one token ours tie them (17.0 against 17.2) and keep split-K and dependent launches.
-    engine = CUBLAS if N > 1 else None
+    # float32 stays on the kernels, which compute it in IEEE float32 whatever torch's TF32 settings say.
+    engine = CUBLAS if N > 1 and x.dtype != torch.float32 else None
 
     def stage1(cfg: Config) -> torch.Tensor:
         if cfg.engine:

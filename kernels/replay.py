@@ -196,6 +196,9 @@ def planned(allocate: Callable, environment: Callable[[], Hashable | None]) -> C
                 plan = _plans[key]
             except KeyError:
                 return _first_call(key, launcher, args, kwargs, tensors)
+            except TypeError:  # an option that cannot be a key (a list): decided every call
+                counts["unplanned"] += 1
+                return launcher(*args, **kwargs)
             if plan is None:
                 counts["unplanned"] += 1
                 return launcher(*args, **kwargs)
@@ -211,6 +214,10 @@ def _first_call(key: tuple, launcher: Callable, args: tuple, kwargs: dict, tenso
     counts["planned"] += 1
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return launcher(*args, **kwargs)  # memory made in a capture belongs to the graph: record outside one
+    if any(t.dim() == 0 for t in tensors):
+        # A scalar tensor option (an eps) is read on the host into the launches: its value, not in the key, would
+        # be replayed. Such calls are decided every time.
+        return launcher(*args, **kwargs)
     if len({id(t) for t in tensors}) < len(tensors):
         # One tensor in two roles (the residual is the input, say): which role a launch argument plays is not
         # known, so nothing is recorded; a later call of the kind with distinct tensors records the plan.

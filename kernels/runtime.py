@@ -157,10 +157,11 @@ def _torch_mm(args: tuple, constexprs: dict) -> None:
     take their operands: args = (a, b, out, bias, M, K, C, a strides, b strides, out strides)."""
     a, b, out, bias, M, K, C, sa0, sa1, sb0, sb1, so0, so1 = args
     A, B, Y = a.as_strided((M, K), (sa0, sa1)), b.as_strided((K, C), (sb0, sb1)), out.as_strided((M, C), (so0, so1))
-    if constexprs["HAS_BIAS"]:
-        torch.addmm(bias.as_strided((C,), (1,)), A, B, out=Y)
-    else:
-        torch.mm(A, B, out=Y)
+    with torch.no_grad():  # a kernel, as the Triton ones: factors that require grad are only read (out= refuses them)
+        if constexprs["HAS_BIAS"]:
+            torch.addmm(bias.as_strided((C,), (1,)), A, B, out=Y)
+        else:
+            torch.mm(A, B, out=Y)
 
 
 TORCH_STAGES = {"torch_mm": _torch_mm}

@@ -269,6 +269,9 @@ def test_shipped_tables_hold_only_shipped_configs():
         assert table.arch == arch and table.entries, path
         for key, cfg in table.entries.items():
             kernel = key.split("|")[0]
+            if cfg == configs.CUBLAS:  # a stage on cuBLAS: nothing to compile; only low-rank offers it
+                assert "|lowrank_" in key, f"{path.name}: {key} -> cuBLAS, which only low-rank stages run"
+                continue
             assert cfg in configs.space(kernel, arch), f"{path.name}: {key} -> {cfg} is not in the sm_{arch} space"
             # A consumer keyed by its producer's partial count must be a tile that can sum that many.
             split = next((int(part[5:]) for part in key.split("|") if part.startswith("split")), 1)
@@ -384,8 +387,11 @@ def test_gpu_driver_launches_match_float64(case, gen):
     with runtime.using(runtime.DriverKernels(), None):
         for dtype in (torch.float32, torch.bfloat16):
             for call in ("first", "replayed"):
+                before = replay.counts["replayed"]
                 fn, ref, args = CASES[case](gen, dtype)
                 _check(fn, ref, args, dtype, f"{case} {dtype}, driver launch, {call}")
+                both = len(args) == 7 and args[4] is not None and args[6] is not None  # planned every call
+                assert replay.counts["replayed"] - before == (call == "replayed" and not both)
 
 
 @pytest.mark.gpu
@@ -631,21 +637,35 @@ def test_launch_plans_follow_what_the_decisions_depend_on(gen):
         assert delta(lambda: fn(x, U, S, V, b)) == {"unplanned": 1}
     with runtime.using(runtime.Recorder(), None):
         assert delta(lambda: fn(x, U, S, V, b)) == {"unplanned": 1}
+    # swapping tables back cleared the plans (they would keep the old table alive): planned once more, then replayed
+    assert delta(lambda: fn(x, U, S, V, b)) == {"planned": 1}
     assert delta(lambda: fn(x, U, S, V, b)) == {"replayed": 1}
 
 
 # ---------------------------------------------------------------------- cuBLAS stages (configs.CUBLAS, #23)
 
 
-@pytest.mark.parametrize("case", ["lowrank-odd", "lowrank-stack2-odd"])
+CUBLAS_CASES = {
+    "lowrank-odd": CASES["lowrank-odd"],
+    "lowrank-stack2-odd": CASES["lowrank-stack2-odd"],
+    "lowrank-stack2-bias": lambda g, dt: _lowrank(g, dt, 23, 19, 26, 12, layers=2),  # the bias slices too
+}
+
+
+@pytest.mark.parametrize("case", list(CUBLAS_CASES))
 def test_lowrank_engine_follows_the_table(case, gen, monkeypatch):
-    """Above one token low-rank's stages run on cuBLAS unless the table names a Triton config for them; at one
-    token on Triton unless it names cuBLAS. Every way matches float64, buffers poisoned."""
+    """Above one token 16-bit low-rank stages run on cuBLAS unless the table names a Triton config for them; at
+    one token on Triton unless it names cuBLAS; float32 on Triton (IEEE, whatever torch's TF32 settings). Every
+    way matches float64, buffers poisoned."""
     seen = _watch_launches(monkeypatch)
-    fn, ref, args = CASES[case](gen, torch.float32)
+    fn, ref, args = CUBLAS_CASES[case](gen, torch.float16)
     layers = 1 if args[1].dim() == 2 else args[1].shape[0]
-    _check(fn, ref, args, torch.float32, f"{case}, cuBLAS")
+    _check(fn, ref, args, torch.float16, f"{case}, cuBLAS")
     assert [s[0] for s in seen] == ["torch_mm"] * (2 * layers)
+    seen.clear()
+    _check(*CUBLAS_CASES[case](gen, torch.float32), torch.float32, f"{case}, float32")
+    assert [s[0] for s in seen] == ["gemm", "gemm"]
+    seen.clear()
     n, shape_key = args[0].shape[0], _lowrank_key(args)
     triton = configs.default("gemm", 90, n)
     table = ConfigTable(90, {f"gemm|lowrank_1|{shape_key}|N{configs.bucket(n)}": triton,
@@ -653,12 +673,12 @@ def test_lowrank_engine_follows_the_table(case, gen, monkeypatch):
     previous = launch.use_table(table)
     try:
         seen.clear()
-        _check(fn, ref, args, torch.float32, f"{case}, Triton from the table")
+        _check(fn, ref, args, torch.float16, f"{case}, Triton from the table")
         assert [s[0] for s in seen] == ["gemm", "gemm"]
         one = (args[0][:1], *args[1:])
         table.put(f"gemm|lowrank_1|{shape_key}|N1", configs.CUBLAS)
         seen.clear()
-        _check(fn, ref, one, torch.float32, f"{case}, one token, cuBLAS first stage from the table")
+        _check(fn, ref, one, torch.float16, f"{case}, one token, cuBLAS first stage from the table")
         assert [s[0] for s in seen] == ["torch_mm"] * layers + ["gemm"]
     finally:
         launch.use_table(previous)
@@ -667,7 +687,7 @@ def test_lowrank_engine_follows_the_table(case, gen, monkeypatch):
 def _lowrank_key(args) -> str:
     x, U, V = args[:3]
     lead = U.shape[0] if U.dim() == 3 else None
-    return f"{V.shape[-2]}->{U.shape[-2]}|r{U.shape[-1]}|{'' if lead is None else f'L{lead}|'}float32"
+    return f"{V.shape[-2]}->{U.shape[-2]}|r{U.shape[-1]}|{'' if lead is None else f'L{lead}|'}float16"
 
 
 def test_cublas_config_round_trips_and_ships_no_kernel(tmp_path):
@@ -707,3 +727,37 @@ def test_a_tensor_in_two_roles_records_no_plan(gen):
     out, expected = both(x, x)
     assert replay.counts["replayed"] == before["replayed"] + 1
     assert_rel_close(out, expected, TOL[torch.float32], "the residual is the input, replayed")
+
+
+def test_cublas_stage_reads_factors_that_require_grad(gen):
+    """A direct launcher call with trainable factors: the cuBLAS stages only read them, as the kernels do."""
+    x, U, V, b = CASES["lowrank-odd"](gen, torch.float16)[2]
+    U, V = (torch.nn.Parameter(t) for t in (U, V))
+    out = launch.lowrank_forward(x, U, V)
+    assert not out.requires_grad
+    assert_rel_close(out, functional.lowrank_reference(x.double(), U.double(), V.double(), None), TOL[torch.float16])
+
+
+def test_options_a_plan_cannot_key_are_decided_every_call(gen):
+    """A scalar-tensor eps (read on the host into the launch) and a list option are planned every call, never
+    replayed with another call's value."""
+    fn, ref, (x, U, S, V, b, g, res) = CASES["blast-norm-odd"](gen, torch.float32)
+    before = dict(replay.counts)
+    for eps in (1e-5, 10.0):
+        out = launch.blast_forward(x, U, S, V, b, norm=(g, torch.tensor(eps)))
+        expected = functional.blast_fused_reference(*(t.double() if t is not None else None for t in (x, U, S, V, b)),
+                                                    False, norm_weight=g.double(), eps=eps, residual=None)  # fmt: skip
+        assert_rel_close(out, expected, TOL[torch.float32], f"tensor eps {eps}")
+    launch.blast_forward(x, U, S, V, b, norm=[g, 1e-5])
+    assert replay.counts["replayed"] == before["replayed"] and not any(replay._plans.values())
+
+
+def test_table_format_is_1_without_cublas_and_2_with(tmp_path):
+    """Old runtimes read a table that names no cuBLAS stage; one that does says so by its format."""
+    plain = ConfigTable(90, {"a": Config(16, 64, 64, 4, 3)})
+    assert plain.to_json()["format"] == 1
+    with_cublas = ConfigTable(90, {"a": configs.CUBLAS})
+    assert with_cublas.to_json()["format"] == 2
+    (tmp_path / "t.json").write_text(json.dumps({**with_cublas.to_json(), "format": 3}))
+    with pytest.raises(ValueError, match="not a blrdeploy kernel config table"):
+        ConfigTable.load(tmp_path / "t.json")
