@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 from common import machine
-from layers import LAYERS, OPS, STRUCTURES, setting
+from layers import LAYERS, OPS, STRUCTURES, factors, setting
 
 from blrdeploy.kernels import launch, replay, runtime
 
@@ -74,20 +74,10 @@ def host_us(fn, calls: int, cuda: bool) -> float:
     return sorted(rounds)[2]
 
 
-def factors(structure: str, out_f: int, in_f: int, b: int | None, r: int, device, dtype) -> list[torch.Tensor]:
-    if structure == "blast":
-        shapes = [(b, out_f // b, r), (b, b, r), (b, in_f // b, r)]
-    elif structure == "monarch":
-        shapes = [(b, r, in_f // b), (b, out_f // b, r)]
-    else:
-        shapes = [(out_f, r), (in_f, r)]
-    return [torch.randn(s, device=device).to(dtype) * 0.02 for s in shapes]
-
-
 def measure(model, label, pattern, out_f, in_f, bias, structure, n, device, dtype, calls) -> dict:
     cuda = device.type == "cuda"
     b, r = setting(model, pattern, structure)
-    fs = factors(structure, out_f, in_f, b, r, device, dtype)
+    fs = factors(structure, out_f, in_f, b, r, torch.Generator(device).manual_seed(0), dtype)
     x = torch.randn(n, in_f, device=device, dtype=dtype)
     w = torch.randn(out_f, in_f, device=device, dtype=dtype)
     bv = torch.zeros(out_f, device=device, dtype=dtype) if bias else None

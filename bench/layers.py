@@ -70,7 +70,7 @@ def setting(model: str, pattern: str, structure: str) -> tuple[int | None, int]:
 
 def factors(structure: str, out_f: int, in_f: int, b: int | None, r: int, gen, dtype) -> list[torch.Tensor]:
     def rand(*shape, scale):
-        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+        return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(dtype)
 
     if structure == "blast":
         U = rand(b, out_f // b, r, scale=r**-0.5)

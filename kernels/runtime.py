@@ -212,11 +212,7 @@ class DriverKernels:
         compiled = self._kernels.get(key)
         if compiled is None:
             compiled = self._kernels[key] = self._compile(kernel, args, constexprs, num_warps, num_stages, launch_pdl)
-        if _several_gpus() and device.index is not None and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                compiled.launch(grid, args)
-            return
-        compiled.launch(grid, args)
+        _launch_cubin(compiled, device, grid, args)
 
     @staticmethod
     def _compile(kernel, args, constexprs, num_warps, num_stages, launch_pdl):
@@ -227,6 +223,16 @@ class DriverKernels:
         major, minor = torch.cuda.get_device_capability(device)
         image, descriptor = aot.compile_spec(spec, 10 * major + minor)
         return cubin.Kernel(image, descriptor, device, spec)
+
+
+def _launch_cubin(kernel, device: torch.device, grid, args: tuple) -> None:
+    """Launch a loaded ``cubin.Kernel`` of ``device``; from another current device, inside that device's context
+    (where its cubin was loaded)."""
+    if _several_gpus() and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel.launch(grid, args)
+        return
+    kernel.launch(grid, args)
 
 
 class Recorder:
@@ -310,11 +316,7 @@ class ShippedKernels:
             JitKernels().launch(kernel, grid, args, constexprs, num_warps, num_stages, launch_pdl)
             return
         device = args[0].device  # every kernel's first argument is a tensor
-        if _several_gpus() and device.index is not None and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):  # its cubin lives in that device's context
-                self.variants[found](device).launch(grid, args)
-            return
-        self.variants[found](device).launch(grid, args)
+        _launch_cubin(self.variants[found](device), device, grid, args)
 
 
 # ------------------------------------------------------------------------------------------------ active state

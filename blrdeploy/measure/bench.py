@@ -396,6 +396,7 @@ class Decoder:
         self.cache = _static_cache(model, self.length, self.device, self.dtype, self.batch)
         self.neg = torch.finfo(self.dtype).min
         self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        self.first = torch.zeros_like(self.token)  # each sequence's first new token, from the prompt's forward
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.mask = torch.full((self.batch, 1, 1, self.length), self.neg, dtype=self.dtype, device=self.device)
         self.out = torch.zeros(self.batch, new_tokens, dtype=torch.long, device=self.device)
@@ -419,6 +420,7 @@ class Decoder:
         self.cache.reset()
         logits = self._call(self.model, self.prompt, causal.expand(self.batch, 1, p, self.length), pos)
         self.token.copy_(logits[:, -1:].argmax(-1))
+        self.first.copy_(self.token)
         self.pos.fill_(p)
         self.mask.fill_(self.neg)
         self.mask[..., :p] = 0
@@ -433,18 +435,14 @@ class Decoder:
         return nxt
 
     def tokens(self, steps: int) -> list[list[int]]:
-        """Each sequence's new tokens so far: the prompt's forward's, then ``steps`` steps'."""
+        """Each sequence's new tokens since the last prefill: the prompt's forward's, then ``steps`` steps'."""
         return torch.cat([self.first, self.out[:, :steps]], dim=1).tolist()
-
-    def first_tokens(self) -> None:
-        self.first = self.token.clone()
 
     @torch.no_grad()
     def run_eager(self, tokens: int | None = None) -> list[list[int]]:
         """The first ``tokens`` (default all) new tokens of each sequence, stepped without a graph."""
         steps = (tokens or self.new_tokens) - 1
         self.prefill()
-        self.first_tokens()
         for _ in range(steps):
             self.step()
         return self.tokens(steps)
@@ -479,7 +477,6 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, mode: s
     graph, _ = capture_graph(dec.step, device)
     setup = time.perf_counter() - t0
     dec.prefill()
-    dec.first_tokens()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
