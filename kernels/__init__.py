@@ -13,7 +13,9 @@ The modules:
 - ``configs`` and ``tables/``: the config space per architecture, the token buckets, the shipped tables.
 - ``dispatch``: which path a shape takes (thresholds), and the benchmark switches (``switched``).
 - ``dtypes``: the one table of dtypes blrdeploy runs in.
-- ``runtime``: where launches go (Triton's JIT, a recorder, a bundle's shipped cubins).
+- ``replay``: launch plans, each launcher's decisions recorded on the first call of a kind and replayed after.
+- ``runtime``: where launches go (Triton's JIT, the CUDA driver, a recorder, a bundle's shipped cubins), and the
+  stages run on cuBLAS.
 - ``plan``: launch planning for a target GPU without one (what a bundle compiles and ships).
 - ``aot`` and ``cubin``: ahead-of-time compilation, and launching a cubin through the CUDA driver.
 """
