@@ -282,7 +282,10 @@ def _check(
 
 
 def _gemm_split(cfg: Config, N: int, K: int, C: int, G: int, like: torch.Tensor) -> tuple[int, int]:
-    """(splits, reduction length per split) for a producer launch; 1 split when the config's split is 1."""
+    """(splits, reduction length per split) for a producer launch; 1 split when the config's split is 1 (or the
+    stage runs on cuBLAS, which reduces in one pass)."""
+    if cfg.engine:
+        return 1, K
     device = like.device
     cfg = _effective(cfg, like.dtype)
     programs = _cdiv(N, cfg.BM) * _cdiv(C, cfg.BN) * G
@@ -360,7 +363,25 @@ def _gemm(
     """One grouped GEMM launch; ``out_strides`` = (split partial, row, group, column), ``bias_strides`` = (row,
     group, column): a bias vector has row stride 0, a residual its own. ``rms`` = (partial sums of squares
     (splits, N) float32, row length, eps): each row is scaled by its 1/rms before the bias. A ``producer``'s output
-    feeds the ``consumer`` launched right after it, which may then start early when ``pdl`` (see :func:`_pdl`)."""
+    feeds the ``consumer`` launched right after it, which may then start early when ``pdl`` (see :func:`_pdl`).
+
+    With :data:`~.configs.CUBLAS` the launch is one strided-batched cuBLAS GEMM on the same views, where cuBLAS can
+    express it: a plain A (no chunks, partials or norm) and an unpermuted B. Elsewhere the table's cuBLAS choice
+    falls back to the bucket's Triton default (a table tuned before a stage changed shape must not break it)."""
+    if cfg.engine:
+        plain = not a_chunk and a_split == 1 and perm == (0, 0) and rms is None and k_per in (None, K)
+        if plain:
+            s_an, s_ag, s_ak = a_strides[:3]
+            _, s_on, s_og, s_oc = out_strides
+            d_n, d_g, d_c = bias_strides
+            runtime.launch(
+                "torch_bmm", None,
+                (a, b, out, out if bias is None else bias, G, N, K, C, s_ag, s_an, s_ak,
+                 b_strides[0], b_strides[2], b_strides[1], s_og, s_on, s_oc, d_g, d_n, d_c),
+                {"HAS_BIAS": bias is not None}, 0, 0,
+            )  # fmt: skip
+            return
+        cfg = default("gemm", device_arch(out.device), N)
     most = max_partials(cfg.BM, device_arch(out.device))
     if a_split > most:
         raise ValueError(
@@ -574,14 +595,19 @@ def blast_forward(
             rms=None if sq is None else (sq, b_in * q, norm[1]),
         )  # fmt: skip
 
+    # The V and U GEMMs may also run on cuBLAS (a tuning candidate, recorded per shape and bucket; issue #23): the
+    # kernels stay the default, as an H100 sweep timed torch.bmm on these views no faster (bench/NOTES.md,
+    # "The staged layer's pieces against cuBLAS"). float32 stays on the kernels (IEEE, whatever TF32 says).
+    cublas = x.dtype != torch.float32
     if staged:  # compute-bound: one layer at a time, each into its columns of y
         for layer in range(L):
             Vl, Sl, Ul = V[layer], S[layer], U[layer]
-            z = v(Vl, choose_config("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c)))
-            w = mix(z, Sl)
+            cfg = choose_config("gemm", f"blast_v|{shape_key}", N, x.device, lambda c, Vl=Vl: v(Vl, c), cublas=cublas)
+            w = mix(v(Vl, cfg), Sl)
             yl, al = y[:, layer * m : (layer + 1) * m], addend(layer * m, (layer + 1) * m)
             key = f"blast_u|{shape_key}|split1"
-            cfg = choose_config("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, al=al: u(w, Ul, yl, al, c))
+            cfg = choose_config("gemm", key, N, x.device, lambda c, w=w, Ul=Ul, yl=yl, al=al: u(w, Ul, yl, al, c),
+                                cublas=cublas)  # fmt: skip
             u(w, Ul, yl, al, cfg)
         return y
     try:
@@ -597,7 +623,9 @@ def blast_forward(
 
     w, sq = vs(choose_config("blast_vs", vs_key, N, x.device, vs_then_u, b_out_pow2))
     u_key = f"blast_u|{vs_key}|split{w.shape[0]}"
-    u(w, U_all, y, add, choose_config("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c, sq)), sq)
+    plain = cublas and w.shape[0] == 1 and sq is None  # what cuBLAS can read: one w, no norm to apply
+    u(w, U_all, y, add, choose_config("gemm", u_key, N, x.device, lambda c: u(w, U_all, y, add, c, sq), cublas=plain),
+      sq)  # fmt: skip
     return y
 
 
@@ -682,11 +710,6 @@ def lowrank_forward(
     engine = CUBLAS if N > 1 and x.dtype != torch.float32 else None
 
     def stage1(cfg: Config) -> torch.Tensor:
-        if cfg.engine:
-            t = _partials(1, (N, L, r), x)
-            for layer in range(L):
-                _torch_mm(x, V[layer], t[0, :, layer], None)
-            return t
         splits, k_per = _gemm_split(cfg, N, in_f, r, L, x)
         t = _partials(splits, (N, L, r), x)
         _gemm(
@@ -696,12 +719,6 @@ def lowrank_forward(
         return t
 
     def stage2(t: torch.Tensor, cfg: Config) -> None:
-        if cfg.engine and t.shape[0] == 1:  # cuBLAS reads one t, not a producer's float32 partials
-            for layer in range(L):
-                lo, hi = layer * out_f, (layer + 1) * out_f
-                _torch_mm(t[0, :, layer], U[layer].T, y[:, lo:hi], None if bias is None else bias[lo:hi])
-            return
-        cfg = default("gemm", device_arch(x.device), N) if cfg.engine else cfg
         _gemm(
             t, (t.stride(1), t.stride(2), t.stride(3), 0, t.stride(0)), U, U.stride(),
             y, (0, y.stride(0), out_f, 1), N=N, K=r, C=out_f, G=L, cfg=cfg, pdl=pdl,
@@ -715,14 +732,3 @@ def lowrank_forward(
                          fallback=engine if split == 1 else None)  # fmt: skip
     stage2(t, cfg2)
     return y
-
-
-def _torch_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """out = a @ b (+ bias) on cuBLAS for 2-D views a (M, K), b (K, C), out (M, C), launched as a stage
-    (``runtime.TORCH_STAGES``): by pointer, sizes and strides, as the kernels take their operands."""
-    (M, K), C = a.shape, b.shape[1]
-    runtime.launch(
-        "torch_mm", None,
-        (a, b, out, out if bias is None else bias, M, K, C, *a.stride(), *b.stride(), *out.stride()),
-        {"HAS_BIAS": bias is not None}, 0, 0,
-    )  # fmt: skip

@@ -152,19 +152,24 @@ def spec_of(kernel: str, args: tuple, constexprs: dict, num_warps: int, num_stag
 # recorder sees it; every backend runs it with torch (a bundle ships no cubin for it, and the recorder no spec).
 
 
-def _torch_mm(args: tuple, constexprs: dict) -> None:
-    """out = a @ b (+ bias), each an (M, K), (K, C), (M, C) view given by pointer and strides, as the kernels
-    take their operands: args = (a, b, out, bias, M, K, C, a strides, b strides, out strides)."""
-    a, b, out, bias, M, K, C, sa0, sa1, sb0, sb1, so0, so1 = args
-    A, B, Y = a.as_strided((M, K), (sa0, sa1)), b.as_strided((K, C), (sb0, sb1)), out.as_strided((M, C), (so0, so1))
+def _torch_bmm(args: tuple, constexprs: dict) -> None:
+    """out[g] = a[g] @ b[g] (+ add[g]) on cuBLAS (strided-batched), every operand a (G, rows, columns) view given
+    by pointer and strides, as the grouped GEMM kernel takes them: args = (a, b, out, add, G, N, K, C, a strides,
+    b strides, out strides, add strides). A stride may be 0 (every group reads the same x; a bias broadcast over
+    the rows); torch copies an operand cuBLAS cannot address as it is (and writes the result back) rather than
+    compute a wrong one."""
+    a, b, out, add, G, N, K, C, *st = args
+    A = a.as_strided((G, N, K), st[0:3])
+    B = b.as_strided((G, K, C), st[3:6])
+    Y = out.as_strided((G, N, C), st[6:9])
     with torch.no_grad():  # a kernel, as the Triton ones: factors that require grad are only read (out= refuses them)
         if constexprs["HAS_BIAS"]:
-            torch.addmm(bias.as_strided((C,), (1,)), A, B, out=Y)
+            torch.baddbmm(add.as_strided((G, N, C), st[9:12]), A, B, out=Y)
         else:
-            torch.mm(A, B, out=Y)
+            torch.bmm(A, B, out=Y)
 
 
-TORCH_STAGES = {"torch_mm": _torch_mm}
+TORCH_STAGES = {"torch_bmm": _torch_bmm}
 
 
 def torch_stage(kernel: str, args: tuple, constexprs: dict) -> bool:

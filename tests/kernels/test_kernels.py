@@ -659,9 +659,8 @@ def test_lowrank_engine_follows_the_table(case, gen, monkeypatch):
     way matches float64, buffers poisoned."""
     seen = _watch_launches(monkeypatch)
     fn, ref, args = CUBLAS_CASES[case](gen, torch.float16)
-    layers = 1 if args[1].dim() == 2 else args[1].shape[0]
     _check(fn, ref, args, torch.float16, f"{case}, cuBLAS")
-    assert [s[0] for s in seen] == ["torch_mm"] * (2 * layers)
+    assert [s[0] for s in seen] == ["torch_bmm", "torch_bmm"]  # stacked siblings: one batched GEMM a stage
     seen.clear()
     _check(*CUBLAS_CASES[case](gen, torch.float32), torch.float32, f"{case}, float32")
     assert [s[0] for s in seen] == ["gemm", "gemm"]
@@ -679,9 +678,58 @@ def test_lowrank_engine_follows_the_table(case, gen, monkeypatch):
         table.put(f"gemm|lowrank_1|{shape_key}|N1", configs.CUBLAS)
         seen.clear()
         _check(fn, ref, one, torch.float16, f"{case}, one token, cuBLAS first stage from the table")
-        assert [s[0] for s in seen] == ["torch_mm"] * layers + ["gemm"]
+        assert [s[0] for s in seen] == ["torch_bmm", "gemm"]
     finally:
         launch.use_table(previous)
+
+
+class _CublasTable(ConfigTable):
+    """A table naming cuBLAS for every grouped-GEMM stage of ``prefix``'s layers, whatever the shape or bucket."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(90)
+        self.prefix = prefix
+
+    def get(self, key):
+        return configs.CUBLAS if key.startswith(f"gemm|{self.prefix}") else super().get(key)
+
+
+BLAST_CUBLAS_CASES = {  # case: (cuBLAS launches per layer, a Triton GEMM left, dtype)
+    "blast-many": (2, False, torch.float16),  # staged: V and U
+    "blast-stack2-many": (2, False, torch.float16),  # one layer at a time
+    "blast-b2-many": (1, False, torch.float16),  # b_out <= 4: fused V+S, then U on cuBLAS
+    "blast-norm-res-many": (2, False, torch.float16),  # the norm in its own pass first, the residual U's addend
+    "blast-norm-odd": (1, False, torch.float16),  # float16 takes the norm in a pass first too: U is plain
+    # V+S split into float32 partials: U must sum them, so the table's choice falls back to Triton
+    "blast-1tok": (0, True, torch.float16),
+    "blast-norm-odd-bf16": (0, True, torch.bfloat16),  # U applies 1/rms from V+S's partial sums: falls back too
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.skipif(not CUDA, reason="bfloat16 kernels are checked on a GPU"))
+     if c.endswith("-bf16") else c for c in BLAST_CUBLAS_CASES],
+)  # fmt: skip
+def test_blast_gemms_on_cublas_from_the_table(case, gen, monkeypatch):
+    """A table may put BLAST's V and U GEMMs on cuBLAS (issue #23: the engine per stage is measured, not fixed);
+    where cuBLAS cannot express the stage (partial sums, a norm) the choice falls back to the Triton default. Every
+    way matches float64 with poisoned buffers, one layer and stacked siblings, with a bias and with a residual."""
+    per_layer, triton_gemm, dtype = BLAST_CUBLAS_CASES[case]
+    fn, ref, args = CASES[case.removesuffix("-bf16")](gen, dtype)
+    layers = 1 if args[1].dim() == 3 else args[1].shape[0]
+    previous = launch.use_table(_CublasTable("blast_"))
+    try:
+        seen = _watch_launches(monkeypatch)
+        _check(fn, ref, args, dtype, f"{case}, BLAST GEMMs on cuBLAS")
+    finally:
+        launch.use_table(previous)
+    kernels = [s[0] for s in seen]
+    assert kernels.count("torch_bmm") == per_layer * (layers if per_layer == 2 else 1), kernels
+    assert ("gemm" in kernels) == triton_gemm, kernels
+    seen.clear()
+    _check(*CASES[case.removesuffix("-bf16")](gen, torch.float32), torch.float32, f"{case}, float32")
+    assert "torch_bmm" not in [s[0] for s in seen]
 
 
 def _lowrank_key(args) -> str:
