@@ -8,11 +8,13 @@ and the wall time of a loop of calls is host time alone (a few hundred launches,
 Per layer (the reference paper's preset), µs per call:
 
 - ``linear``: ``F.linear`` with the dense weight;
-- ``op``: the user's path, ``torch.ops.blrdeploy.<structure>_linear`` (custom-op dispatch, launch plan, launches);
+- ``call``: the user's path, ``blrdeploy.structures.functional.<structure>_linear`` as a module's forward calls it
+  (in eager no-grad calls the op's CUDA implementation directly, see ``ops.dispatch_free``; launch plan, launches);
+- ``op``: ``torch.ops.blrdeploy.<structure>_linear`` through torch's dispatcher, as compiled graphs call it;
 - ``launcher``: the launcher alone (``blrdeploy.kernels.<structure>_forward``), its plan replayed;
 - ``planning``: the launcher deciding everything again (the launch plans bypassed), as every call did before;
 - ``launches``: the same kernel launches issued with their arguments ready (Triton's or the driver's launch path);
-- ``beyond``: ``op`` - ``launches``, the host cost the issue bounds at 25 µs;
+- ``beyond``: ``call`` - ``launches``, the host cost the issue bounds at 25 µs;
 - ``driver_*``: the same through the CUDA driver's launch path (``runtime.DriverKernels``) instead of Triton's.
 
 Without a GPU (``--device cpu``) launches go to a backend that runs nothing, so ``launches`` is 0 and the other
@@ -31,6 +33,7 @@ from common import machine
 from layers import LAYERS, OPS, STRUCTURES, factors, setting
 
 from blrdeploy.kernels import launch, replay, runtime
+from blrdeploy.structures import functional
 
 LAUNCHERS = {"blast": "blast_forward", "monarch": "monarch_forward", "lowrank": "lowrank_forward"}
 
@@ -83,6 +86,7 @@ def measure(model, label, pattern, out_f, in_f, bias, structure, n, device, dtyp
     bv = torch.zeros(out_f, device=device, dtype=dtype) if bias else None
     launcher = getattr(launch, LAUNCHERS[structure])
     op = OPS[structure][0]
+    call = getattr(functional, f"{structure}_linear")  # what a module's forward calls
     row = {"model": model, "layer": label, "structure": structure, "tokens": n}
     with torch.no_grad():
         row["linear"] = host_us(lambda: F.linear(x, w, bv), calls, cuda)
@@ -91,6 +95,7 @@ def measure(model, label, pattern, out_f, in_f, bias, structure, n, device, dtyp
         for prefix, backend in backends.items():
             with runtime.using(backend, None):
                 if cuda:
+                    row[prefix + "call"] = host_us(lambda: call(x, *fs, bv), calls, cuda)
                     row[prefix + "op"] = host_us(lambda: op(x, *fs, bv), calls, cuda)
                 row[prefix + "launcher"] = host_us(lambda: launcher(x, *fs, bv), calls, cuda)
                 row[prefix + "planning"] = host_us(lambda: launcher.__wrapped__(x, *fs, bv), calls, cuda)
@@ -105,8 +110,8 @@ def measure(model, label, pattern, out_f, in_f, bias, structure, n, device, dtyp
 
                 row[prefix + "launches"] = host_us(launches_only, calls, cuda) if cuda else 0.0
             if cuda:
-                row[prefix + "beyond"] = row[prefix + "op"] - row[prefix + "launches"]
-                row[prefix + "op_over_linear"] = row[prefix + "op"] / row["linear"]
+                row[prefix + "beyond"] = row[prefix + "call"] - row[prefix + "launches"]
+                row[prefix + "call_over_linear"] = row[prefix + "call"] / row["linear"]
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
 
 
@@ -137,7 +142,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
-    cols = ["linear", "op", "launcher", "planning", "launches", "beyond", "driver_op", "driver_launches"]
+    cols = ["linear", "call", "op", "launcher", "planning", "launches", "beyond", "driver_call", "driver_launches"]
     print(f"\nhost µs per call, {result['machine'].get('gpu') or 'CPU (no launches)'}")
     print("layer                      | structure | N    | " + " | ".join(f"{c:>8}" for c in cols))
     for r in rows:

@@ -161,6 +161,8 @@ def blast_linear(
     if torch.onnx.is_in_onnx_export():
         _refuse_stacked(U, 3)
         return _onnx_node("BlastLinear", x, [U, S, V], U.shape[0] * U.shape[1], bias)
+    if ops.dispatch_free(x, U, S, V, bias) and x.is_cuda:  # eager: the op's CUDA implementation, straight
+        return ops.blast_cuda(x, U, S, V, bias)
     return torch.ops.blrdeploy.blast_linear(x, U, S, V, bias)
 
 
@@ -182,6 +184,8 @@ def blast_linear_fused(
     no ONNX op."""
     if torch.onnx.is_in_onnx_export():
         raise ValueError("a fused BLAST layer has no ONNX op: export the model before fuse_siblings")
+    if ops.dispatch_free(x, U, S, V, bias, norm_weight, residual) and x.is_cuda:
+        return ops.blast_fused_cuda(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
     return torch.ops.blrdeploy.blast_linear_fused(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual)
 
 
@@ -191,6 +195,8 @@ def monarch_linear(
     """w1 (b, R, in/b), w2 (b, out/b, R); output rows interleaved: y[s*b + l] comes from block l."""
     if torch.onnx.is_in_onnx_export():
         return _onnx_node("MonarchLinear", x, [w1, w2], w1.shape[0] * w2.shape[1], bias)
+    if ops.dispatch_free(x, w1, w2, bias) and x.is_cuda:
+        return ops.monarch_cuda(x, w1, w2, bias)
     return torch.ops.blrdeploy.monarch_linear(x, w1, w2, bias)
 
 
@@ -199,6 +205,8 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
     if torch.onnx.is_in_onnx_export():
         _refuse_stacked(U, 2)
         return _onnx_node("LowRankLinear", x, [U, V], U.shape[0], bias)
+    if ops.dispatch_free(x, U, V, bias) and x.is_cuda:
+        return ops.lowrank_cuda(x, U, V, bias)
     return torch.ops.blrdeploy.lowrank_linear(x, U, V, bias)
 
 

@@ -40,6 +40,37 @@ def _on_kernels(reference: Callable, launcher: str | Callable, x: torch.Tensor, 
     return y.view(*x.shape[:-1], out_features)
 
 
+# ---------------------------------------------------------------------------------------- the eager direct call
+# Going through torch's dispatcher costs a custom op ~12 µs of host time a call (bench/host_time.py: the `op` column
+# against `launcher`), as much as the launch plan's replay: in eager decode, where host time sets the speed (issue
+# #23), each layer call skips it when nothing between the call and the CUDA implementation would act. Deciding that
+# reads torch's mode stacks, which have no public API: where a probe is missing the op is always dispatched.
+_C = torch._C
+_PROBES = (
+    getattr(_C, "_len_torch_dispatch_stack", None),  # TorchDispatchModes: FakeTensorMode, FlopCounterMode, ...
+    getattr(_C, "_is_torch_function_mode_enabled", None),  # TorchFunctionModes: `with torch.device(...)`, ...
+    getattr(getattr(_C, "_functorch", None), "peek_interpreter_stack", None),  # vmap, grad, jvp
+)
+_CAN_SKIP = all(p is not None for p in _PROBES)
+
+
+def dispatch_free(*tensors: torch.Tensor | None) -> bool:
+    """True where the dispatcher would only call the op's CUDA implementation on these (non-None) inputs, so a
+    direct call does the same: not being compiled, exported or traced (checked first: a compiler sees a constant
+    and never reads the probes), no autocast to cast them, no autograd to record, plain tensors (no subclass such as
+    FakeTensor), and no dispatch mode, function mode or functorch transform active. The device is the caller's."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _CAN_SKIP:
+        return False
+    if torch.is_autocast_enabled("cuda"):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    dispatch_modes, function_modes, transforms = _PROBES
+    return not dispatch_modes() and not function_modes() and transforms() is None
+
+
 def _fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -75,7 +106,7 @@ def blast_linear(
 
 
 @blast_linear.register_kernel("cuda")
-def _(x, U, S, V, bias):
+def blast_cuda(x, U, S, V, bias):
     return _on_kernels(functional.blast_reference, "blast_forward", x, (U, S, V), bias, _stacked_out(U))
 
 
@@ -105,7 +136,7 @@ def blast_linear_fused(
 
 
 @blast_linear_fused.register_kernel("cuda")
-def _(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
+def blast_fused_cuda(x, U, S, V, bias, swiglu_input, norm_weight, eps, residual):
     out = _stacked_out(U)
     forward = functools.partial(
         _kernels().blast_forward,
@@ -130,7 +161,7 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
 
 
 @monarch_linear.register_kernel("cuda")
-def _(x, w1, w2, bias):
+def monarch_cuda(x, w1, w2, bias):
     return _on_kernels(functional.monarch_reference, "monarch_forward", x, (w1, w2), bias, w1.shape[0] * w2.shape[1])
 
 
@@ -145,7 +176,7 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
 
 
 @lowrank_linear.register_kernel("cuda")
-def _(x, U, V, bias):
+def lowrank_cuda(x, U, V, bias):
     return _on_kernels(functional.lowrank_reference, "lowrank_forward", x, (U, V), bias, _stacked_out(U))
 
 

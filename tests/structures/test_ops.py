@@ -5,6 +5,7 @@ import torch
 from helpers import assert_rel_close
 
 from blrdeploy import BlastLinear, LowRankLinear, MonarchLinear
+from blrdeploy.structures import ops
 
 CUDA = torch.cuda.is_available()
 
@@ -84,3 +85,70 @@ def test_gpu_reduce_overhead_replays_the_kernels(i):
         x = torch.randn(1, 4, 48, device="cuda", dtype=torch.bfloat16)
         out = compiled(x).clone()
         assert_rel_close(out, layer64(x.double()), 2e-2, f"replay {step}")
+
+
+# ---------------------------------------------------------------------- eager calls that skip the dispatcher (#23)
+
+
+class _SeesEverything(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _FunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_free_only_where_nothing_else_would_act():
+    """A layer call skips torch's dispatcher (ops.dispatch_free, then the CUDA implementation directly) only where
+    the dispatcher would do nothing else: never under autograd, autocast, a compiler or tracer, a tensor subclass,
+    a dispatch or function mode, or a functorch transform. Checked here on CPU tensors: the predicate leaves the
+    device to its caller."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    free = ops.dispatch_free
+    x, w = torch.randn(3, 4), torch.randn(4, 4)
+    assert free(x, w, None)
+    w.requires_grad_(True)
+    assert not free(x, w, None)  # autograd must record the op
+    with torch.no_grad():
+        assert free(x, w, None)
+    w.requires_grad_(False)
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        assert not free(x, w, None)  # autocast casts the inputs first (the op's autocast registration)
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+    with _SeesEverything():
+        assert not free(x, w, None)
+    with _FunctionMode():
+        assert not free(x, w, None)
+    with FakeTensorMode() as mode:
+        assert not free(mode.from_tensor(x), w, None)
+    assert torch.func.vmap(lambda row: torch.tensor(float(free(row, w, None))))(x).sum() == 0
+    traced = torch.jit.trace(lambda t: t * (2.0 if free(t) else 1.0), (x,), check_trace=False)
+    assert torch.equal(traced(x), x)  # traced with the predicate false
+    compiled = torch.compile(lambda t: t * (2.0 if free(t) else 1.0), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), x)  # the compiler saw a constant False, read no probe, kept one graph
+    assert free(x, w, None)  # and nothing above leaked out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("i", range(3))
+def test_gpu_direct_call_matches_the_dispatched_op(i, monkeypatch):
+    """An eager no-grad call goes straight to the kernels and gives what the dispatched op gives; a call that
+    needs autograd is dispatched (the op's backward exists only there)."""
+    layer = _layers(torch.bfloat16, "cuda")[i]
+    x = torch.randn(3, 48, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        dispatched = torch.compile(layer, backend="eager")(x)  # the compiler always dispatches
+        calls = []
+        real = ops._on_kernels
+        monkeypatch.setattr(ops, "_on_kernels", lambda *a, **k: calls.append(1) or real(*a, **k))
+        direct = layer(x)
+    assert calls == [1]
+    assert_rel_close(direct.float(), dispatched.float(), 1e-6, "direct call")
+    layer.requires_grad_(True)
+    assert layer(x).grad_fn is not None
