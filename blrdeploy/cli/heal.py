@@ -96,7 +96,11 @@ def heal(
     batch: Annotated[int, typer.Option(help="Windows per step.")] = healing.DEFAULT_BATCH,
     seq_len: Annotated[
         int | None,
-        typer.Option("--seq-len", help=f"Tokens per window. Default: the model's context, at most {MAX_SEQ_LEN}."),
+        typer.Option(
+            "--seq-len",
+            help=f"Tokens per window (an encoder's window is one document, cut at this length). Default: the model's "
+            f"context, at most {MAX_SEQ_LEN}.",
+        ),
     ] = None,
     tokens: Annotated[int | None, typer.Option(help=_TOKENS)] = None,
     train_norms: Annotated[

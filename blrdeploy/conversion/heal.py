@@ -3,7 +3,8 @@
 A calibrated conversion fits each layer on its own; what is left is the error the layers make together. Healing
 trains the BLR factors (and, if asked, the biases and norms) on text so that the converted model's outputs match
 the dense model's: the mean per-token KL(dense || converted) of the next-token distributions for causal LMs, the
-relative squared error of the last hidden states for encoders. Everything else stays frozen.
+relative squared error of the last hidden states for encoders (on one document at a time, padding masked, as an
+embedding model is used). Everything else stays frozen.
 
 The student is the checkpoint loaded in float32 (the master weights the optimizer updates); on a GPU the forward
 runs under bfloat16 autocast. The teacher is the source the checkpoint records (checked against its fingerprint),
@@ -49,7 +50,7 @@ from blrdeploy.files import atomic_file, check_output_dir
 from blrdeploy.models.families import FAMILIES, token_inputs
 from blrdeploy.models.outputs import agreement, main_output, model_output
 from blrdeploy.models.sources import is_causal_lm, read_config
-from blrdeploy.models.text import default_seq_len, load_tokenizer
+from blrdeploy.models.text import TextError, default_seq_len, load_tokenizer, read_text
 from blrdeploy.structures.modules import BLRLinear
 
 STATE_SUFFIX = ".heal-state.pt"
@@ -129,13 +130,18 @@ LOSS_NAMES = {True: "KL(dense || converted), nats/token", False: "relative squar
 KL_CHUNK = 1024  # tokens per piece of the KL: its float32 softmaxes are recomputed in the backward, not kept
 
 
-def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, causal: bool) -> torch.Tensor:
+def distill_loss(
+    student_out: torch.Tensor, teacher_out: torch.Tensor, causal: bool, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal LMs: mean over tokens of KL(teacher || student) of the next-token distributions, in nats, computed
     KL_CHUNK tokens at a time under activation checkpointing (at 4 x 2048 tokens of a 128k vocabulary each float32
     copy of the logits is 4 GB; only the logits themselves are kept). Encoders: ||h_s - h_t||² / ||h_t||² over the
-    batch's last hidden states. Both in float32."""
+    batch's last hidden states, at the positions ``mask`` (an attention mask) keeps. Both in float32."""
     if not causal:
         s, t = student_out.float(), teacher_out.float()
+        if mask is not None:
+            keep = mask.bool()
+            s, t = s[keep], t[keep]
         return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
     s, t = student_out.flatten(0, -2), teacher_out.flatten(0, -2)
     total = student_out.new_zeros((), dtype=torch.float32)
@@ -217,7 +223,7 @@ def train_step(
         target = main_output(teacher(input_ids=ids, **kwargs))
     with torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
         out = main_output(student(input_ids=ids, **kwargs))
-    loss = distill_loss(out, target, causal)
+    loss = distill_loss(out, target, causal, kwargs.get("attention_mask"))
     del out, target  # the logits are the largest tensors of a step: not kept alive into the next
     value = loss.item()
     if not math.isfinite(value):
@@ -235,36 +241,79 @@ def train_step(
 
 
 def _text_windows(checkpoint: Path, config: dict, causal: bool, data: Path, options: HealOptions):
-    """(text, windows) of token ids: for causal LMs non-overlapping windows of the token stream; for encoders the
-    same, each wrapped in the tokenizer's special tokens ([CLS] ... [SEP]), as the encoder saw its inputs."""
+    """(text, windows, lengths). Causal LMs: non-overlapping windows of the token stream, lengths None (all full).
+    Encoders: one document a window, wrapped in the tokenizer's special tokens ([CLS] ... [SEP]) and cut at
+    --seq-len, as an embedding model is used and as ``eval`` measures it (one text a sample); rows padded, each
+    window's length in ``lengths``. Windows of the joined stream taught the encoder the boundaries between
+    documents instead: on all-MiniLM-L6-v2 400 steps of 8 x 512 streamed tokens healed less than 200 steps of
+    4 x 128 (bench/NOTES.md, 2026-12-08)."""
     seq_len = options.seq_len or default_seq_len(config)
     tokens = options.tokens or options.steps * options.batch * seq_len
     if causal:
-        return calibration_windows(checkpoint, config, data, seq_len, tokens, option="--data", tokens_option="--tokens")
+        text, windows = calibration_windows(
+            checkpoint, config, data, seq_len, tokens, option="--data", tokens_option="--tokens"
+        )
+        return text, windows, None
+    try:
+        text = read_text(data)
+    except TextError as exc:
+        raise TextError(f"--data: {exc}") from None
     tokenizer = load_tokenizer(checkpoint, "--data")
     template = tokenizer("", verbose=False)["input_ids"]  # the special tokens alone, e.g. [CLS] [SEP]
     if seq_len <= len(template) + 1:
         raise HealError(f"--seq-len {seq_len} leaves no room beside the tokenizer's {len(template)} special tokens")
-    inner = seq_len - len(template)
-    text, plain = calibration_windows(
-        checkpoint, config, data, inner, tokens * inner // seq_len or inner, option="--data", tokens_option="--tokens"
-    )
-    starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
-    lead = 1 if template and template[0] in starts else 0  # [CLS] (or BOS) before the text, the rest after it
-    wrapped = [template[:lead] + row.tolist() + template[lead:] for row in plain]
-    return text, torch.tensor(wrapped, dtype=torch.long)
+    wanted = options.steps * options.batch  # enough that every step sees new documents, unless --tokens says less
+    rows, read = [], 0
+    for doc in text.documents:
+        ids = tokenizer(doc, truncation=True, max_length=seq_len, verbose=False)["input_ids"]
+        if len(ids) <= len(template):
+            continue  # nothing but special tokens: nothing to distill
+        rows.append(ids)
+        read += len(ids)
+        if len(rows) >= wanted if options.tokens is None else read >= options.tokens:
+            break
+    if not rows:
+        raise TextError(f"--data text {data} has no document the tokenizer turns into tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(r) for r in rows)
+    windows = torch.full((len(rows), width), pad, dtype=torch.long)
+    for k, r in enumerate(rows):
+        windows[k, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return text, windows, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+def _tokens_seen(windows: torch.Tensor, lengths: torch.Tensor | None, options: HealOptions) -> int:
+    """The tokens the run's steps read, padding not counted."""
+    if lengths is None:
+        return options.steps * options.batch * windows.shape[1]
+    picks = (batch_windows(s, windows.shape[0], options.batch, options.seed) for s in range(options.steps))
+    return sum(int(lengths[p].sum()) for p in picks)
+
+
+def _batch(windows: torch.Tensor, lengths: torch.Tensor | None, picks: torch.Tensor, kwargs: dict, device):
+    """(ids, forward kwargs, tokens) of the windows ``picks``: encoders' cut to their longest and masked past
+    each one's length (the attention mask also tells the loss which positions count)."""
+    if lengths is None:
+        return windows[picks].to(device), kwargs, picks.numel() * windows.shape[1]
+    n = lengths[picks]
+    width = int(n.max())
+    mask = (torch.arange(width)[None, :] < n[:, None]).long()
+    return windows[picks, :width].to(device), {**kwargs, "attention_mask": mask.to(device)}, int(n.sum())
 
 
 # ------------------------------------------------------------------------------------------------ the state file
 
 
-def _state_key(checkpoint_sha: str, data_sha: str, options: HealOptions, windows: torch.Tensor, gpu: bool) -> dict:
+def _state_key(
+    checkpoint_sha: str, data_sha: str, options: HealOptions, windows: torch.Tensor, lengths, gpu: bool
+) -> dict:
     """What a state file must match to be resumed: the same checkpoint, text, options, token windows (a changed
     tokenizer changes them) and compute (bfloat16 on a GPU, float32 on the CPU)."""
     memory_only = ("save_every", "checkpointing", "stream_teacher")  # change how, not what, a run computes
     resumable = {k: v for k, v in asdict(options).items() if k not in memory_only}
     return {"checkpoint_sha256": checkpoint_sha, "data_sha256": data_sha, "options": resumable,
             "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
+            "lengths": None if lengths is None else hashlib.sha256(lengths.numpy().tobytes()).hexdigest(),
             "compute": "bfloat16 on a GPU" if gpu else "float32 on the CPU"}  # fmt: skip
 
 
@@ -328,11 +377,11 @@ def heal(
     config = read_config(checkpoint)
     src = cfg["source"]
     causal = _is_causal(src)
-    text, windows = _text_windows(checkpoint, config, causal, data, options)
+    text, windows, lengths = _text_windows(checkpoint, config, causal, data, options)
     verify(checkpoint)  # the weights are the ones written: healing a corrupt file would hide it
     on_gpu = torch.device(device).type == "cuda"
     compute = torch.bfloat16 if on_gpu else torch.float32
-    key = _state_key(cfg["weights"]["sha256"], _text_sha256(text), options, windows, on_gpu)
+    key = _state_key(cfg["weights"]["sha256"], _text_sha256(text), options, windows, lengths, on_gpu)
     state_file = state_path(output)
     state = _load_state(state_file, key)
 
@@ -368,8 +417,9 @@ def heal(
     optimizer = make_optimizer(params, rates)
 
     kwargs = forward_kwargs(student)
-    probe = windows[: min(2, windows.shape[0])].to(device)  # the same two windows before and after: a quick check
-    before = _agreement(student, teacher, probe, kwargs, on_gpu, compute)  # the checkpoint's, resumed or not
+    # the same two windows before and after: a quick check
+    probe, probe_kwargs, _ = _batch(windows, lengths, torch.arange(min(2, windows.shape[0])), kwargs, device)
+    before = _agreement(student, teacher, probe, probe_kwargs, on_gpu, compute)  # the checkpoint's, resumed or not
     start, losses = 0, []
     if state is not None:
         with torch.no_grad():
@@ -382,12 +432,13 @@ def heal(
         f"lower --lr (the last saved state, if any, is {state_file}: it holds this --lr's run, so move it away to "
         "start over); nothing else was written"
     )
-    tokens_per_step = options.batch * windows.shape[1]
     tick = time.perf_counter()
     for step in range(start, options.steps):
-        ids = windows[batch_windows(step, windows.shape[0], options.batch, options.seed)].to(device)
+        picks = batch_windows(step, windows.shape[0], options.batch, options.seed)
+        ids, step_kwargs, tokens = _batch(windows, lengths, picks, kwargs, device)
         fraction = schedule(step, options.steps)
-        loss, norm = train_step(student, teacher, ids, kwargs, causal, params, optimizer, fraction, compute, on_gpu)
+        loss, norm = train_step(student, teacher, ids, step_kwargs, causal, params, optimizer, fraction, compute,
+                                on_gpu)  # fmt: skip
         if not math.isfinite(loss):
             raise HealError(f"the distillation loss became {loss} at step {step + 1}: {diverged}")
         if not math.isfinite(norm):
@@ -396,7 +447,7 @@ def heal(
         now = time.perf_counter()
         if progress is not None:
             progress({"step": step + 1, "steps": options.steps, "loss": losses[-1],
-                      "tokens_per_second": tokens_per_step / max(now - tick, 1e-9)})  # fmt: skip
+                      "tokens_per_second": tokens / max(now - tick, 1e-9)})  # fmt: skip
         tick = now
         if (step + 1) % options.save_every == 0 and step + 1 < options.steps:
             _save_state(state_file, key, step + 1, params, optimizer, losses)
@@ -404,7 +455,7 @@ def heal(
     bad = next((name for name, p in params.items() if not torch.isfinite(p).all()), None)
     if bad is not None:  # the last update is checked too: a blown-up model is never written
         raise HealError(f"{bad} holds non-finite values after step {options.steps}: {diverged}")
-    after = _agreement(student, teacher, probe, kwargs, on_gpu, compute)
+    after = _agreement(student, teacher, probe, probe_kwargs, on_gpu, compute)
     if not all(math.isfinite(v) for v in after.values()):  # finite weights can still overflow the activations
         raise HealError(f"the healed model's outputs hold non-finite values after step {options.steps}: {diverged}")
     summary = dict(cfg.get("summary") or {})
@@ -417,7 +468,7 @@ def heal(
         "data": {"path": str(data.resolve()), "files": text.files, "documents": len(text.documents)},
         "options": asdict(options),
         "windows": list(windows.shape),
-        "tokens_seen": options.steps * tokens_per_step,
+        "tokens_seen": _tokens_seen(windows, lengths, options),
         "trained": "BLR factors, biases and norms" if options.train_norms else "BLR factors",
         "trainable_params": sum(p.numel() for p in params.values()),
         "peak_lr": sorted(set(rates.values())),  # relative; per structure unless --lr was given
@@ -495,6 +546,10 @@ def _agreement(student, teacher, ids, kwargs, on_gpu, compute) -> dict:
     with torch.no_grad(), torch.autocast(device_type="cuda", dtype=compute, enabled=on_gpu):
         out = main_output(student(input_ids=ids, **kwargs)).float().cpu()
         ref = main_output(teacher(input_ids=ids, **kwargs)).float().cpu()
+    mask = kwargs.get("attention_mask")
+    if mask is not None:  # padding's outputs are nobody's
+        keep = mask.bool().cpu()
+        out, ref = out[keep], ref[keep]
     return agreement(out, ref)
 
 

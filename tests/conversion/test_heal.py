@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from blrdeploy.conversion.checkpoint import load
 from blrdeploy.conversion.convert import ConvertConfig
 from blrdeploy.conversion.pipeline import run_convert
 from blrdeploy.models.outputs import main_output
+from blrdeploy.models.sources import read_config
 
 runner = CliRunner()
 
@@ -68,7 +70,8 @@ def test_a_few_steps_bring_the_lm_closer_to_dense(lm, tmp_path):
     assert moved and all(k.endswith((".U", ".V", ".S", ".L", ".R")) or ".A" in k or ".B" in k for k in moved), moved
 
 
-def test_encoder_heals_toward_dense_hidden_states(tmp_path):
+def _tiny_encoder_checkpoint(tmp_path) -> Path:
+    """A tiny BERT with a word tokenizer (<cls> text <cls>), converted to BLAST."""
     from test_sensitivity import tiny_bert
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -82,10 +85,40 @@ def test_encoder_heals_toward_dense_hidden_states(tmp_path):
                             pad_token="<cls>").save_pretrained(tmp_path / "bert")  # fmt: skip
     cfg = ConvertConfig(structure="blast", params_ratio=0.4, include=("*.intermediate.dense", "*.output.dense"))
     run_convert(str(tmp_path / "bert"), tmp_path / "ckpt", cfg)
+    return tmp_path / "ckpt"
+
+
+def test_encoder_heals_toward_dense_hidden_states(tmp_path):
+    _tiny_encoder_checkpoint(tmp_path)
     text = write_text(tmp_path / "t.jsonl", 2000, seed=2)
     summary = healing.heal(tmp_path / "ckpt", text, tmp_path / "out", healing.HealOptions(steps=30, lr=3e-3,
                                                                                            seq_len=16))  # fmt: skip
     assert summary["loss"]["last"] < 0.7 * summary["loss"]["first"], summary["loss"]
+
+
+def test_encoder_windows_are_one_document_each(tmp_path):
+    """An encoder heals on single documents, as it is used and evaluated: each window one document in its special
+    tokens, cut at --seq-len, padded to the longest; a batch is cut to its own longest and masked past each length;
+    the loss and the agreement read only the masked positions."""
+    ckpt = _tiny_encoder_checkpoint(tmp_path)
+    docs = ["w2 w3 w4", "w5", "w6 w7 w8 w9 w10 w11 w12 w13 w14 w15", "w16 w17"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    options = healing.HealOptions(steps=2, batch=2, seq_len=8)
+    _, windows, lengths = healing._text_windows(ckpt, read_config(ckpt), False, data, options)
+    assert lengths.tolist() == [5, 3, 8, 4]  # <cls> + words + <cls>, the third cut at 8
+    assert windows.shape == (4, 8)
+    assert windows[0, :5].tolist() == [0, 2, 3, 4, 0]
+    assert windows[2].tolist() == [0, 6, 7, 8, 9, 10, 11, 0]  # truncated inside its special tokens
+    assert windows[1, :3].tolist() == [0, 5, 0]
+    ids, kwargs, tokens = healing._batch(windows, lengths, torch.tensor([1, 3]), {}, "cpu")
+    assert ids.shape == (2, 4) and tokens == 7
+    assert kwargs["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    s, t = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    loss = healing.distill_loss(s, t, False, kwargs["attention_mask"])
+    s[0, 3] += 100.0  # a padded position's output
+    assert healing.distill_loss(s, t, False, kwargs["attention_mask"]) == loss
+    assert healing.distill_loss(s, t, False) != loss
 
 
 class _Stop(BaseException):
