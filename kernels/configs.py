@@ -35,8 +35,9 @@ class Config:
     # BLAST V+S with split > 1: 1 = the last program of each tile sums the partials once, so the U stage reads one
     # w instead of every partial (less L2 traffic on large layers, a serial step more on small ones).
     reduce: int = 0
-    # 1 = the stage runs on cuBLAS (torch.mm on strided views), not a Triton kernel: :data:`CUBLAS`. A choice of
-    # engine is a config like any other, so the table records per layer shape and token bucket which one won.
+    # 1 = the stage runs on cuBLAS (one strided-batched torch.bmm on the kernel's views), not a Triton kernel:
+    # :data:`CUBLAS`. A choice of engine is a config like any other, so the table records per layer shape and token
+    # bucket which one won.
     engine: int = 0
 
     @classmethod

@@ -33,6 +33,14 @@ GramProgress = Callable[[int, int], None]  # (tokens done, tokens in all)
 # ------------------------------------------------------------------------------------------------ the text
 
 
+def read_option_text(path: str | Path, option: str):
+    """The text at ``path`` (models.text); a TextError names the option that gave the path."""
+    try:
+        return read_text(path)
+    except TextError as exc:
+        raise TextError(f"{option}: {exc}") from None
+
+
 def calibration_windows(
     model_dir: str | Path | None,
     config,
@@ -46,10 +54,7 @@ def calibration_windows(
     errors then name): the text at ``path`` (models.text), tokenized with the model's own tokenizer, as many
     non-overlapping windows of ``seq_len`` (default: the model's context, at most MAX_SEQ_LEN) as fit in
     ``tokens``. Every check is made here, before the model loads."""
-    try:
-        text = read_text(path)
-    except TextError as exc:
-        raise TextError(f"{option}: {exc}") from None
+    text = read_option_text(path, option)
     tokenizer = load_tokenizer(model_dir, option)
     seq_len = seq_len or default_seq_len(config)
     if tokens < seq_len:

@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
-from blrdeploy.conversion.calibration import calibration_windows, forward_kwargs
+from blrdeploy.conversion.calibration import calibration_windows, forward_kwargs, read_option_text
 from blrdeploy.conversion.checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -50,7 +51,7 @@ from blrdeploy.files import atomic_file, check_output_dir
 from blrdeploy.models.families import FAMILIES, token_inputs
 from blrdeploy.models.outputs import agreement, main_output, model_output
 from blrdeploy.models.sources import is_causal_lm, read_config
-from blrdeploy.models.text import TextError, default_seq_len, load_tokenizer, read_text
+from blrdeploy.models.text import TextError, default_seq_len, load_tokenizer
 from blrdeploy.structures.modules import BLRLinear
 
 STATE_SUFFIX = ".heal-state.pt"
@@ -254,10 +255,7 @@ def _text_windows(checkpoint: Path, config: dict, causal: bool, data: Path, opti
             checkpoint, config, data, seq_len, tokens, option="--data", tokens_option="--tokens"
         )
         return text, windows, None
-    try:
-        text = read_text(data)
-    except TextError as exc:
-        raise TextError(f"--data: {exc}") from None
+    text = read_option_text(data, "--data")
     tokenizer = load_tokenizer(checkpoint, "--data")
     template = tokenizer("", verbose=False)["input_ids"]  # the special tokens alone, e.g. [CLS] [SEP]
     if seq_len <= len(template) + 1:
@@ -275,10 +273,7 @@ def _text_windows(checkpoint: Path, config: dict, causal: bool, data: Path, opti
     if not rows:
         raise TextError(f"--data text {data} has no document the tokenizer turns into tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    windows = torch.full((len(rows), width), pad, dtype=torch.long)
-    for k, r in enumerate(rows):
-        windows[k, : len(r)] = torch.tensor(r, dtype=torch.long)
+    windows = pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=pad)
     return text, windows, torch.tensor([len(r) for r in rows], dtype=torch.long)
 
 
