@@ -2,6 +2,7 @@
 
     python bench/heal_step.py [--model llama-3.2-1b] [--structure blast] [--batch 4] [--seq-len 2048]
                               [--steps 6] [--json OUT.json]
+    python bench/heal_step.py --layers-of CHECKPOINT [--batch 4] [--seq-len 256] [--json OUT.json]
 
 A built-in model with random weights, converted with the paper preset (sizes are what matter for speed). The step
 timed is heal's own (blrdeploy.conversion.heal.train_step): the teacher's bfloat16 forward, the float32 student's
@@ -11,10 +12,12 @@ Beside it, in the same run:
   model would cost the user instead);
 - with and without --checkpointing, each with its measured peak memory next to heal's planned estimate;
 - per converted layer shape at the step's token count, forward+backward of one layer in bfloat16: cuBLAS dense
-  (torch.nn.functional.linear), the BLR op as heal runs it (our forward kernel, backward through the re-traced
-  reference), and the reference alone forward and backward (einsums, cuBLAS): says whether the backward is the
-  bottleneck;
+  (torch.nn.functional.linear), the BLR op as heal runs it (our forward kernel, the backward's batched GEMMs of
+  blrdeploy.structures.gradients), and the reference alone forward and backward (einsums, cuBLAS): says whether
+  the backward is the bottleneck;
 - the CUDA time of one BLR step by kernel family (torch.profiler).
+--layers-of times only that layer table, for the distinct layer shapes of a converted checkpoint (its
+blr_config.json), on the GPU or, without one, on the CPU in float32 (what heal's CPU steps run).
 Steps: medians of the wall clock around each synchronized step (the host's share of a step is the user's time too),
 after a warm step; layers: medians of CUDA events. Causal LMs only (the loss is heal's next-token KL). Prints a short
 table last; --json writes everything.
@@ -114,14 +117,15 @@ OPS = {  # structure -> (the op heal runs, its float reference)
 
 
 def layer_table(layers: list[dict], tokens: int) -> list[dict]:
-    """One row per distinct (in, out, structure, blocks) among ``layers``."""
-    rows, seen = [], set()
+    """One row per distinct (in, out, structure, blocks, rank) among ``layers``, with how many layers it stands for."""
+    rows = {}
     for entry in layers:
-        key = (entry["in_features"], entry["out_features"], entry["structure"], entry.get("num_blocks"))
-        if key not in seen:
-            seen.add(key)
-            rows.append(_layer_row(entry, tokens))
-    return rows
+        key = (entry["in_features"], entry["out_features"], entry["structure"], entry.get("num_blocks"),
+               entry.get("rank"))  # fmt: skip
+        if key not in rows:
+            rows[key] = _layer_row(entry, tokens) | {"count": 0}
+        rows[key]["count"] += 1
+    return list(rows.values())
 
 
 def _layer_row(entry: dict, tokens: int) -> dict:
@@ -180,6 +184,29 @@ def profile_step(a, teacher, target, converted, config) -> dict[str, float]:
     return dict(families)
 
 
+def layers_only(a) -> None:
+    with open(f"{a.layers_of}/blr_config.json") as f:
+        layers = json.load(f)["layers"]
+    rows = layer_table(layers, a.batch * a.seq_len)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine(), "checkpoint": a.layers_of, "threads": torch.get_num_threads(),
+                       "tokens": a.batch * a.seq_len, "layers": rows}, f, indent=1)  # fmt: skip
+    _print_layers(rows)
+    total = {k: sum(r[k] * r["count"] for r in rows) for k in ("dense_fwd_bwd_ms", "ours_fwd_bwd_ms")}
+    print(
+        f"all {sum(r['count'] for r in rows)} layers, fwd+bwd: dense {total['dense_fwd_bwd_ms']:.0f} ms, "
+        f"ours {total['ours_fwd_bwd_ms']:.0f} ms"
+    )
+
+
+def _print_layers(rows: list[dict]) -> None:
+    print("layer shape            | count | dense fwd+bwd | ours fwd | ours fwd+bwd | reference fwd+bwd (ms)")
+    for r in rows:
+        print(f"{r['structure']} {r['in']}>{r['out']:<12} | {r['count']:5} | {r['dense_fwd_bwd_ms']:13.3f} | "
+              f"{r['ours_fwd_ms']:8.3f} | {r['ours_fwd_bwd_ms']:12.3f} | {r['reference_fwd_bwd_ms']:.3f}")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.2-1b")
@@ -188,8 +215,12 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--json", default=None)
+    p.add_argument("--layers-of", default=None, help="a converted checkpoint: time only its layer shapes")
     a = p.parse_args()
     torch.manual_seed(0)
+    if a.layers_of:
+        layers_only(a)
+        return
     target = resolve(a.model, a.structure, preset="auto", device=DEVICE, dtype=torch.float32, fuse_siblings=False)
     teacher_target = resolve(a.model, a.structure, preset="auto", device=DEVICE, dtype=DTYPE, fuse_siblings=False)
     teacher = teacher_target.variants[0].build().requires_grad_(False)
@@ -223,10 +254,7 @@ def main() -> None:
         print(f"{r['student']:7} | {r['checkpointing']!s:5} | {r['ms_per_step'] or float('nan'):7.1f} | "
               f"{r['tokens_per_second'] or 0:8,.0f} | {r['peak_bytes'] / gib:8.1f} | "
               f"{'' if est is None else f'{est:.1f}'}")  # fmt: skip
-    print("layer shape            | dense fwd+bwd | ours fwd | ours fwd+bwd | reference fwd+bwd (ms)")
-    for r in layer_rows:
-        print(f"{r['structure']} {r['in']}>{r['out']:<12} | {r['dense_fwd_bwd_ms']:13.3f} | {r['ours_fwd_ms']:8.3f} | "
-              f"{r['ours_fwd_bwd_ms']:12.3f} | {r['reference_fwd_bwd_ms']:.3f}")  # fmt: skip
+    _print_layers(layer_rows)
     print("one BLR step, CUDA ms by family: " + ", ".join(f"{k} {v:.1f}" for k, v in profile.items()))
 
 

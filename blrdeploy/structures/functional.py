@@ -66,7 +66,7 @@ def blast_reference(
     z = torch.einsum("njq,ljqr->nljr", xf.view(-1, b_in, q), V)  # V stage
     w = torch.einsum("nljr,lijr->nlir", z, S)  # S stage: per-rank mixing across blocks
     y = torch.einsum("nlir,lipr->nlip", w, U)  # U stage
-    return _finish(y.reshape(xf.shape[0], -1), x, bias)
+    return _finish(y.flatten(1), x, bias)  # flatten, not reshape(n, -1): n may be 0
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ def monarch_reference(
     h = torch.einsum("nkp,kqp->nkq", xf.view(n, b, in_blk), w1).reshape(n, b * R)
     h = h.view(n, R, b).transpose(1, 2)  # flat index f -> (f % b, f // b)
     o = torch.einsum("nlr,lsr->nls", h, w2)
-    return _finish(o.transpose(1, 2).reshape(n, -1), x, bias)
+    return _finish(o.transpose(1, 2).flatten(1), x, bias)
 
 
 def monarch_to_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def lowrank_reference(
         U, V = U[None], V[None]
     xf = _flatten(x, V.shape[1])
     y = torch.einsum("nlr,lor->nlo", torch.einsum("ni,lir->nlr", xf, V), U)
-    return _finish(y.reshape(xf.shape[0], -1), x, bias)
+    return _finish(y.flatten(1), x, bias)
 
 
 def lowrank_to_dense(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

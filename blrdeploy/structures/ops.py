@@ -3,7 +3,8 @@ and ``::blast_linear_fused``, a BLAST layer with the SwiGLU or RMSNorm before it
 
 Each runs the Triton kernels on CUDA (float16, bfloat16, float32) and the PyTorch reference everywhere else, has a
 fake implementation so ``torch.compile`` (CUDA graphs included) and ``torch.export`` see through it, and a backward
-that differentiates the reference, so converted models can still be fine-tuned.
+(batched GEMMs from :mod:`blrdeploy.structures.gradients`, or the reference differentiated where those do not apply),
+so converted models can still be fine-tuned and healed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from blrdeploy.kernels.dtypes import DTYPES
-from blrdeploy.structures import functional
+from blrdeploy.structures import functional, gradients
 
 
 def _kernels():
@@ -75,8 +76,9 @@ def _fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _register_autograd(op, reference: Callable) -> None:
-    """Backward through the reference: recompute its graph on the saved inputs and differentiate it."""
+def _register_autograd(op, reference: Callable, gradients: Callable | None = None, takes=None) -> None:
+    """The op's backward: ``gradients`` (:mod:`blrdeploy.structures.gradients`) where ``takes`` accepts the inputs,
+    otherwise the reference's own, recomputed on the saved inputs and differentiated."""
 
     def setup_context(ctx, inputs, output):
         ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
@@ -85,9 +87,12 @@ def _register_autograd(op, reference: Callable) -> None:
 
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
+        inputs = [next(saved) if t else ctx.others[i] for i, t in enumerate(ctx.is_tensor)]
+        if gradients is not None and takes(*inputs):
+            return gradients(*inputs, grad, tuple(ctx.needs_input_grad))
         args = [
-            next(saved).detach().requires_grad_(ctx.needs_input_grad[i]) if t else ctx.others[i]
-            for i, t in enumerate(ctx.is_tensor)
+            a.detach().requires_grad_(ctx.needs_input_grad[i]) if t else a
+            for i, (a, t) in enumerate(zip(inputs, ctx.is_tensor, strict=True))
         ]
         wanted = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
         with torch.enable_grad():
@@ -185,10 +190,10 @@ def _(x, U, V, bias):
     return _fake(x, _stacked_out(U))
 
 
-_register_autograd(blast_linear, functional.blast_reference)
+_register_autograd(blast_linear, functional.blast_reference, gradients.blast, lambda x, U, S, V, bias: U.dim() == 3)
 _register_autograd(blast_linear_fused, functional.blast_fused_reference)
-_register_autograd(monarch_linear, functional.monarch_reference)
-_register_autograd(lowrank_linear, functional.lowrank_reference)
+_register_autograd(monarch_linear, functional.monarch_reference, gradients.monarch, lambda *inputs: True)
+_register_autograd(lowrank_linear, functional.lowrank_reference, gradients.lowrank, lambda x, U, V, bias: U.dim() == 2)
 
 # Under autocast (heal's bfloat16 compute over float32 master factors) every floating input, factors included, is
 # cast to bfloat16 before the op, as autocast does for torch's own linear: the kernel and the reference's backward
