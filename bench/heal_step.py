@@ -120,8 +120,8 @@ def layer_table(layers: list[dict], tokens: int) -> list[dict]:
     """One row per distinct (in, out, structure, blocks, rank) among ``layers``, with how many layers it stands for."""
     rows = {}
     for entry in layers:
-        key = (entry["in_features"], entry["out_features"], entry["structure"], entry.get("num_blocks"),
-               entry.get("rank"))  # fmt: skip
+        key = (entry["in_features"], entry["out_features"], entry["structure"], str(entry.get("num_blocks")),
+               entry.get("rank"))  # fmt: skip (BLAST's blocks are a list when read from a blr_config.json)
         if key not in rows:
             rows[key] = _layer_row(entry, tokens) | {"count": 0}
         rows[key]["count"] += 1

@@ -1,12 +1,12 @@
 """The backward of each structure's op as batched GEMMs: what healing (``blrdeploy heal``) spends most of a step on.
 
 The generic backward (``ops._register_autograd``) re-runs the reference forward and lets autograd differentiate
-its einsums. Measured on the CPU (bench/NOTES.md, 2026-12-08), that costs a whole forward more than needed and
-autograd's einsum backward adds permuted copies: forward plus backward of a BLAST layer of SmolLM2's size took
-1.2-1.7x as long as these. Here each gradient is one ``torch.bmm``/``mm`` (cuBLAS on a GPU, the CPU's BLAS
-elsewhere) over the op's saved inputs, and only the intermediates the weight gradients need are recomputed (BLAST's
-V and S stages, low-rank's x V, Monarch's first stage), never the output. Nothing extra is kept between forward
-and backward, so the activation memory heal plans for is unchanged.
+its einsums: a whole forward more than needed, plus the permuted copies of autograd's einsum backward (CPU
+measurements in bench/NOTES.md, 2026-12-08; ``bench/heal_step.py`` times both per layer shape). Here each gradient
+is one ``torch.bmm``/``mm`` (cuBLAS on a GPU, the CPU's BLAS elsewhere) over the op's saved inputs, and only the
+intermediates the weight gradients need are recomputed (BLAST's V and S stages, low-rank's x V, Monarch's first
+stage), never the output. Nothing extra is kept between forward and backward, so the activation memory heal plans
+for is unchanged.
 
 Each function takes the op's inputs, the output's gradient and which inputs need one, and returns the gradients in
 the inputs' order (None where not needed). Layouts are those of :mod:`blrdeploy.structures.functional`; stacked
@@ -30,7 +30,7 @@ def blast(
 ) -> tuple[Grad, ...]:  # fmt: skip
     """U (b_out, p, r), S (b_out, b_in, r), V (b_in, q, r). With z_j = x_j V_j and w_i = sum_j S_ij * z_j:
     dU_i = g_i^T w_i, dw_i = g_i U_i, dS_ij = sum_n dw_i * z_j, dz_j = sum_i S_ij * dw_i, dV_j = x_j^T dz_j,
-    dx_j = dz_j V_j^T. The S stage mixes blocks per rank, so it runs as a GEMM batched over the rank."""
+    dx_j = dz_j V_j^T."""
     b_out, p, r = U.shape
     b_in, q, _ = V.shape
     x2 = x.reshape(-1, b_in * q)
@@ -39,25 +39,27 @@ def blast(
     xb = x2.view(n, b_in, q).transpose(0, 1)  # (b_in, n, q), a view
     gb = g2.view(n, b_out, p).transpose(0, 1)  # (b_out, n, p)
     need_x, need_U, need_S, need_V, need_bias = needs
-    z = torch.bmm(xb, V)  # (b_in, n, r)
+    # The S stage is a GEMM batched over the rank: operands permuted to (r, ., .), no copies made here.
+    z = torch.bmm(xb, V) if need_U or need_S else None  # (b_in, n, r)
     dU = None
     if need_U:
-        w = torch.bmm(z.permute(2, 1, 0), S.permute(2, 1, 0)).permute(
-            2, 1, 0
-        )  # (r,n,b_in)@(r,b_in,b_out) -> w (b_out,n,r)
+        # (r, n, b_in) @ (r, b_in, b_out) -> w as (b_out, n, r)
+        w = torch.bmm(z.permute(2, 1, 0), S.permute(2, 1, 0)).permute(2, 1, 0)
         dU = torch.bmm(gb.transpose(1, 2), w)  # (b_out, p, r)
         del w
-    dw = torch.bmm(gb, U)  # (b_out, n, r)
-    dS = torch.bmm(dw.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0) if need_S else None  # (b_out, b_in, r)
-    dx = dV = None
-    if need_x or need_V:
-        dz = torch.bmm(dw.permute(2, 1, 0), S.permute(2, 0, 1)).permute(
-            2, 1, 0
-        )  # (r,n,b_out)@(r,b_out,b_in) -> (b_in,n,r)
-        if need_V:
-            dV = torch.bmm(xb.transpose(1, 2), dz)  # (b_in, q, r)
-        if need_x:
-            dx = torch.bmm(dz, V.transpose(1, 2)).transpose(0, 1).reshape(x.shape)  # (b_in, n, q) -> x's shape
+    dS = dx = dV = None
+    if need_S or need_x or need_V:
+        dw = torch.bmm(gb, U)  # (b_out, n, r)
+        if need_S:
+            # (r, b_out, n) @ (r, n, b_in) -> (b_out, b_in, r)
+            dS = torch.bmm(dw.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0)
+        if need_x or need_V:
+            # (r, n, b_out) @ (r, b_out, b_in) -> dz as (b_in, n, r)
+            dz = torch.bmm(dw.permute(2, 1, 0), S.permute(2, 0, 1)).permute(2, 1, 0)
+            if need_V:
+                dV = torch.bmm(xb.transpose(1, 2), dz)  # (b_in, q, r)
+            if need_x:
+                dx = torch.bmm(dz, V.transpose(1, 2)).transpose(0, 1).reshape(x.shape)  # (b_in, n, q) -> x's shape
     return dx, dU, dS, dV, _bias_grad(g2, need_bias)
 
 
