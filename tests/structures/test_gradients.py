@@ -88,3 +88,21 @@ def test_stacked_siblings_keep_the_generic_backward():
     assert torch.autograd.gradcheck(lambda *a: torch.ops.blrdeploy.blast_linear(*a, None), (x, U, S, V))
     A, B = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(2, 6, 3), (2, 15, 3)])
     assert torch.autograd.gradcheck(lambda *a: torch.ops.blrdeploy.lowrank_linear(*a, None), (x, A, B))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CASES)
+def test_gpu_bfloat16_gradients_match_float64(name):
+    """On a GPU in bfloat16 (heal's compute dtype; cuBLAS runs the GEMMs): within bfloat16's precision of float64 on
+    the same rounded inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reference, grads_of, _ = CASES[name]
+    x, factors, bias, grad = _inputs(name, (96, 72, (4, 6), 16), (3, 37), bias=True)
+    inputs = [t.to("cuda", torch.bfloat16) for t in (x, *factors, bias)]
+    got = grads_of(*inputs, grad.to("cuda", torch.bfloat16), (True,) * len(inputs))
+    leaves = [t.double().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(reference(*leaves), leaves, grad.to("cuda").bfloat16().double())
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert_rel_close(g.double(), e, 3e-2, name)
