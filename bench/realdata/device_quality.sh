@@ -4,8 +4,9 @@
 #   call 1 carries .data/p1 (gguf.part00, the gguf package, text/{calib,eval}.jsonl) and runs
 #     `cp -r .data/p1 /tmp/p1` (a path not named in the next call's carry does not stay in the checkout; /tmp does),
 #   call 2 carries .data/p2 (gguf.part01, convert_gguf.py with /tmp paths) and runs this script, which takes p1 back.
-# (bench/realdata/make_carry.sh builds .data/p1, p2 and p3 from /work/data; .data/ is in .git/info/exclude.) A later call on the still-warm machine finds /tmp/lm
-# and the results made so far, and resumes: quality.py skips the cells already in its JSON.
+# (bench/realdata/make_carry.sh builds .data/p1, p2 and p3 from /work/data; .data/ is in .git/info/exclude.)
+# A later call on the still-warm machine finds /tmp/lm and the results made so far, and resumes: quality.py skips
+# the cells already in its JSON.
 # Usage: bench/realdata/device_quality.sh SECONDS GROUP... ; a GROUP is structures:ratios:methods[:steps[:heal_lr]],
 # one quality.py process each, all at once on the one GPU (the fits are small kernels: one process leaves it mostly
 # idle). Environment: MODEL (default /tmp/lm, the LM built from the GGUF; another model skips that build), PREFIX (of

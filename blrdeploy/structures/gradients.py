@@ -39,7 +39,8 @@ def blast(
     xb = x2.view(n, b_in, q).transpose(0, 1)  # (b_in, n, q), a view
     gb = g2.view(n, b_out, p).transpose(0, 1)  # (b_out, n, p)
     need_x, need_U, need_S, need_V, need_bias = needs
-    # The S stage is a GEMM batched over the rank: operands permuted to (r, ., .), no copies made here.
+    # The S stage is a GEMM batched over the rank on operands permuted to (r, ., .); bmm copies the ones whose
+    # last two dims have no unit stride (z, dw: n x b x r each), which is memory-bound and small beside the GEMMs.
     z = torch.bmm(xb, V) if need_U or need_S else None  # (b_in, n, r)
     dU = None
     if need_U:

@@ -76,9 +76,11 @@ def _fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _register_autograd(op, reference: Callable, gradients: Callable | None = None, takes=None) -> None:
-    """The op's backward: ``gradients`` (:mod:`blrdeploy.structures.gradients`) where ``takes`` accepts the inputs,
-    otherwise the reference's own, recomputed on the saved inputs and differentiated."""
+def _register_autograd(
+    op, reference: Callable, by_gemms: Callable | None = None, takes: Callable = lambda *inputs: True
+) -> None:
+    """The op's backward: ``by_gemms`` (one of :mod:`blrdeploy.structures.gradients`) where ``takes`` accepts the
+    inputs, otherwise the reference's own, recomputed on the saved inputs and differentiated."""
 
     def setup_context(ctx, inputs, output):
         ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
@@ -88,8 +90,8 @@ def _register_autograd(op, reference: Callable, gradients: Callable | None = Non
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
         inputs = [next(saved) if t else ctx.others[i] for i, t in enumerate(ctx.is_tensor)]
-        if gradients is not None and takes(*inputs):
-            return gradients(*inputs, grad, tuple(ctx.needs_input_grad))
+        if by_gemms is not None and takes(*inputs):
+            return by_gemms(*inputs, grad, tuple(ctx.needs_input_grad))
         args = [
             a.detach().requires_grad_(ctx.needs_input_grad[i]) if t else a
             for i, (a, t) in enumerate(zip(inputs, ctx.is_tensor, strict=True))
@@ -192,7 +194,7 @@ def _(x, U, V, bias):
 
 _register_autograd(blast_linear, functional.blast_reference, gradients.blast, lambda x, U, S, V, bias: U.dim() == 3)
 _register_autograd(blast_linear_fused, functional.blast_fused_reference)
-_register_autograd(monarch_linear, functional.monarch_reference, gradients.monarch, lambda *inputs: True)
+_register_autograd(monarch_linear, functional.monarch_reference, gradients.monarch)
 _register_autograd(lowrank_linear, functional.lowrank_reference, gradients.lowrank, lambda x, U, V, bias: U.dim() == 2)
 
 # Under autocast (heal's bfloat16 compute over float32 master factors) every floating input, factors included, is
